@@ -1,0 +1,1 @@
+"""QuantizationJob API: typed models, capability matrix, runner contract."""

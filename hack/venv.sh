@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and prints its path.
+# The environment lives outside the checkout, keyed by a hash of pyproject.toml, so a fresh
+# clone reuses it; pip's own cache (~/.cache/pip) makes a rebuild cheap. The project itself is
+# (re)installed editable on every call so the venv always points at *this* checkout.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${QJOB_CACHE:-$HOME/.cache/qjob-operator}
+key=$(sha256sum "$root/pyproject.toml" | cut -c1-12)
+venv=${QJOB_VENV:-$cache/venv-$key}
+if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+  echo "hack/venv.sh: creating $venv (first run downloads torch and friends: several minutes)" >&2
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip >&2
+  "$venv/bin/pip" install -q -e "$root[operator,runner,dev]" >&2
+  touch "$venv/.complete"
+fi
+# Point the editable install at this checkout (cheap; needed when the checkout moved).
+if ! "$venv/bin/python" - "$root" <<'PY' >/dev/null 2>&1
+import sys, qjob_api, pathlib
+sys.exit(0 if pathlib.Path(qjob_api.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()) else 1)
+PY
+then
+  "$venv/bin/pip" install -q --no-deps -e "$root" >&2
+fi
+echo "$venv"
