@@ -1,0 +1,142 @@
+"""The contract between the operator and the jobrunner.
+
+The operator turns a QuantizationJob into a small versioned ``RunnerConfig`` (mounted into the
+runner pod as a file); the runner needs no Kubernetes knowledge to run one, so the same config
+runs locally from a file. The runner answers with a ``RunnerResult`` (a JSON file locally, the
+container's termination message in a cluster) and an exit code from ``ExitCode``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Literal
+
+from pydantic import Field
+
+from .capabilities import GPUArchitecture, ModelTask
+from .v1alpha1 import (
+    APIModel,
+    Artifact,
+    EngineTarget,
+    EvaluationSpec,
+    ExportSpec,
+    HuggingFaceDataset,
+    Quality,
+    QuantizationSpec,
+)
+
+RUNNER_API_VERSION = "qjob.dev/runner/v1"
+
+#: Where the operator mounts the config in the pod, and the env var that overrides it.
+CONFIG_PATH = "/etc/qjob/runner.json"
+CONFIG_ENV = "QJOB_RUNNER_CONFIG"
+#: Kubernetes reads at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+class ExitCode(IntEnum):
+    """Runner exit codes. The operator's Job podFailurePolicy fails the job at once on the
+    "do not retry" codes and retries the others within spec.runPolicy.backoffLimit."""
+
+    OK = 0
+    INVALID_CONFIG = 2  # bad config or unsupported format/architecture combination: do not retry
+    INVALID_INPUT = 3  # model or data missing/corrupt: do not retry
+    QUALITY_GATE_FAILED = 4  # artifacts measured worse than the gate allows: do not retry
+    TRANSIENT = 75  # network, hub, filesystem hiccup: retry (EX_TEMPFAIL)
+    OUT_OF_MEMORY = 76  # CUDA or host OOM caught by the runner: retry
+
+
+#: Exit codes that make the operator fail the QuantizationJob without retrying.
+NON_RETRYABLE_EXIT_CODES = (ExitCode.INVALID_CONFIG, ExitCode.INVALID_INPUT, ExitCode.QUALITY_GATE_FAILED)
+
+#: Stable failure reasons for each runner exit code (used in status conditions).
+EXIT_CODE_REASONS: dict[int, str] = {
+    ExitCode.INVALID_CONFIG: "InvalidConfig",
+    ExitCode.INVALID_INPUT: "InvalidInput",
+    ExitCode.QUALITY_GATE_FAILED: "QualityGateFailed",
+    ExitCode.TRANSIENT: "RunnerFailed",
+    ExitCode.OUT_OF_MEMORY: "OOMKilled",
+}
+
+
+class RunnerModel(APIModel):
+    """The model, resolved to a local folder or a hub repository."""
+
+    path: str | None = Field(None, description="Local folder (a mounted PVC path in a cluster).")
+    hf_repo: str | None = Field(None, description="Hugging Face repository id.")
+    revision: str = Field("main", description="Hub revision.")
+    task: ModelTask = ModelTask.CAUSAL_LM
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class RunnerDataset(APIModel):
+    """Calibration text: a local file (JSONL or text; ConfigMaps and PVCs are mounted as files)
+    or a hub dataset."""
+
+    path: str | None = None
+    hugging_face: HuggingFaceDataset | None = None
+
+
+class RunnerCalibration(APIModel):
+    dataset: RunnerDataset
+    samples: int = 512
+    sequence_length: int = 512
+    batch_size: int = 0
+
+
+class Reporting(APIModel):
+    """Where progress goes besides the log. ``kubernetes`` patches the job's status with the
+    pod's own ServiceAccount (a Role limited to that one QuantizationJob)."""
+
+    kind: Literal["file", "kubernetes"] = "file"
+    namespace: str | None = None
+    name: str | None = None
+
+
+class RunnerConfig(APIModel):
+    """Everything one runner invocation needs."""
+
+    api_version: Literal["qjob.dev/runner/v1"] = RUNNER_API_VERSION
+    job: str = Field(description="QuantizationJob name (used in logs and manifests).")
+    stage: str = Field("quantize", description="`quantize` (calibrate, quantize, export, evaluate) or `build-<arch>`.")
+    model: RunnerModel
+    quantization: QuantizationSpec
+    calibration: RunnerCalibration
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    target_architectures: list[GPUArchitecture] = Field(
+        default_factory=list, description="Every architecture the job builds engines for (pre-flight check)."
+    )
+    engine: EngineTarget | None = Field(None, description="The engine this invocation builds (build stages only).")
+    output_dir: str = Field(description="Folder the finished artifacts are moved into.")
+    work_dir: str | None = Field(None, description="Scratch and resume state; default `<output_dir>/.qjob-work`.")
+    reporting: Reporting = Field(default_factory=Reporting)
+
+    @property
+    def is_build(self) -> bool:
+        return self.engine is not None
+
+
+class RunnerResult(APIModel):
+    """The runner's final word: result JSON file, and (compacted) the termination message."""
+
+    outcome: Literal["Succeeded", "Failed"]
+    stage: str
+    exit_code: int = 0
+    reason: str | None = None
+    message: str | None = None
+    failed_step: str | None = None
+    artifacts: list[Artifact] = Field(default_factory=list)
+    quality: Quality | None = None
+    step_seconds: dict[str, float] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    def termination_message(self) -> str:
+        """JSON that fits Kubernetes' 4096-byte termination message (drops detail if needed)."""
+        for exclude in (set(), {"versions"}, {"versions", "step_seconds"}, {"versions", "step_seconds", "artifacts"}):
+            text = self.model_dump_json(by_alias=True, exclude_none=True, exclude=exclude)
+            if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+                return text
+        short = self.model_copy(update={"message": (self.message or "")[:1000]})
+        return short.model_dump_json(by_alias=True, exclude_none=True, include={"outcome", "stage", "exit_code", "reason", "message"})

@@ -1,0 +1,619 @@
+"""The QuantizationJob API, version v1alpha1.
+
+These pydantic models are the one source of the API: the CRD schema (descriptions, defaults,
+enums, CEL rules) is generated from them (``qjob_api.crd``), the operator parses custom
+resources with them, and the runner's config is derived from them. Field descriptions are what
+``kubectl explain`` prints, so they are written for the person applying the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from .capabilities import (
+    FORMAT_ARCHITECTURES,
+    KV_CACHE_ARCHITECTURES,
+    ExportFormat,
+    GPUArchitecture,
+    KVCacheFormat,
+    ModelTask,
+    QuantFormat,
+    format_requirement,
+    kv_cache_requirement,
+)
+
+GROUP = "qjob.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "QuantizationJob"
+PLURAL = "quantizationjobs"
+SINGULAR = "quantizationjob"
+SHORT_NAMES = ["qjob", "qjobs"]
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    return {"rule": rule, "message": message, **extra}
+
+
+def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class APIModel(BaseModel):
+    """Base for API types: camelCase on the wire, unknown fields refused (the CRD prunes them)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=False
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+class SecretKeyRef(APIModel):
+    """A key in a Secret in the job's namespace."""
+
+    name: str = Field(description="Name of the Secret in the QuantizationJob's namespace.")
+    key: str = Field("token", description="Key inside the Secret that holds the value.")
+
+
+class HuggingFaceModel(APIModel):
+    """A model repository on the Hugging Face Hub (or a mirror the runner is pointed at)."""
+
+    repo: str = Field(
+        description="Repository id, for example `meta-llama/Llama-3.1-8B-Instruct`.",
+        pattern=r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$",
+        max_length=200,
+    )
+    revision: str = Field(
+        "main", description="Branch, tag or commit to download. Pin a commit for reproducible artifacts."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Secret holding a Hugging Face access token, for gated or private models. "
+        "Only this Secret is mounted into the runner pod.",
+    )
+
+
+class PVCLocation(APIModel):
+    """A path inside a PersistentVolumeClaim in the job's namespace."""
+
+    claim_name: str = Field(description="Name of the PersistentVolumeClaim.", pattern=_DNS_SUBDOMAIN, max_length=253)
+    path: str = Field(
+        "",
+        description="Path inside the volume, relative to its root (no leading `/`, no `..`). Empty means the root.",
+        max_length=1024,
+        json_schema_extra=cel_rules(
+            cel("!self.startsWith('/') && !self.split('/').exists(p, p == '..')",
+                "path must be relative to the volume root: drop the leading '/' and any '..'")
+        ),
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, path: str) -> str:
+        if path.startswith("/") or ".." in path.split("/"):
+            raise ValueError("path must be relative to the volume root: drop the leading '/' and any '..'")
+        return path
+
+
+class ModelSpec(APIModel):
+    """The model to quantize. Set exactly one source: `huggingFace` or `pvc`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "has(self.huggingFace) != has(self.pvc)",
+                "set exactly one model source: spec.model.huggingFace or spec.model.pvc",
+            )
+        )
+    )
+
+    hugging_face: HuggingFaceModel | None = Field(
+        None, description="Download the model from the Hugging Face Hub."
+    )
+    pvc: PVCLocation | None = Field(
+        None,
+        description="Read the model from a folder in a PersistentVolumeClaim (config.json, "
+        "safetensors weights and tokenizer files). Use this for air-gapped clusters.",
+    )
+    task: ModelTask = Field(
+        ModelTask.CAUSAL_LM,
+        description="`causal-lm` for decoder language models (evaluated by perplexity, exported as "
+        "Hugging Face/TensorRT-LLM checkpoints); `encoder` for BERT-style encoders (evaluated by "
+        "embedding similarity, exported to ONNX for TensorRT).",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model repository. Refused unless the operator's "
+        "policy allows remote code.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Data type to load the unquantized weights in. `auto` uses the checkpoint's."
+    )
+
+
+# --------------------------------------------------------------------------------- quantization
+
+
+class AutoQuantizeSpec(APIModel):
+    """Per-layer format search (ModelOpt AutoQuantize) under an effective-bits budget."""
+
+    effective_bits: float = Field(
+        description="Average bits per weight the search may spend, for example 4.8.", ge=2.0, le=16.0
+    )
+    formats: list[QuantFormat] = Field(
+        description="Candidate formats the search chooses between, per layer.",
+        min_length=1,
+        max_length=6,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
+class QuantizationSpec(APIModel):
+    """How to quantize. Set `format`, or `autoQuantize` to let ModelOpt choose per layer."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "has(self.format) != has(self.autoQuantize)",
+                "set exactly one of spec.quantization.format or spec.quantization.autoQuantize",
+            )
+        )
+    )
+
+    format: QuantFormat | None = Field(
+        None,
+        description="Weight/activation format, mapped to a ModelOpt preset: fp8 (FP8_DEFAULT_CFG), "
+        "fp8_blockwise, int8 (INT8_DEFAULT_CFG), int8_smoothquant, int8_weight_only, int4_awq, "
+        "w4a8_awq (W4A8_AWQ_BETA_CFG), nvfp4, nvfp4_awq, mxfp4. NVFP4 and MXFP4 run on Blackwell only; "
+        "W4A8 on Ada and Hopper; INT4 AWQ on Ampere, Ada and Hopper.",
+    )
+    kv_cache: KVCacheFormat = Field(
+        KVCacheFormat.NONE,
+        description="KV cache quantization for causal LMs: none, fp8 (all architectures), nvfp4 "
+        "(Blackwell only).",
+    )
+    algorithm: Literal["max", "smoothquant", "awq_lite", "awq_clip", "awq_full"] | None = Field(
+        None, description="Override the calibration algorithm of the preset (ModelOpt `algorithm`)."
+    )
+    auto_quantize: AutoQuantizeSpec | None = Field(
+        None, description="Search per-layer formats under an effective-bits budget instead of one format."
+    )
+    exclude_modules: list[str] = Field(
+        default_factory=list,
+        description="Module name patterns (fnmatch wildcards, e.g. `*lm_head*`) left unquantized.",
+        max_length=64,
+    )
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+class HuggingFaceDataset(APIModel):
+    """A dataset on the Hugging Face Hub, used when the runner can reach the Hub."""
+
+    name: str = Field(description="Dataset id, for example `cnn_dailymail` or `nvidia/Nemotron-PrismMath`.")
+    config: str | None = Field(None, description="Dataset configuration name, if it has several.")
+    split: str = Field("train", description="Split to sample from.")
+    text_field: str = Field("text", description="Column that holds the text.")
+
+
+class ConfigMapText(APIModel):
+    """Calibration text kept in a ConfigMap (small sets, air-gapped clusters)."""
+
+    name: str = Field(description="ConfigMap name in the job's namespace.")
+    key: str = Field(description="Key holding the text: JSON Lines with a `text` field, or plain text.")
+
+
+class DatasetSpec(APIModel):
+    """Where calibration text comes from. Set exactly one source."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "[has(self.huggingFace), has(self.pvc), has(self.configMap)].filter(x, x).size() == 1",
+                "set exactly one calibration dataset source: huggingFace, pvc or configMap",
+            )
+        )
+    )
+
+    hugging_face: HuggingFaceDataset | None = Field(None, description="A Hugging Face Hub dataset.")
+    pvc: PVCLocation | None = Field(
+        None, description="A `.jsonl` file (one JSON object with a `text` field a line) or a `.txt` file."
+    )
+    config_map: ConfigMapText | None = Field(None, description="Text stored in a ConfigMap key.")
+
+
+class CalibrationSpec(APIModel):
+    """Calibration data and its shape. ModelOpt recommends 512 to 1024 samples."""
+
+    dataset: DatasetSpec = Field(description="Where the calibration text comes from.")
+    samples: int = Field(512, ge=1, le=65536, description="Number of calibration samples.")
+    sequence_length: int = Field(512, ge=16, le=131072, description="Tokens per sample (truncated or packed).")
+    batch_size: int = Field(
+        0, ge=0, le=1024, description="Samples per forward pass. 0 probes the largest batch that fits in GPU memory."
+    )
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+class ExportSpec(APIModel):
+    """Checkpoint formats written after quantization."""
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: [ExportFormat.HF],
+        min_length=1,
+        max_length=3,
+        description="`hf`: Hugging Face unified checkpoint (TensorRT-LLM, vLLM and SGLang load it); "
+        "`tensorrt_llm`: legacy TensorRT-LLM checkpoint (causal LMs); `onnx`: ONNX with Q/DQ nodes "
+        "(encoders), the input to TensorRT engine builds.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Tensor parallel ranks of a tensorrt_llm checkpoint.")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline parallel ranks of a tensorrt_llm checkpoint.")
+    onnx_opset: int = Field(20, ge=17, le=23, description="ONNX opset for the onnx export (FP8 Q/DQ needs 19+).")
+
+
+class EngineTarget(APIModel):
+    """An engine build on a GPU of one architecture. Engines only run on the architecture (and
+    TensorRT version) that built them, so each target builds on a node of that architecture."""
+
+    architecture: GPUArchitecture = Field(description="GPU architecture to build on and for: ada, hopper or blackwell.")
+    max_batch_size: int = Field(8, ge=1, le=4096, description="Largest batch the engine serves.")
+    max_sequence_length: int = Field(2048, ge=16, le=131072, description="Longest input plus output, in tokens.")
+    optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level (0 fastest build, 5 fastest engine).")
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+class QualityGate(APIModel):
+    """Limits on quality loss; the job fails with reason QualityGateFailed when one is exceeded."""
+
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="Largest allowed relative perplexity increase, e.g. 0.05 for +5% (causal LMs)."
+    )
+    min_cosine_similarity: float | None = Field(
+        None, ge=-1, le=1, description="Smallest allowed mean cosine similarity of outputs to the unquantized model (encoders)."
+    )
+
+
+class EvaluationSpec(APIModel):
+    """Quality measured on held-out text, before and after quantization."""
+
+    enabled: bool = Field(True, description="Measure quality. Disable only to save time on very large models.")
+    samples: int = Field(64, ge=1, le=4096, description="Held-out samples (never used for calibration).")
+    gate: QualityGate | None = Field(None, description="Fail the job when quality drops more than this.")
+
+
+# ------------------------------------------------------------------------ resources & scheduling
+
+
+class ResourcesSpec(APIModel):
+    """What each runner pod asks for."""
+
+    gpus: int = Field(1, ge=1, le=8, description="GPUs per pod; the model is spread across them when it does not fit on one.")
+    min_gpu_memory: str | None = Field(
+        None,
+        pattern=_QUANTITY,
+        description="Smallest GPU memory per GPU, e.g. `40Gi`; matched against the `nvidia.com/gpu.memory` node label.",
+    )
+    cpu: str = Field("4", pattern=_QUANTITY.replace("(Ki|Mi|Gi|Ti|k|M|G|T)", "(m|k|M|G)"), description="CPU request per pod.")
+    memory: str = Field("32Gi", pattern=_QUANTITY, description="Memory request and limit per pod.")
+
+
+class Toleration(APIModel):
+    """A Kubernetes toleration (see `kubectl explain pod.spec.tolerations`)."""
+
+    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class SchedulingSpec(APIModel):
+    """Placement overrides added to what the operator derives from the architectures."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels every runner pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU node taints.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the runner pods.")
+    queue_name: str | None = Field(
+        None,
+        description="Kueue LocalQueue: sets `kueue.x-k8s.io/queue-name` on the runner Jobs so Kueue admits them.",
+    )
+    calibration_architecture: GPUArchitecture | None = Field(
+        None,
+        description="Architecture to calibrate on. By default any GPU node that fits (calibration is "
+        "simulated quantization and runs on any CUDA GPU).",
+    )
+
+
+class OutputSpec(APIModel):
+    """Where artifacts are written. A job's artifacts appear only once complete."""
+
+    pvc: PVCLocation = Field(
+        description="PersistentVolumeClaim and folder for artifacts. Empty path means `<namespace>/<name>`."
+    )
+
+
+class RunPolicy(APIModel):
+    """Retries, deadlines and clean-up. These are the only spec fields that may change after creation."""
+
+    backoff_limit: int = Field(2, ge=0, le=20, description="Retries of a failed stage (transient errors and OOM; bad input is never retried).")
+    active_deadline_seconds: int | None = Field(
+        None, ge=60, description="Fail the job when it has run (from first pod start) longer than this."
+    )
+    pending_deadline_seconds: int = Field(
+        600, ge=0, description="Fail the job when a stage waits longer than this for a node (no capacity, no matching node)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the QuantizationJob (and its children) this long after it finished. Artifacts stay."
+    )
+    suspend: bool = Field(False, description="Create no new pods while true (Kueue also uses this).")
+
+
+# ------------------------------------------------------------------------------------------ spec
+
+def _matrix_rules() -> list[dict[str, str]]:
+    """CEL rules refusing engine targets whose architecture has no kernels for the format."""
+    rules = []
+    for fmt, archs in FORMAT_ARCHITECTURES.items():
+        if archs == frozenset(GPUArchitecture):
+            continue
+        allowed = ", ".join(f"'{a.value}'" for a in GPUArchitecture if a in archs)
+        rules.append(
+            cel(
+                f"!has(self.quantization.format) || self.quantization.format != '{fmt.value}' || "
+                f"self.engines.all(e, e.architecture in [{allowed}])",
+                f"{format_requirement(fmt)}: remove the other architectures from spec.engines "
+                f"or choose another spec.quantization.format",
+                fieldPath=".engines",
+            )
+        )
+    for kv, archs in KV_CACHE_ARCHITECTURES.items():
+        if archs == frozenset(GPUArchitecture):
+            continue
+        allowed = ", ".join(f"'{a.value}'" for a in GPUArchitecture if a in archs)
+        rules.append(
+            cel(
+                f"self.quantization.kvCache != '{kv.value}' || self.engines.all(e, e.architecture in [{allowed}])",
+                f"{kv_cache_requirement(kv)[0].upper()}{kv_cache_requirement(kv)[1:]}: remove the other "
+                "architectures from spec.engines or choose another spec.quantization.kvCache",
+                fieldPath=".engines",
+            )
+        )
+    matrix = ", ".join(
+        f"'{fmt.value}': [{', '.join(repr(a.value) for a in GPUArchitecture if a in archs)}]"
+        for fmt, archs in FORMAT_ARCHITECTURES.items()
+    )
+    rules.append(
+        cel(
+            "!has(self.quantization.autoQuantize) || self.quantization.autoQuantize.formats.all(f, "
+            f"self.engines.all(e, e.architecture in {{{matrix}}}[f]))",
+            "every spec.quantization.autoQuantize.formats candidate must run on every architecture in "
+            "spec.engines (NVFP4/MXFP4: Blackwell only; W4A8: Ada, Hopper; INT4 AWQ: Ampere, Ada, Hopper)",
+            fieldPath=".quantization.autoQuantize.formats",
+        )
+    )
+    return rules
+
+
+def _spec_rules() -> list[dict[str, str]]:
+    immutable = ("model", "quantization", "calibration", "export", "engines",
+                 "evaluation", "resources", "scheduling", "output")
+    return [
+        *_matrix_rules(),
+        cel(
+            "!('onnx' in self.export.formats) || self.model.task == 'encoder'",
+            "ONNX export is for encoder models: set spec.model.task to encoder, or remove onnx from spec.export.formats",
+            fieldPath=".export.formats",
+        ),
+        cel(
+            "!('tensorrt_llm' in self.export.formats) || self.model.task == 'causal-lm'",
+            "the tensorrt_llm checkpoint is for causal LMs: remove it from spec.export.formats for an encoder",
+            fieldPath=".export.formats",
+        ),
+        cel(
+            "self.model.task != 'encoder' || size(self.engines) == 0 || 'onnx' in self.export.formats",
+            "encoder engines are built by TensorRT from ONNX: add onnx to spec.export.formats",
+            fieldPath=".export.formats",
+        ),
+        cel(
+            "self.model.task == 'causal-lm' || self.quantization.kvCache == 'none'",
+            "a KV cache exists only in causal LMs: set spec.quantization.kvCache to none for an encoder",
+            fieldPath=".quantization.kvCache",
+        ),
+        cel(
+            "!has(self.evaluation.gate) || !has(self.evaluation.gate.maxPerplexityIncrease) || self.model.task == 'causal-lm'",
+            "maxPerplexityIncrease applies to causal LMs; use minCosineSimilarity for an encoder",
+            fieldPath=".evaluation.gate",
+        ),
+        cel(
+            " && ".join(f"self.{f} == oldSelf.{f}" for f in immutable),
+            "only spec.runPolicy can change after a QuantizationJob is created: delete and re-create "
+            "it (or create one with a new name) to change the model, quantization, calibration, "
+            "export, engines, evaluation, resources, scheduling or output",
+        ),
+    ]
+
+
+class QuantizationJobSpec(APIModel):
+    """Desired state: which model to quantize, how, for which GPUs, and where artifacts go."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(*_spec_rules()))
+
+    model: ModelSpec = Field(description="The model to quantize.")
+    quantization: QuantizationSpec = Field(description="The quantization format and options.")
+    calibration: CalibrationSpec = Field(description="Calibration data.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Checkpoint formats to export.")
+    engines: list[EngineTarget] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Engines to build, one per GPU architecture, each on a node of that architecture. "
+        "Empty: export checkpoints only.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["architecture"]},
+    )
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quality measurement and gate.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources per runner pod.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Placement overrides.")
+    output: OutputSpec = Field(description="Where artifacts are written.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, clean-up, suspend.")
+
+    def target_architectures(self) -> list[GPUArchitecture]:
+        return [e.architecture for e in self.engines]
+
+
+# ---------------------------------------------------------------------------------------- status
+
+
+class Phase(StrEnum):
+    """Lifecycle phase of a QuantizationJob."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+PHASES = [p.value for p in Phase]
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class Condition(APIModel):
+    """A metav1.Condition."""
+
+    type: str = Field(description="Condition type: Accepted, NodesAvailable, Running, Complete, Failed, QualityGate.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="Stable, CamelCase machine-readable reason.")
+    message: str = Field("", description="Human-readable details.")
+    last_transition_time: datetime | None = Field(None, description="When the status last changed.")
+    observed_generation: int | None = Field(None, description="The spec generation this condition was computed from.")
+
+
+class StageStatus(APIModel):
+    """One runner Job: calibrate/quantize/export, or an engine build for one architecture."""
+
+    name: str = Field(description="Stage name: `quantize` or `build-<architecture>`.")
+    job_name: str | None = Field(None, description="The batch/v1 Job running this stage.")
+    architecture: str | None = Field(None, description="Architecture the stage requires (builds only).")
+    phase: str = Field("Pending", description="Pending, Running, Succeeded or Failed.")
+    node: str | None = Field(None, description="Node the latest pod ran on.")
+    gpu_product: str | None = Field(None, description="`nvidia.com/gpu.product` of that node.")
+    attempts: int = Field(0, description="Pods started for this stage.")
+    start_time: datetime | None = Field(None, description="When the first pod of the stage started.")
+    completion_time: datetime | None = Field(None, description="When the stage finished.")
+    reason: str | None = Field(None, description="Why the stage is waiting or failed.")
+    message: str | None = Field(None, description="Details for `reason`.")
+
+
+class Progress(APIModel):
+    """Progress of the running stage, as the runner reports it."""
+
+    stage: str | None = Field(None, description="Stage (and runner step) in progress.")
+    percent: int = Field(0, ge=0, le=100, description="Percent of the whole job done.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds left.")
+    message: str | None = Field(None, description="What the runner is doing.")
+
+
+class Artifact(APIModel):
+    """A finished artifact: a checkpoint, an ONNX model or an engine."""
+
+    kind: Literal["checkpoint", "onnx", "engine", "manifest"] = Field(description="checkpoint, onnx, engine or manifest.")
+    format: str = Field(description="Export format (`hf`, `tensorrt_llm`, `onnx`) or engine kind (`tensorrt`, `tensorrt_llm`).")
+    uri: str = Field(description="Where it is: `pvc://<claim>/<path>`.")
+    architecture: str | None = Field(None, description="GPU architecture an engine was built for.")
+    compute_capability: str | None = Field(None, description="Compute capability an engine was built on, e.g. `9.0`.")
+    tensorrt_version: str | None = Field(None, description="TensorRT (or TensorRT-LLM) version that built an engine.")
+    size_bytes: int | None = Field(None, description="Total size in bytes.")
+    sha256: str | None = Field(None, description="SHA-256 of the file, or of the sorted file digests of a folder.")
+
+
+class Quality(APIModel):
+    """Quality before and after quantization."""
+
+    metric: str = Field(description="`perplexity` (causal LMs) or `cosine_similarity` (encoders).")
+    baseline: float | None = Field(None, description="Value for the unquantized model.")
+    quantized: float | None = Field(None, description="Value for the quantized model.")
+    degradation: float | None = Field(None, description="Relative perplexity increase, or 1 - cosine similarity.")
+    gate_passed: bool | None = Field(None, description="Whether the quality gate passed (absent when no gate).")
+
+
+class RunnerReport(APIModel):
+    """What a runner pod reported about its stage (written by the runner through its own Role)."""
+
+    step: str | None = Field(None, description="Runner step in progress: resolve, load, calibrate, quantize, export, build, evaluate, report.")
+    percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")
+    message: str | None = Field(None, description="Latest progress message.")
+    artifacts: list[Artifact] = Field(default_factory=list, description="Artifacts this stage finished.")
+    quality: Quality | None = Field(None, description="Quality measured by this stage.")
+    step_seconds: dict[str, float] = Field(default_factory=dict, description="Wall time of each finished step.")
+    updated_at: datetime | None = Field(None, description="When the runner wrote this report.")
+
+
+class QuantizationJobStatus(APIModel):
+    """Observed state, written by the operator (and `runnerReports` by the runner pods)."""
+
+    phase: str = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.", json_schema_extra={"enum": PHASES})
+    reason: str | None = Field(None, description="Stable reason of the latest phase change (e.g. NoMatchingNodes, OOMKilled).")
+    message: str | None = Field(None, description="Human-readable explanation of `reason`.")
+    observed_generation: int | None = Field(None, description="The spec generation the operator last acted on.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Conditions with stable reasons.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    stages: list[StageStatus] = Field(default_factory=list, description="One record per runner Job.")
+    progress: Progress | None = Field(None, description="Progress of the whole job.")
+    target_architectures: str | None = Field(None, description="Engine architectures, comma-separated (printer column).")
+    artifacts: list[Artifact] = Field(default_factory=list, description="Finished artifacts.")
+    quality: Quality | None = Field(None, description="Quality before and after quantization.")
+    runner_reports: dict[str, RunnerReport] = Field(
+        default_factory=dict, description="Raw reports of each stage's runner, keyed by stage name."
+    )
+    start_time: datetime | None = Field(None, description="When the first runner pod started.")
+    completion_time: datetime | None = Field(None, description="When the job reached Succeeded or Failed.")
+
+
+class QuantizationJob(APIModel):
+    """Quantizes a model with NVIDIA ModelOpt, exports checkpoints and builds engines per GPU architecture."""
+
+    api_version: Literal["qjob.dev/v1alpha1"] = Field(API_VERSION, description="qjob.dev/v1alpha1")
+    kind: Literal["QuantizationJob"] = Field(KIND, description="QuantizationJob")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: QuantizationJobSpec = Field(description="Desired state.")
+    status: QuantizationJobStatus | None = Field(None, description="Observed state.")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+_UNITS = {"": 1 / 2**20, "Ki": 1 / 2**10, "Mi": 1, "Gi": 2**10, "Ti": 2**20,
+          "k": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20, "T": 1e12 / 2**20}
+
+
+def quantity_to_mib(quantity: str) -> int:
+    """``40Gi`` -> 40960. Used to compare with the ``nvidia.com/gpu.memory`` label (MiB)."""
+    match = re.fullmatch(_QUANTITY, quantity)
+    if not match:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    number = float(quantity[: len(quantity) - len(match.group(2) or "")])
+    return int(number * _UNITS[match.group(2) or ""])
