@@ -1,0 +1,3 @@
+"""Shared pytest configuration (the lead extends this)."""
+
+pytest_plugins = ["tests.cluster_fixtures"]
