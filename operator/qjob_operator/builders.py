@@ -1,0 +1,303 @@
+"""Pure functions that turn a QuantizationJob into the Kubernetes objects that run it.
+
+No I/O here: every function takes the parsed job and the operator config and returns plain
+manifests (dicts), so they are unit-tested without a cluster and reused by ``qjob run --local``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qjob_api.runner import (
+    CONFIG_ENV,
+    NON_RETRYABLE_EXIT_CODES,
+    Reporting,
+    RunnerCalibration,
+    RunnerConfig,
+    RunnerDataset,
+    RunnerModel,
+)
+from qjob_api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, PVCLocation, QuantizationJobSpec
+
+from .config import OperatorConfig
+from .plan import (
+    LABEL_JOB,
+    LABEL_STAGE,
+    MANAGED_BY,
+    NodeRequirement,
+    Stage,
+    child_name,
+    config_map_name,
+    runner_service_account,
+)
+
+RUNNER_CONTAINER = "runner"
+PVC_ROOT = "/mnt/pvc"
+CALIBRATION_ROOT = "/mnt/calibration"
+CONFIG_ROOT = "/etc/qjob"
+CACHE_ROOT = "/var/cache/qjob"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+class JobRef:
+    """The identity of the QuantizationJob that children are built for."""
+
+    def __init__(self, name: str, namespace: str, uid: str):
+        self.name, self.namespace, self.uid = name, namespace, uid
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> JobRef:
+        meta = body["metadata"]
+        return cls(meta["name"], meta["namespace"], meta["uid"])
+
+
+def owner_reference(ref: JobRef) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name, "uid": ref.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(ref: JobRef, name: str, stage: str | None = None) -> dict[str, Any]:
+    labels = {**MANAGED_BY, LABEL_JOB: ref.name, "app.kubernetes.io/name": "qjob-runner"}
+    if stage:
+        labels[LABEL_STAGE] = stage
+    return {"name": name, "namespace": ref.namespace, "labels": labels, "ownerReferences": [owner_reference(ref)]}
+
+
+# ------------------------------------------------------------------------------- paths & configs
+
+
+def pvc_path(location: PVCLocation) -> str:
+    """Where a PVC location appears inside runner pods (each claim is mounted once, whole)."""
+    return "/".join(p for p in (PVC_ROOT, location.claim_name, location.path.strip("/")) if p)
+
+
+def output_location(ref: JobRef, spec: QuantizationJobSpec) -> PVCLocation:
+    out = spec.output.pvc
+    return out if out.path else out.model_copy(update={"path": f"{ref.namespace}/{ref.name}"})
+
+
+def output_uri(ref: JobRef, spec: QuantizationJobSpec) -> str:
+    loc = output_location(ref, spec)
+    return f"pvc://{loc.claim_name}/{loc.path}"
+
+
+def build_runner_config(ref: JobRef, spec: QuantizationJobSpec, stage: Stage) -> RunnerConfig:
+    """The runner's whole input for one stage: no Kubernetes objects, only paths and settings."""
+    source = spec.model
+    model = RunnerModel(
+        path=pvc_path(source.pvc) if source.pvc else None,
+        hf_repo=source.hugging_face.repo if source.hugging_face else None,
+        revision=source.hugging_face.revision if source.hugging_face else "main",
+        task=source.task,
+        trust_remote_code=source.trust_remote_code,
+        dtype=source.dtype,
+    )
+    data = spec.calibration.dataset
+    if data.pvc:
+        dataset = RunnerDataset(path=pvc_path(data.pvc))
+    elif data.config_map:
+        dataset = RunnerDataset(path=f"{CALIBRATION_ROOT}/{data.config_map.key}")
+    else:
+        dataset = RunnerDataset(hugging_face=data.hugging_face)
+    engine = next((e for e in spec.engines if e.architecture == stage.architecture), None)
+    return RunnerConfig(
+        job=ref.name,
+        stage=stage.name,
+        model=model,
+        quantization=spec.quantization,
+        calibration=RunnerCalibration(
+            dataset=dataset,
+            samples=spec.calibration.samples,
+            sequence_length=spec.calibration.sequence_length,
+            batch_size=spec.calibration.batch_size,
+        ),
+        export=spec.export,
+        evaluation=spec.evaluation,
+        target_architectures=spec.target_architectures(),
+        engine=engine,
+        output_dir=pvc_path(output_location(ref, spec)),
+        reporting=Reporting(kind="kubernetes", namespace=ref.namespace, name=ref.name),
+    )
+
+
+def build_config_map(ref: JobRef, spec: QuantizationJobSpec, stages: list[Stage]) -> dict[str, Any]:
+    data = {f"{s.name}.json": build_runner_config(ref, spec, s).model_dump_json(by_alias=True, exclude_none=True, indent=2)
+            for s in stages}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(ref, config_map_name(ref.name)), "data": data}
+
+
+# -------------------------------------------------------------------------------------------- RBAC
+
+
+def build_service_account(ref: JobRef, config: OperatorConfig) -> dict[str, Any]:
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(ref, runner_service_account(ref.name))}
+    if config.runner.image_pull_secrets:
+        sa["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
+    return sa
+
+
+def build_role(ref: JobRef) -> dict[str, Any]:
+    """The runner may read its own QuantizationJob and patch its status: nothing else (no
+    Secrets: the token Secret reaches the pod as an env var resolved by the kubelet)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(ref, runner_service_account(ref.name)),
+        "rules": [
+            {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [ref.name], "verbs": ["get"]},
+            {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [ref.name], "verbs": ["get", "patch"]},
+        ],
+    }
+
+
+def build_role_binding(ref: JobRef) -> dict[str, Any]:
+    name = runner_service_account(ref.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(ref, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ref.namespace}],
+    }
+
+
+# ----------------------------------------------------------------------------------- scheduling
+
+
+def node_affinity(req: NodeRequirement, config: OperatorConfig) -> dict[str, Any] | None:
+    """Required node affinity: one term per compute capability of the architecture (terms are
+    ORed), each also requiring the minimum GPU memory when set."""
+    keys = config.node_labels
+    memory = (
+        [{"key": keys.memory_mib, "operator": "Gt", "values": [str(req.min_gpu_memory_mib - 1)]}]
+        if req.min_gpu_memory_mib
+        else []
+    )
+    terms = [
+        {"matchExpressions": [
+            {"key": keys.compute_major, "operator": "In", "values": [major]},
+            {"key": keys.compute_minor, "operator": "In", "values": [minor]},
+            *memory,
+        ]}
+        for major, minor in req.compute_capabilities
+    ]
+    if not terms and memory:
+        terms = [{"matchExpressions": memory}]
+    if not terms:
+        return None
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+
+
+def _volumes(ref: JobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[dict]]:
+    out_claim = spec.output.pvc.claim_name
+    claims: dict[str, bool] = {out_claim: False}  # claim -> read-only
+    if spec.model.pvc:
+        claims.setdefault(spec.model.pvc.claim_name, True)
+    if spec.calibration.dataset.pvc:
+        claims.setdefault(spec.calibration.dataset.pvc.claim_name, True)
+    volumes = [
+        {"name": "runner-config", "configMap": {"name": config_map_name(ref.name)}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "runner-config", "mountPath": CONFIG_ROOT, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_ROOT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    for i, (claim, read_only) in enumerate(claims.items()):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    if cm := spec.calibration.dataset.config_map:
+        volumes.append({"name": "calibration", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}})
+        mounts.append({"name": "calibration", "mountPath": CALIBRATION_ROOT, "readOnly": True})
+    return volumes, mounts
+
+
+def _env(spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
+    env = [
+        {"name": CONFIG_ENV, "value": f"{CONFIG_ROOT}/{stage.name}.json"},
+        {"name": "HF_HOME", "value": f"{CACHE_ROOT}/huggingface"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "QJOB_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "QJOB_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+    ]
+    hf = spec.model.hugging_face
+    if hf and hf.token_secret_ref:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": hf.token_secret_ref.name, "key": hf.token_secret_ref.key}}})
+    env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
+    return env
+
+
+def build_job(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> dict[str, Any]:
+    """The batch/v1 Job of one stage."""
+    volumes, mounts = _volumes(ref, spec)
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.runner.shm_size}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    gpu = config.node_labels.gpu_resource
+    container = {
+        "name": RUNNER_CONTAINER,
+        "image": config.runner.image,
+        "imagePullPolicy": config.runner.image_pull_policy,
+        "command": ["qjob-runner"],
+        "args": ["--config", f"{CONFIG_ROOT}/{stage.name}.json"],
+        "env": _env(spec, stage, config),
+        "resources": {
+            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
+            "limits": {"memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
+        },
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": runner_service_account(ref.name),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": config.runner.run_as_user,
+            "fsGroup": config.runner.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": [*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations)],
+    }
+    if spec.scheduling.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)
+    if affinity := node_affinity(stage.requirement, config):
+        pod_spec["affinity"] = affinity
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    if config.runner.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
+
+    metadata = _metadata(ref, child_name(ref.name, stage.name), stage.name)
+    queued = bool(spec.scheduling.queue_name)
+    if queued:
+        metadata["labels"][KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        # Kueue admits a queued Job by un-suspending it; otherwise suspend follows runPolicy.
+        "suspend": True if queued else spec.run_policy.suspend,
+        "podFailurePolicy": {"rules": [
+            # Bad config, bad input or a failed quality gate: retrying cannot help.
+            {"action": "FailJob", "onExitCodes": {"containerName": RUNNER_CONTAINER, "operator": "In",
+                                                  "values": [int(c) for c in NON_RETRYABLE_EXIT_CODES]}},
+            # Evictions and preemptions are not the runner's fault: do not count them.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]},
+        "template": {"metadata": {"labels": dict(metadata["labels"])}, "spec": pod_spec},
+    }
+    if spec.run_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    if config.runner.job_ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = config.runner.job_ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

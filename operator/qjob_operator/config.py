@@ -1,0 +1,101 @@
+"""Operator configuration: a YAML file (the Helm chart mounts it from a ConfigMap) plus a few
+environment overrides. Every setting has a default, so ``qjob-operator`` runs with none."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from qjob_api.capabilities import COMPUTE_CAPABILITIES, GPUArchitecture
+
+CONFIG_ENV = "QJOB_OPERATOR_CONFIG"
+DEFAULT_CONFIG_PATH = "/etc/qjob-operator/config.yaml"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class NodeLabelKeys(_Settings):
+    """Node label keys (GPU feature discovery's by default; clusters that relabel set their own)."""
+
+    compute_major: str = "nvidia.com/gpu.compute.major"
+    compute_minor: str = "nvidia.com/gpu.compute.minor"
+    family: str = "nvidia.com/gpu.family"
+    product: str = "nvidia.com/gpu.product"
+    memory_mib: str = "nvidia.com/gpu.memory"
+    gpu_resource: str = "nvidia.com/gpu"
+
+
+class Policy(_Settings):
+    """What the cluster's platform team allows."""
+
+    allow_trust_remote_code: bool = False
+    max_gpus_per_pod: int = Field(8, ge=1)
+    allowed_output_claims: list[str] = Field(default_factory=list, description="Empty: any claim.")
+
+
+class RunnerSettings(_Settings):
+    """How runner pods are built."""
+
+    image: str = "ghcr.io/qjob-dev/qjob-runner:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    # Added to every runner pod, e.g. HF_ENDPOINT for a hub mirror or HF_HUB_OFFLINE=1.
+    env: dict[str, str] = Field(default_factory=dict)
+    # GPU nodes are usually tainted; runner pods tolerate these in addition to spec ones.
+    tolerations: list[dict] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    shm_size: str = "16Gi"
+    run_as_user: int = 1000
+    # Child Jobs are kept for inspection until the QuantizationJob is deleted; set to clean them earlier.
+    job_ttl_seconds_after_finished: int | None = None
+
+
+class OperatorConfig(_Settings):
+    """Top-level operator settings."""
+
+    namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; empty: all.")
+    node_labels: NodeLabelKeys = Field(default_factory=NodeLabelKeys)
+    # Architecture -> compute capabilities ("major.minor") that count as that architecture.
+    architectures: dict[GPUArchitecture, list[str]] = Field(
+        default_factory=lambda: {a: [f"{ma}.{mi}" for ma, mi in ccs] for a, ccs in COMPUTE_CAPABILITIES.items()}
+    )
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    policy: Policy = Field(default_factory=Policy)
+    metrics_port: int = 9090
+    health_port: int = 8080
+    # How often every unfinished job is re-checked for deadlines (events drive everything else).
+    resync_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("architectures")
+    @classmethod
+    def _capabilities_parse(cls, value: dict[GPUArchitecture, list[str]]) -> dict[GPUArchitecture, list[str]]:
+        for arch, ccs in value.items():
+            for cc in ccs:
+                major, _, minor = cc.partition(".")
+                if not (major.isdigit() and minor.isdigit()):
+                    raise ValueError(f"architectures.{arch.value}: {cc!r} is not a compute capability like '9.0'")
+        return value
+
+    def compute_capabilities(self, arch: GPUArchitecture) -> list[tuple[str, str]]:
+        return [tuple(cc.split(".", 1)) for cc in self.architectures.get(arch, [])]
+
+
+def load_config(path: str | os.PathLike | None = None) -> OperatorConfig:
+    """Reads the config file (``$QJOB_OPERATOR_CONFIG``, else the default path if present).
+    ``QJOB_NAMESPACES`` (comma-separated) and ``QJOB_RUNNER_IMAGE`` override the file."""
+    path = path or os.environ.get(CONFIG_ENV) or (DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None)
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    config = OperatorConfig.model_validate(data or {})
+    if namespaces := os.environ.get("QJOB_NAMESPACES"):
+        config.namespaces = [n.strip() for n in namespaces.split(",") if n.strip()]
+    if image := os.environ.get("QJOB_RUNNER_IMAGE"):
+        config.runner.image = image
+    return config

@@ -1,0 +1,122 @@
+"""kopf entry points. Thin on purpose: each handler records what it saw and schedules a
+reconcile; the decisions live in ``status.decide`` and the actions in ``reconciler``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
+
+from .config import load_config
+from .kube import Kube, connect
+from .metrics import Metrics
+from .plan import LABEL_JOB, LABEL_PREFIX, LABEL_STAGE
+from .reconciler import Reconciler
+from .status import Reason
+
+QJOB = (GROUP, VERSION, PLURAL)
+OWNED = {LABEL_JOB: kopf.PRESENT, LABEL_STAGE: kopf.PRESENT}
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    # Our own prefixes: kopf's defaults collide between operators in one cluster.
+    settings.persistence.finalizer = f"{LABEL_PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=LABEL_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=LABEL_PREFIX)
+    # Events are posted deliberately (kopf.event); handler log lines stay in the log.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    config = load_config()
+    metrics = Metrics()
+    memo.reconciler = Reconciler(config, Kube(await connect(), metrics), metrics)
+    metrics.watch_phases(memo.reconciler.phases)
+    metrics.serve(config.metrics_port)
+    memo.resync = asyncio.create_task(_resync(memo.reconciler, config.resync_seconds))
+    logger.info("qjob-operator started: runner image %s, metrics on :%d", config.runner.image, config.metrics_port)
+
+
+async def _resync(reconciler: Reconciler, every: float) -> None:
+    """Safety net: re-check unfinished jobs periodically (deadlines, missed events)."""
+    while True:
+        await asyncio.sleep(every)
+        reconciler.schedule_all(lambda b: (b.get("status") or {}).get("phase") not in TERMINAL_PHASES)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    await memo.reconciler.drain()
+    await memo.reconciler.kube.api.close()
+
+
+# Indexes: kopf lists these fully before any handler runs, so a reconcile after a restart sees
+# every existing child and never creates a duplicate. Values are trimmed to what decide() reads.
+
+def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
+    meta = body["metadata"]
+    status = body.get("status") or {}
+    return {
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "creationTimestamp", "labels")},
+        "spec": dict(body.get("spec") or {}),
+        "status": {k: status[k] for k in status_keys if k in status},
+    }
+
+
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def qjob_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    trimmed = _trim(body, ("conditions", "active", "failed", "succeeded", "startTime", "completionTime"))
+    trimmed["spec"] = {"suspend": body["spec"].get("suspend")}
+    return {(namespace, labels[LABEL_JOB], labels[LABEL_STAGE]): trimmed}
+
+
+@kopf.index("", "v1", "pods", labels=OWNED)
+def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    trimmed = _trim(body, ("phase", "reason", "message", "conditions", "containerStatuses", "startTime"))
+    spec = body.get("spec") or {}
+    trimmed["spec"] = {"nodeName": spec.get("nodeName"),
+                       "containers": [{"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers", [])]}
+    return {(namespace, labels[LABEL_JOB], labels[LABEL_STAGE]): trimmed}
+
+
+@kopf.index("", "v1", "nodes")
+def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    return {name: {"metadata": {"name": name, "labels": dict(body["metadata"].get("labels") or {})},
+                   "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
+                   "status": {"allocatable": dict(status.get("allocatable") or {})}}}
+
+
+@kopf.on.event(*QJOB)
+async def quantizationjob_event(event: dict, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                                qjob_jobs: kopf.Index, qjob_pods: kopf.Index, qjob_nodes: kopf.Index, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    reconciler.indexes.bind(qjob_jobs, qjob_pods, qjob_nodes)
+    if event.get("type") == "DELETED":
+        reconciler.forget((namespace, name))
+    else:
+        reconciler.observe((namespace, name), body)
+
+
+@kopf.on.delete(*QJOB)
+async def quantizationjob_deleted(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    # Children carry owner references and are garbage-collected; this hook (and its finalizer)
+    # makes sure the in-memory state goes too, even if the DELETED event is missed.
+    memo.reconciler.forget((namespace, name))
+    logger.info("QuantizationJob deleted; its Jobs, pods, config and RBAC are garbage-collected")
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+async def child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.schedule((namespace, labels[LABEL_JOB]))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(memo: kopf.Memo, **_: Any) -> None:
+    # A node appearing may unblock jobs waiting with NoMatchingNodes.
+    memo.reconciler.schedule_all(lambda b: (b.get("status") or {}).get("reason") == Reason.NO_MATCHING_NODES)

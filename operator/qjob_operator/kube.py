@@ -1,0 +1,87 @@
+"""The operator's only Kubernetes API client (kubernetes_asyncio).
+
+Async all the way: kopf runs every handler on one event loop, and a blocking call there would
+stall every other QuantizationJob. kubernetes_asyncio is generated from the same OpenAPI as the
+official client, so objects and errors look the same, without threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+async def connect() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        await config.load_kube_config()
+    return client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient, metrics: Metrics):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._count = metrics.api_requests
+
+    async def create(self, obj: dict[str, Any]) -> bool:
+        """Creates a namespaced child; returns False when it already exists (idempotent)."""
+        kind, ns = obj["kind"], obj["metadata"]["namespace"]
+        create = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+            "Job": self.batch.create_namespaced_job,
+        }[kind]
+        self._count.labels("create").inc()
+        try:
+            await create(ns, obj)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        self._count.labels("delete").inc()
+        try:
+            await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self._count.labels("patch").inc()
+        try:
+            await self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report on
+                raise
+
+    async def delete_job_resource(self, namespace: str, name: str) -> None:
+        """Deletes the QuantizationJob itself (TTL after finishing); children follow by GC."""
+        self._count.labels("delete").inc()
+        try:
+            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                              propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

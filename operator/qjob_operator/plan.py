@@ -1,0 +1,94 @@
+"""Stages of a QuantizationJob and what each needs from a node.
+
+``quantize`` (calibrate, quantize, export, evaluate) runs first on any GPU node that fits;
+``build-<arch>`` stages then run in parallel, one per engine target, each on a node of that
+architecture because an engine only runs on the compute capability that built it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from qjob_api.capabilities import GPUArchitecture
+from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
+
+from .config import OperatorConfig
+
+QUANTIZE_STAGE = "quantize"
+LABEL_PREFIX = "qjob.dev"
+LABEL_JOB = f"{LABEL_PREFIX}/job-name"
+LABEL_STAGE = f"{LABEL_PREFIX}/stage"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "qjob-operator"}
+
+
+def build_stage(arch: GPUArchitecture) -> str:
+    return f"build-{arch.value}"
+
+
+@dataclass(frozen=True)
+class NodeRequirement:
+    """What a stage's pod needs from a node; becomes required node affinity and resource requests,
+    and is evaluated against the node list to detect "no node can ever run this"."""
+
+    architecture: GPUArchitecture | None
+    compute_capabilities: tuple[tuple[str, str], ...]  # (major, minor) label values; empty: any
+    gpus: int
+    min_gpu_memory_mib: int | None
+    node_selector: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, config: OperatorConfig) -> str:
+        parts = [f"{self.gpus} allocatable {config.node_labels.gpu_resource}"]
+        if self.architecture:
+            ccs = " or ".join(f"{ma}.{mi}" for ma, mi in self.compute_capabilities)
+            parts.append(f"{self.architecture.value} GPUs (compute capability {ccs})")
+        if self.min_gpu_memory_mib:
+            parts.append(f"at least {self.min_gpu_memory_mib} MiB per GPU ({config.node_labels.memory_mib})")
+        parts += [f"{k}={v}" for k, v in sorted(self.node_selector.items())]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    requirement: NodeRequirement
+    after: tuple[str, ...] = ()
+    architecture: GPUArchitecture | None = None
+
+
+def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage]:
+    """The stages of a job, in order; build stages depend on ``quantize``."""
+    memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
+
+    def requirement(arch: GPUArchitecture | None) -> NodeRequirement:
+        return NodeRequirement(
+            architecture=arch,
+            compute_capabilities=tuple(config.compute_capabilities(arch)) if arch else (),
+            gpus=spec.resources.gpus,
+            min_gpu_memory_mib=memory,
+            node_selector=dict(spec.scheduling.node_selector),
+        )
+
+    stages = [Stage(QUANTIZE_STAGE, requirement(spec.scheduling.calibration_architecture))]
+    stages += [
+        Stage(build_stage(e.architecture), requirement(e.architecture), after=(QUANTIZE_STAGE,), architecture=e.architecture)
+        for e in spec.engines
+    ]
+    return stages
+
+
+def child_name(job_name: str, suffix: str) -> str:
+    """Deterministic child object name within the 63-character label/name limit."""
+    name = f"{job_name}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{job_name[: 63 - len(suffix) - 10]}-{digest}-{suffix}"[:63]
+
+
+def runner_service_account(job_name: str) -> str:
+    return child_name(job_name, "runner")
+
+
+def config_map_name(job_name: str) -> str:
+    return child_name(job_name, "runner-config")

@@ -1,0 +1,236 @@
+"""Runs ``status.decide`` for one QuantizationJob at a time and carries out its decision.
+
+Reconciles are level-based and idempotent: any event (the job, one of its Jobs or Pods, a node)
+schedules a reconcile of the job; a job already being reconciled is marked dirty and runs once
+more afterwards, so bursts of events coalesce and one job never reconciles concurrently.
+Inputs come from kopf's in-memory indexes (kopf holds handlers back until they are fully listed),
+so a reconcile costs no API reads; it writes only what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from qjob_api.capabilities import architecture_of
+from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
+
+from .builders import JobRef, build_config_map, build_job, build_role, build_role_binding, build_service_account
+from .config import OperatorConfig
+from .kube import Kube
+from .metrics import Metrics
+from .nodes import matching_nodes
+from .plan import QUANTIZE_STAGE, Stage, plan_stages
+from .status import Observed, Reason, decide, fmt_time, parse_time, transition_events
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+RETRY_SECONDS = 5.0
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON merge patch turning ``old`` into ``new`` for the keys ``new`` sets (nested objects are
+    diffed so keys that disappeared are sent as null; lists are replaced whole)."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            nested = merge_patch(before, value)
+            nested.update({k: None for k in before if k not in value})
+            if nested:
+                patch[key] = nested
+        elif value != before:
+            patch[key] = value
+    return patch
+
+
+def apply_merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = apply_merge_patch(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+class Indexes:
+    """kopf's indexes of the operator's Jobs, Pods and the cluster's nodes."""
+
+    def __init__(self) -> None:
+        self.jobs: kopf.Index | None = None
+        self.pods: kopf.Index | None = None
+        self.nodes: kopf.Index | None = None
+
+    def bind(self, jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index) -> None:
+        self.jobs, self.pods, self.nodes = jobs, pods, nodes
+
+    def job(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        return next(iter(self.jobs.get(key, ())), None) if self.jobs is not None else None
+
+    def pods_of(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
+        return list(self.pods.get(key, ())) if self.pods is not None else []
+
+    def all_nodes(self) -> list[dict[str, Any]]:
+        return [n for store in (self.nodes.values() if self.nodes is not None else ()) for n in store]
+
+
+class Reconciler:
+    def __init__(self, config: OperatorConfig, kube: Kube, metrics: Metrics,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self.config, self.kube, self.metrics, self.clock = config, kube, metrics, clock
+        self.indexes = Indexes()
+        self.bodies: dict[Key, dict[str, Any]] = {}
+        self._tasks: dict[Key, asyncio.Task] = {}
+        self._dirty: set[Key] = set()
+        self._created: set[tuple[str, str]] = set()  # (uid, stage): created, maybe not indexed yet
+
+    # ------------------------------------------------------------------------------ scheduling
+
+    def observe(self, key: Key, body: Mapping[str, Any]) -> None:
+        self.bodies[key] = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+        self.schedule(key)
+
+    def forget(self, key: Key) -> None:
+        body = self.bodies.pop(key, None)
+        if body:
+            uid = body["metadata"]["uid"]
+            self._created = {c for c in self._created if c[0] != uid}
+
+    def phases(self) -> list[str]:
+        return [(b.get("status") or {}).get("phase") or Phase.PENDING for b in self.bodies.values()]
+
+    def schedule(self, key: Key, delay: float = 0.0) -> None:
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.schedule, key)
+            return
+        task = self._tasks.get(key)
+        if task and not task.done():
+            self._dirty.add(key)
+            return
+        self._tasks[key] = asyncio.create_task(self._run(key), name=f"reconcile {key[0]}/{key[1]}")
+
+    def schedule_all(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        for key, body in list(self.bodies.items()):
+            if keep(body):
+                self.schedule(key)
+
+    async def _run(self, key: Key) -> None:
+        while True:
+            self._dirty.discard(key)
+            started = self.clock()
+            try:
+                await self.reconcile(key)
+            except Exception:  # noqa: BLE001 - any failure is retried; the loop must survive
+                self.metrics.reconcile_errors.inc()
+                log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, RETRY_SECONDS)
+                self.schedule(key, RETRY_SECONDS)
+            finally:
+                self.metrics.reconcile_duration.observe((self.clock() - started).total_seconds())
+            if key not in self._dirty:
+                break
+        self._tasks.pop(key, None)
+
+    async def drain(self) -> None:
+        """Waits for reconciles in flight (used at shutdown)."""
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # ------------------------------------------------------------------------------- reconcile
+
+    def _node_facts(self, nodes: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+        keys = self.config.node_labels
+        products, archs = {}, {}
+        for node in nodes:
+            labels = node["metadata"].get("labels") or {}
+            name = node["metadata"]["name"]
+            products[name] = labels.get(keys.product, "")
+            try:
+                arch = architecture_of(int(labels.get(keys.compute_major)), int(labels.get(keys.compute_minor)))
+            except (TypeError, ValueError):
+                arch = None
+            archs[name] = arch.value if arch else labels.get(keys.family, "unknown")
+        return products, archs
+
+    async def reconcile(self, key: Key) -> None:
+        body = self.bodies.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        namespace, name = key
+        old = body.get("status") or {}
+        try:
+            spec = QuantizationJobSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            if old.get("phase") not in TERMINAL_PHASES:
+                # The CRD schema should have refused it; say why instead of failing silently.
+                message = f"spec is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+                await self._write(key, body, {"phase": Phase.FAILED, "reason": Reason.INVALID_SPEC, "message": message,
+                                              "completionTime": fmt_time(self.clock())}, spec_format="unknown", gpus=0, stages=[])
+            return
+        stages = plan_stages(spec, self.config)
+        jobs, pods = {}, {}
+        for stage in stages:
+            if job := self.indexes.job((namespace, name, stage.name)):
+                jobs[stage.name] = job
+            pods[stage.name] = self.indexes.pods_of((namespace, name, stage.name))
+        nodes = self.indexes.all_nodes()
+        products, archs = self._node_facts(nodes)
+        tolerations = [*self.config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations)]
+        matches = {s.name: matching_nodes(nodes, s.requirement, tolerations, self.config) for s in stages}
+        decision = decide(Observed(body, jobs, pods, matches, products, self.clock()), spec, stages, self.config)
+
+        if decision.delete_self:
+            log.info("deleting %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed", namespace, name)
+            await self.kube.delete_job_resource(namespace, name)
+            return
+        ref = JobRef.from_body(body)
+        if decision.create:
+            await self._create(ref, spec, stages, decision.create)
+        for job_name in decision.delete_jobs:
+            await self.kube.delete_job(namespace, job_name)
+        if decision.status is not None:
+            fmt = spec.quantization.format.value if spec.quantization.format else "auto"
+            job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in jobs.items()}
+            await self._write(key, body, decision.status, spec_format=fmt, gpus=spec.resources.gpus,
+                              stages=stages, job_created=job_created, archs=archs)
+        if decision.requeue_after:
+            self.schedule(key, decision.requeue_after)
+
+    async def _create(self, ref: JobRef, spec: QuantizationJobSpec, stages: list[Stage], create: list[Stage]) -> None:
+        todo = [s for s in create if (ref.uid, s.name) not in self._created]
+        if not todo:
+            return
+        if any(s.name == QUANTIZE_STAGE for s in todo):
+            # The runner's identity and config come first: the pods mount and use them.
+            for obj in (build_service_account(ref, self.config), build_role(ref), build_role_binding(ref),
+                        build_config_map(ref, spec, stages)):
+                await self.kube.create(obj)
+        for stage in todo:
+            created = await self.kube.create(build_job(ref, spec, stage, self.config))
+            self._created.add((ref.uid, stage.name))
+            if created:
+                kopf.event(self.bodies[(ref.namespace, ref.name)], type="Normal", reason="StageCreated",
+                           message=f"created Job for stage {stage.name}")
+
+    async def _write(self, key: Key, body: dict[str, Any], status: dict[str, Any], *, spec_format: str, gpus: int,
+                     stages: list[Stage], job_created: dict | None = None, archs: dict[str, str] | None = None) -> None:
+        old = {k: v for k, v in (body.get("status") or {}).items() if k != "runnerReports"}
+        patch = merge_patch(old, status)
+        if not patch:
+            return
+        await self.kube.patch_status(key[0], key[1], patch)
+        new = apply_merge_patch(old, patch)
+        body["status"] = {**new, "runnerReports": (body.get("status") or {}).get("runnerReports") or {}}
+        for event in transition_events(old, new):
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        self.metrics.observe_transition(
+            fmt=spec_format, created=parse_time(body["metadata"].get("creationTimestamp")), old=old, new=new,
+            gpus=gpus, job_created=job_created or {}, node_architecture=lambda n: (archs or {}).get(n or "", "unknown"))

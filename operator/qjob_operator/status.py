@@ -1,0 +1,443 @@
+"""Pure functions from observed state (child Jobs, their Pods, nodes, runner reports) to the
+QuantizationJob's status and the actions that move it forward.
+
+``decide()`` is the whole reconcile decision; the kopf handlers only gather its inputs from
+in-memory indexes and carry out what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from qjob_api.runner import EXIT_CODE_REASONS, ExitCode, RunnerResult
+from qjob_api.v1alpha1 import (
+    Artifact,
+    Phase,
+    Progress,
+    Quality,
+    QuantizationJobSpec,
+    RunnerReport,
+    StageStatus,
+    TERMINAL_PHASES,
+)
+
+from .builders import RUNNER_CONTAINER
+from .config import OperatorConfig
+from .plan import QUANTIZE_STAGE, Stage, child_name
+
+
+class Reason:
+    """Stable reasons used in conditions, status.reason and Events."""
+
+    ACCEPTED = "Accepted"
+    NO_MATCHING_NODES = "NoMatchingNodes"
+    NODES_AVAILABLE = "NodesAvailable"
+    POLICY_VIOLATION = "PolicyViolation"
+    INVALID_SPEC = "InvalidSpec"
+    WAITING = "WaitingForDependencies"
+    SUSPENDED = "Suspended"
+    PENDING = "Pending"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_ERROR = "ImagePullError"
+    RUNNING = "Running"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    RUNNER_FAILED = "RunnerFailed"
+    SUCCEEDED = "Succeeded"
+    QUALITY_GATE_PASSED = "QualityGatePassed"
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+
+
+_IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+
+
+@dataclass
+class Observed:
+    """Everything ``decide`` looks at, gathered by the handler from its indexes."""
+
+    body: dict[str, Any]
+    jobs: dict[str, dict[str, Any]]  # stage name -> batch/v1 Job
+    pods: dict[str, list[dict[str, Any]]]  # stage name -> pods of that Job
+    node_matches: dict[str, list[str]]  # stage name -> nodes that could ever run it
+    node_products: dict[str, str]  # node name -> nvidia.com/gpu.product
+    now: datetime
+
+
+@dataclass
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any] | None = None  # merge patch for .status (None: nothing to write)
+    create: list[Stage] = field(default_factory=list)
+    delete_jobs: list[str] = field(default_factory=list)
+    delete_self: bool = False
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def fmt_time(value: datetime | None) -> str | None:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _runner_status(pod: dict[str, Any]) -> dict[str, Any]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == RUNNER_CONTAINER:
+            return cs
+    return {}
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    return (_runner_status(pod).get("state") or {}).get("terminated")
+
+
+def runner_result(pod: dict[str, Any]) -> RunnerResult | None:
+    """The runner's termination message, when it is the JSON summary the runner writes."""
+    message = (_terminated(pod) or {}).get("message")
+    if not message:
+        return None
+    try:
+        return RunnerResult.model_validate(json.loads(message))
+    except (ValueError, ValidationError):
+        return None
+
+
+def classify_failed_pod(pod: dict[str, Any]) -> tuple[str, str]:
+    """Stable reason and message for a failed runner pod."""
+    status = pod.get("status") or {}
+    if status.get("reason") == "Evicted":
+        return Reason.EVICTED, status.get("message") or "the pod was evicted from its node"
+    terminated = _terminated(pod) or {}
+    code = terminated.get("exitCode")
+    result = runner_result(pod)
+    detail = (result.message if result and result.message else None) or (terminated.get("message") or "").strip()
+    if terminated.get("reason") == "OOMKilled" or code == ExitCode.OUT_OF_MEMORY:
+        return Reason.OOM_KILLED, (
+            f"the runner ran out of memory{': ' + detail if detail else ''}; raise spec.resources.memory, "
+            "add GPUs (spec.resources.gpus), or lower spec.calibration.batchSize / sequenceLength"
+        )
+    if code in EXIT_CODE_REASONS and code != ExitCode.TRANSIENT:
+        return EXIT_CODE_REASONS[code], detail or f"runner exited with code {code}"
+    if code is not None:
+        return Reason.RUNNER_FAILED, detail or f"runner exited with code {code}"
+    return Reason.RUNNER_FAILED, status.get("message") or "the runner pod failed"
+
+
+def _pending_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why the newest pod is not running yet, if it says."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+        waiting = (_runner_status(pod).get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _IMAGE_PULL_WAITING | {"ErrImagePull"}:
+            image = pod["spec"]["containers"][0].get("image")
+            return Reason.IMAGE_PULL_ERROR, f"cannot pull runner image {image}: {waiting.get('message') or waiting['reason']}"
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return Reason.UNSCHEDULABLE, cond.get("message") or "no node can take the pod now"
+        return None
+    return None
+
+
+def _running(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((p for p in pods if (p.get("status") or {}).get("phase") == "Running"), None)
+
+
+def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    placed = [p for p in pods if p.get("spec", {}).get("nodeName")]
+    return max(placed, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+# ------------------------------------------------------------------------------- stage records
+
+
+def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStatus:
+    """The record of one stage, with the reason it waits or failed."""
+    ref_name = obs.body["metadata"]["name"]
+    job = obs.jobs.get(stage.name)
+    pods = obs.pods.get(stage.name, [])
+    record = StageStatus(name=stage.name, architecture=stage.architecture.value if stage.architecture else None,
+                         job_name=child_name(ref_name, stage.name) if job else None)
+    if job is None:
+        return record
+    js = job.get("status") or {}
+    record.attempts = len(pods) or (js.get("failed", 0) + js.get("succeeded", 0) + js.get("active", 0))
+    if latest := _latest(pods):
+        record.node = latest["spec"]["nodeName"]
+        record.gpu_product = obs.node_products.get(record.node)
+    starts = [parse_time((p.get("status") or {}).get("startTime")) for p in pods]
+    record.start_time = min((s for s in starts if s), default=None)
+
+    if cond := _job_condition(job, "Complete"):
+        record.phase, record.reason = Phase.SUCCEEDED, Reason.SUCCEEDED
+        record.completion_time = parse_time(js.get("completionTime") or cond.get("lastTransitionTime"))
+        return record
+    if cond := _job_condition(job, "Failed"):
+        record.phase = Phase.FAILED
+        record.completion_time = parse_time(cond.get("lastTransitionTime"))
+        if cond.get("reason") == "DeadlineExceeded":
+            record.reason = Reason.DEADLINE_EXCEEDED
+            record.message = f"the stage ran longer than spec.runPolicy.activeDeadlineSeconds: {cond.get('message', '')}".strip()
+        else:
+            failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+            newest = max(failed, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+            record.reason, record.message = classify_failed_pod(newest) if newest else (
+                Reason.RUNNER_FAILED, cond.get("message") or "the stage failed")
+        return record
+    if (job.get("spec") or {}).get("suspend"):
+        record.reason, record.message = Reason.SUSPENDED, "the stage's Job is suspended"
+        return record
+    if _running(pods):
+        record.phase, record.reason = Phase.RUNNING, Reason.RUNNING
+        return record
+    # Not running yet: fail fast on a bad image, and after the pending deadline on no capacity.
+    if why := _pending_reason(pods):
+        record.reason, record.message = why
+        created = parse_time(job["metadata"].get("creationTimestamp")) or obs.now
+        never_ran = record.start_time is None
+        if why[0] == Reason.IMAGE_PULL_ERROR or (never_ran and obs.now - created > deadline):
+            record.phase = Phase.FAILED
+            record.completion_time = obs.now
+            if why[0] == Reason.UNSCHEDULABLE:
+                record.message = (f"pending longer than spec.runPolicy.pendingDeadlineSeconds "
+                                  f"({int(deadline.total_seconds())}s): {why[1]}")
+    return record
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def _weights(stages: list[Stage]) -> dict[str, float]:
+    builds = [s for s in stages if s.name != QUANTIZE_STAGE]
+    if not builds:
+        return {QUANTIZE_STAGE: 1.0}
+    return {QUANTIZE_STAGE: 0.6, **{s.name: 0.4 / len(builds) for s in builds}}
+
+
+def progress(stages: list[Stage], records: dict[str, StageStatus], reports: dict[str, RunnerReport]) -> Progress:
+    weights = _weights(stages)
+    percent, current, eta, message = 0.0, None, None, None
+    for stage in stages:
+        record, report = records[stage.name], reports.get(stage.name)
+        if record.phase == Phase.SUCCEEDED:
+            percent += 100 * weights[stage.name]
+        elif record.phase == Phase.RUNNING:
+            percent += (report.percent if report else 0) * weights[stage.name]
+            if current is None:
+                current = f"{stage.name}/{report.step}" if report and report.step else stage.name
+                message = report.message if report else None
+            if report and report.eta_seconds is not None:
+                eta = max(eta or 0, report.eta_seconds)
+    return Progress(stage=current, percent=min(100, int(percent)), eta_seconds=eta, message=message)
+
+
+def _collect(stages: list[Stage], obs: Observed, reports: dict[str, RunnerReport]) -> tuple[list[Artifact], Quality | None]:
+    """Artifacts and quality from runner reports, completed by termination messages (which
+    survive a status patch the runner could not make)."""
+    artifacts: dict[str, Artifact] = {}
+    quality = None
+    for stage in stages:
+        results = [r for p in obs.pods.get(stage.name, []) if (r := runner_result(p)) and r.outcome == "Succeeded"]
+        sources = [reports[stage.name]] if stage.name in reports else []
+        for source in [*sources, *results]:
+            for artifact in source.artifacts:
+                artifacts.setdefault(artifact.uri, artifact)
+            quality = quality or source.quality
+    return list(artifacts.values()), quality
+
+
+# ---------------------------------------------------------------------------------- conditions
+
+
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str,
+                  now: datetime, generation: int | None) -> list[dict[str, Any]]:
+    """metav1.Condition semantics: lastTransitionTime changes only when status changes."""
+    old = next((c for c in conditions if c["type"] == type_), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else fmt_time(now)
+    new = {"type": type_, "status": status, "reason": reason, "message": message,
+           "lastTransitionTime": since, "observedGeneration": generation}
+    return [c for c in conditions if c["type"] != type_] + [new]
+
+
+# ---------------------------------------------------------------------------------------- decide
+
+
+def policy_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list[str]:
+    problems = []
+    if spec.model.trust_remote_code and not config.policy.allow_trust_remote_code:
+        problems.append("spec.model.trustRemoteCode is true but this cluster's operator policy refuses remote "
+                        "code: set it to false, or ask the platform team to set policy.allowTrustRemoteCode")
+    if spec.resources.gpus > config.policy.max_gpus_per_pod:
+        problems.append(f"spec.resources.gpus is {spec.resources.gpus} but the policy allows at most "
+                        f"{config.policy.max_gpus_per_pod} GPUs per pod: lower it")
+    claims = config.policy.allowed_output_claims
+    if claims and spec.output.pvc.claim_name not in claims:
+        problems.append(f"spec.output.pvc.claimName {spec.output.pvc.claim_name!r} is not an allowed output "
+                        f"claim; use one of: {', '.join(claims)}")
+    return problems
+
+
+def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config: OperatorConfig) -> Decision:
+    body, now = obs.body, obs.now
+    meta = body["metadata"]
+    old = body.get("status") or {}
+    generation = meta.get("generation")
+    created = parse_time(meta.get("creationTimestamp")) or now
+    policy = spec.run_policy
+
+    if old.get("phase") in TERMINAL_PHASES:
+        decision = Decision()
+        done = parse_time(old.get("completionTime"))
+        if policy.ttl_seconds_after_finished is not None and done:
+            left = (done + timedelta(seconds=policy.ttl_seconds_after_finished) - now).total_seconds()
+            decision.delete_self = left <= 0
+            decision.requeue_after = None if left <= 0 else left
+        return decision
+
+    conditions = list(old.get("conditions") or [])
+    reports = {k: RunnerReport.model_validate(v) for k, v in (old.get("runnerReports") or {}).items()}
+    decision = Decision()
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "targetArchitectures": ",".join(a.value for a in spec.target_architectures()) or "none",
+    }
+
+    def finish(phase: str, reason: str, message: str) -> Decision:
+        status.update(phase=phase, reason=reason, message=message, completionTime=fmt_time(now))
+        nonlocal conditions
+        if phase == Phase.FAILED:
+            conditions = set_condition(conditions, "Failed", "True", reason, message, now, generation)
+            conditions = set_condition(conditions, "Complete", "False", reason, message, now, generation)
+        else:
+            conditions = set_condition(conditions, "Complete", "True", reason, message, now, generation)
+        conditions = set_condition(conditions, "Running", "False", reason, message, now, generation)
+        status["conditions"] = conditions
+        decision.status = status
+        return decision
+
+    if problems := policy_violations(spec, config):
+        conditions = set_condition(conditions, "Accepted", "False", Reason.POLICY_VIOLATION, "; ".join(problems), now, generation)
+        return finish(Phase.FAILED, Reason.POLICY_VIOLATION, "; ".join(problems))
+    conditions = set_condition(conditions, "Accepted", "True", Reason.ACCEPTED,
+                               f"{len(stages)} stage(s): {', '.join(s.name for s in stages)}", now, generation)
+
+    # Fail fast when some stage can never be placed, before creating anything.
+    unplaceable = [s for s in stages if s.name not in obs.jobs and not obs.node_matches.get(s.name)]
+    if unplaceable:
+        message = "; ".join(f"no node can run stage {s.name}: it needs {s.requirement.describe(config)}"
+                            for s in unplaceable)
+        conditions = set_condition(conditions, "NodesAvailable", "False", Reason.NO_MATCHING_NODES, message, now, generation)
+        waited = (now - created).total_seconds()
+        if waited >= policy.pending_deadline_seconds:
+            return finish(Phase.FAILED, Reason.NO_MATCHING_NODES,
+                          f"{message} (waited {int(waited)}s, spec.runPolicy.pendingDeadlineSeconds)")
+        status.update(phase=Phase.PENDING, reason=Reason.NO_MATCHING_NODES, message=message, conditions=conditions)
+        decision.status = status
+        decision.requeue_after = policy.pending_deadline_seconds - waited + 0.5
+        return decision
+    counts = ", ".join(f"{s.name}: {len(obs.node_matches.get(s.name, []))}" for s in stages if s.name not in obs.jobs)
+    if counts:
+        conditions = set_condition(conditions, "NodesAvailable", "True", Reason.NODES_AVAILABLE,
+                                   f"nodes that fit: {counts}", now, generation)
+
+    deadline = timedelta(seconds=policy.pending_deadline_seconds)
+    records = {s.name: observe_stage(s, obs, deadline) for s in stages}
+    for stage in stages:
+        record = records[stage.name]
+        if stage.name in obs.jobs:
+            continue
+        if all(records[d].phase == Phase.SUCCEEDED for d in stage.after):
+            decision.create.append(stage)
+            record.reason = Reason.PENDING
+        else:
+            record.reason = Reason.WAITING
+            record.message = f"waits for {', '.join(stage.after)}"
+
+    status["stages"] = [r.to_api() for r in records.values()]
+    status["progress"] = progress(stages, records, reports).to_api()
+    artifacts, quality = _collect(stages, obs, reports)
+    status["artifacts"] = [a.to_api() for a in artifacts]
+    if quality:
+        status["quality"] = quality.to_api()
+        if quality.gate_passed is not None:
+            conditions = set_condition(
+                conditions, "QualityGate", "True" if quality.gate_passed else "False",
+                Reason.QUALITY_GATE_PASSED if quality.gate_passed else Reason.QUALITY_GATE_FAILED,
+                f"{quality.metric}: baseline {quality.baseline}, quantized {quality.quantized}", now, generation)
+    starts = [r.start_time for r in records.values() if r.start_time]
+    status["startTime"] = fmt_time(min(starts)) if starts else old.get("startTime")
+
+    failed = [r for r in records.values() if r.phase == Phase.FAILED]
+    if failed:
+        first = failed[0]
+        # Stop what still runs (and a failed stage whose Job is still active, e.g. unschedulable).
+        decision.delete_jobs = [child_name(meta["name"], s) for s, job in obs.jobs.items()
+                                if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")]
+        return finish(Phase.FAILED, first.reason or Reason.RUNNER_FAILED, f"stage {first.name}: {first.message or first.reason}")
+    if all(r.phase == Phase.SUCCEEDED for r in records.values()):
+        return finish(Phase.SUCCEEDED, Reason.SUCCEEDED,
+                      f"{len(artifacts)} artifact(s) written; {len(stages)} stage(s) succeeded")
+
+    running = [r for r in records.values() if r.phase == Phase.RUNNING]
+    if running:
+        phase, reason, message = Phase.RUNNING, Reason.RUNNING, f"running {', '.join(r.name for r in running)}"
+        conditions = set_condition(conditions, "Running", "True", Reason.RUNNING, message, now, generation)
+    elif policy.suspend:
+        phase, reason, message = Phase.SUSPENDED, Reason.SUSPENDED, "spec.runPolicy.suspend is true"
+        decision.create = []
+    else:
+        waiting = next((r for r in records.values() if r.reason in (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR)), None)
+        phase = Phase.PENDING
+        reason, message = (waiting.reason, f"stage {waiting.name}: {waiting.message}") if waiting else (
+            Reason.PENDING, "waiting for runner pods to start")
+        if waiting:
+            decision.requeue_after = config.resync_seconds
+    if phase != Phase.RUNNING:
+        conditions = set_condition(conditions, "Running", "False", reason, message, now, generation)
+    status.update(phase=phase, reason=reason, message=message, conditions=conditions)
+    decision.status = status
+    return decision
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    """Kubernetes Events for what a user should see: phase changes and stage outcomes."""
+    events = []
+    old_stages = {s["name"]: s for s in old.get("stages") or []}
+    for stage in new.get("stages") or []:
+        before = old_stages.get(stage["name"], {})
+        if stage.get("phase") != before.get("phase") and stage.get("phase") in (Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED):
+            where = f" on node {stage['node']} ({stage.get('gpuProduct') or 'unknown GPU'})" if stage.get("node") else ""
+            kind = "Warning" if stage["phase"] == Phase.FAILED else "Normal"
+            text = f"stage {stage['name']} {stage['phase'].lower()}{where}"
+            if stage.get("message") and stage["phase"] == Phase.FAILED:
+                text += f": {stage['message']}"
+            events.append(Event(kind, f"Stage{stage['phase']}", text))
+    if new.get("phase") and (new.get("phase"), new.get("reason")) != (old.get("phase"), old.get("reason")):
+        kind = "Warning" if new["phase"] == Phase.FAILED or new.get("reason") in (
+            Reason.NO_MATCHING_NODES, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR) else "Normal"
+        events.append(Event(kind, new.get("reason") or new["phase"], new.get("message") or new["phase"]))
+    return events
