@@ -1,0 +1,111 @@
+"""Pure builders: the Job, RBAC and runner config a QuantizationJob turns into."""
+
+from __future__ import annotations
+
+from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerConfig
+from qjob_api.v1alpha1 import QuantizationJobSpec
+from qjob_operator.builders import (
+    JobRef, build_config_map, build_job, build_role, build_runner_config, node_affinity,
+)
+from qjob_operator.config import NodeLabelKeys, OperatorConfig
+from qjob_operator.plan import QUANTIZE_STAGE, child_name, plan_stages
+
+REF = JobRef("llama", "ml", "uid-1")
+
+
+def _stage(spec, config, name):
+    return next(s for s in plan_stages(spec, config) if s.name == name)
+
+
+def test_plan_quantize_then_one_build_per_architecture(spec_dict, config):
+    spec_dict["engines"] = [{"architecture": "hopper"}, {"architecture": "ada"}]
+    stages = plan_stages(QuantizationJobSpec.model_validate(spec_dict), config)
+    assert [s.name for s in stages] == ["quantize", "build-hopper", "build-ada"]
+    assert stages[1].after == (QUANTIZE_STAGE,)
+    assert stages[0].requirement.compute_capabilities == ()
+    assert stages[2].requirement.compute_capabilities == (("8", "9"),)
+
+
+def test_build_job_requires_architecture_gpu_count_and_memory(spec_dict, config):
+    spec_dict["resources"] = {"gpus": 2, "minGpuMemory": "80Gi"}
+    spec_dict["scheduling"] = {"priorityClassName": "batch-low", "tolerations": [{"key": "team", "operator": "Exists"}]}
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    job = build_job(REF, spec, _stage(spec, config, "build-hopper"), config)
+    assert job["metadata"]["name"] == "llama-build-hopper"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    pod = job["spec"]["template"]["spec"]
+    [term] = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": ["9"]} in term["matchExpressions"]
+    assert {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["81919"]} in term["matchExpressions"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["priorityClassName"] == "batch-low"
+    assert {"key": "team", "operator": "Exists"} in pod["tolerations"]
+    assert pod["serviceAccountName"] == "llama-runner"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [int(c) for c in NON_RETRYABLE_EXIT_CODES]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+
+
+def test_blackwell_affinity_has_one_term_per_compute_capability(spec_dict, config):
+    spec_dict["quantization"] = {"format": "nvfp4"}
+    spec_dict["engines"] = [{"architecture": "blackwell"}]
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    affinity = node_affinity(_stage(spec, config, "build-blackwell").requirement, config)
+    terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchExpressions"][0]["values"][0] + "." + t["matchExpressions"][1]["values"][0] for t in terms] == \
+        ["10.0", "10.3", "12.0", "12.1"]
+
+
+def test_label_keys_come_from_config(spec, config):
+    relabeled = OperatorConfig(node_labels=NodeLabelKeys(compute_major="example.com/cc-major",
+                                                         compute_minor="example.com/cc-minor", gpu_resource="example.com/gpu"))
+    job = build_job(REF, spec, _stage(spec, relabeled, "build-hopper"), relabeled)
+    pod = job["spec"]["template"]["spec"]
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"][0]["key"] == "example.com/cc-major"
+    assert "example.com/gpu" in pod["containers"][0]["resources"]["limits"]
+
+
+def test_kueue_queue_creates_suspended_job_with_label(spec_dict, config):
+    spec_dict["scheduling"] = {"queueName": "gpu-queue"}
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    job = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_role_is_limited_to_the_one_job(spec):
+    role = build_role(REF)
+    assert all(rule["resourceNames"] == ["llama"] for rule in role["rules"])
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"quantizationjobs", "quantizationjobs/status"}
+    assert "secrets" not in str(role)
+
+
+def test_runner_config_uses_mounted_paths(spec_dict, config):
+    spec_dict["model"] = {"pvc": {"claimName": "models", "path": "llama"}}
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    rc = build_runner_config(REF, spec, _stage(spec, config, "build-hopper"))
+    assert rc.model.path == "/mnt/pvc/models/llama"
+    assert rc.calibration.dataset.path == "/mnt/calibration/text.jsonl"
+    assert rc.output_dir == "/mnt/pvc/artifacts/ml/llama"
+    assert rc.engine.architecture == "hopper"
+    assert rc.reporting.kind == "kubernetes"
+    cm = build_config_map(REF, spec, plan_stages(spec, config))
+    assert RunnerConfig.model_validate_json(cm["data"]["quantize.json"]).engine is None
+
+
+def test_same_claim_is_mounted_once(spec_dict, config):
+    spec_dict["model"] = {"pvc": {"claimName": "artifacts", "path": "models/llama"}}
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    pod = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["artifacts"]
+
+
+def test_child_names_are_deterministic_and_short():
+    long = "a" * 60
+    assert child_name(long, "build-blackwell") == child_name(long, "build-blackwell")
+    assert len(child_name(long, "build-blackwell")) <= 63
+    assert child_name(long, "build-blackwell") != child_name(long, "build-hopper")
