@@ -1,3 +1,3 @@
-"""Shared pytest configuration (the lead extends this)."""
+"""Shared pytest configuration: the local control plane and the operator process fixtures."""
 
-pytest_plugins = ["tests.cluster_fixtures"]
+pytest_plugins = ["tests.cluster_fixtures", "tests.operator_fixtures"]

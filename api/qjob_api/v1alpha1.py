@@ -339,6 +339,12 @@ class SchedulingSpec(APIModel):
         None,
         description="Kueue LocalQueue: sets `kueue.x-k8s.io/queue-name` on the runner Jobs so Kueue admits them.",
     )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on runner pods (the operator's own `qjob.dev/*` labels win)."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on runner pods, e.g. for a service mesh or cost tracking."
+    )
     calibration_architecture: GPUArchitecture | None = Field(
         None,
         description="Architecture to calibrate on. By default any GPU node that fits (calibration is "
@@ -359,7 +365,7 @@ class RunPolicy(APIModel):
 
     backoff_limit: int = Field(2, ge=0, le=20, description="Retries of a failed stage (transient errors and OOM; bad input is never retried).")
     active_deadline_seconds: int | None = Field(
-        None, ge=60, description="Fail the job when it has run (from first pod start) longer than this."
+        None, ge=1, description="Fail a stage whose Job has been active longer than this (reason DeadlineExceeded)."
     )
     pending_deadline_seconds: int = Field(
         600, ge=0, description="Fail the job when a stage waits longer than this for a node (no capacity, no matching node)."
