@@ -67,14 +67,16 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patches .status; returns the updated object (None if it is gone)."""
         self._count.labels("patch").inc()
         try:
-            await self.custom.patch_namespaced_custom_object_status(
+            return await self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
+            return None
 
     async def delete_job_resource(self, namespace: str, name: str) -> None:
         """Deletes the QuantizationJob itself (TTL after finishing); children follow by GC."""

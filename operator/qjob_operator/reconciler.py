@@ -63,6 +63,13 @@ def apply_merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> di
     return result
 
 
+def _revision(body: Mapping[str, Any]) -> int:
+    try:
+        return int(body["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
 class Indexes:
     """kopf's indexes of the operator's Jobs, Pods and the cluster's nodes."""
 
@@ -97,7 +104,11 @@ class Reconciler:
     # ------------------------------------------------------------------------------ scheduling
 
     def observe(self, key: Key, body: Mapping[str, Any]) -> None:
-        self.bodies[key] = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+        known = self.bodies.get(key)
+        # An event older than our own last status write would roll our view back and repeat its
+        # events and metrics: keep the newer one (etcd revisions only grow).
+        if known is None or _revision(body) >= _revision(known) or known["metadata"].get("uid") != body["metadata"].get("uid"):
+            self.bodies[key] = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
         self.schedule(key)
 
     def forget(self, key: Key) -> None:
@@ -226,9 +237,12 @@ class Reconciler:
         patch = merge_patch(old, status)
         if not patch:
             return
-        await self.kube.patch_status(key[0], key[1], patch)
+        written = await self.kube.patch_status(key[0], key[1], patch)
+        if written is None:
+            return
         new = apply_merge_patch(old, patch)
-        body["status"] = {**new, "runnerReports": (body.get("status") or {}).get("runnerReports") or {}}
+        body["status"] = {**new, "runnerReports": (written.get("status") or {}).get("runnerReports") or {}}
+        body["metadata"] = {**body["metadata"], "resourceVersion": written["metadata"]["resourceVersion"]}
         for event in transition_events(old, new):
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         self.metrics.observe_transition(
