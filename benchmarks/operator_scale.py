@@ -1,0 +1,236 @@
+"""Operator throughput, API cost and memory on the local control plane (issue 3's benchmarks).
+
+  make bench            (or: python benchmarks/operator_scale.py [--jobs 500] [--memory-jobs 2000])
+
+In one run, on one freshly started local cluster (real apiserver/etcd/scheduler/controllers,
+kwok nodes), with the operator running under the chart's own RBAC (a ServiceAccount token):
+
+1. direct: create N batch/v1 Jobs (the very Jobs the operator would build) with the official
+   Python client, one after another; time until all exist.
+2. operator: create N QuantizationJobs with the same client; time until all their first Jobs
+   exist. The figure of merit is operator rate / direct rate (goal >= 0.5).
+3. API requests per job lifecycle: the apiserver's audit log, requests made by the operator's
+   identity, for LIFECYCLE jobs taken from creation to Succeeded (kwok completes the pods).
+4. operator resident memory with M QuantizationJobs in the cluster.
+
+Figures are printed and written to benchmarks/results/operator_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kubernetes import client, config as kconfig  # noqa: E402
+
+from qjob_api.v1alpha1 import QuantizationJobSpec  # noqa: E402
+from qjob_operator.builders import JobRef, build_job  # noqa: E402
+from qjob_operator.config import OperatorConfig  # noqa: E402
+from qjob_operator.plan import plan_stages  # noqa: E402
+from tests.cluster_fixtures import localcluster, wait_for  # noqa: E402
+from tests.operator_fixtures import (  # noqa: E402
+    GROUP, PLURAL, VERSION, OperatorProcess, install_crds, make_artifacts_pvc, make_calibration_configmap,
+    operator_config, qjob_manifest,
+)
+
+RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
+OPERATOR_NS = "qjob-system"
+OPERATOR_SA = "qjob-operator"
+
+
+def spec(suspend: bool = False, engines: list | None = None) -> dict:
+    return {
+        "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
+        "quantization": {"format": "fp8"},
+        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}}, "samples": 64},
+        "engines": engines if engines is not None else [],
+        "output": {"pvc": {"claimName": "artifacts"}},
+        "resources": {"cpu": "100m", "memory": "256Mi"},
+        "runPolicy": {"suspend": suspend},
+    }
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def namespace(core: client.CoreV1Api, name: str) -> str:
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: core.read_namespaced_service_account("default", name), timeout=60)
+    return name
+
+
+def install_operator_identity(cluster: localcluster.LocalCluster, api: client.ApiClient, workdir: Path) -> Path:
+    """The chart's ServiceAccount and RBAC, applied as rendered; returns a kubeconfig with its token."""
+    rendered = subprocess.run(
+        [str(cluster.helm), "template", "qjob-operator", str(ROOT / "charts" / "qjob-operator"),
+         "--namespace", OPERATOR_NS, "--include-crds=false"], check=True, capture_output=True, text=True).stdout
+    keep = [d for d in rendered.split("\n---") if any(f"kind: {k}\n" in d for k in (
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"))]
+    manifest = workdir / "rbac.yaml"
+    manifest.write_text("\n---".join(keep))
+    subprocess.run([str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig}", "create", "namespace", OPERATOR_NS],
+                   check=False, capture_output=True)
+    subprocess.run([str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig}", "apply", "-f", str(manifest)],
+                   check=True, capture_output=True)
+    sa = [d for d in keep if "kind: ServiceAccount" in d]
+    sa_name = next(line.split(":", 1)[1].strip() for line in sa[0].splitlines() if line.strip().startswith("name:"))
+    token = client.CoreV1Api(api).create_namespaced_service_account_token(
+        sa_name, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}}).status.token
+    ca = api.configuration.ssl_ca_cert
+    kubeconfig = workdir / "operator.kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "local", "cluster": {"server": api.configuration.host, "certificate-authority": ca}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}],
+    }))
+    return kubeconfig, f"system:serviceaccount:{OPERATOR_NS}:{sa_name}"
+
+
+def audit_requests(audit_log: Path, user: str, since: float, until: float) -> Counter:
+    """Requests by the operator in a time window, by verb and resource (watches and lists
+    are shared by all jobs and counted apart)."""
+    counts: Counter = Counter()
+    for line in audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("stage") != "ResponseComplete" or entry["user"]["username"] != user:
+            continue
+        when = time.mktime(time.strptime(entry["requestReceivedTimestamp"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        if since - 1 <= when <= until + 1:
+            ref = entry.get("objectRef") or {}
+            resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            counts[(entry["verb"], resource)] += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--lifecycle", type=int, default=50)
+    parser.add_argument("--memory-jobs", type=int, default=2000)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="qjob-bench-"))
+    cluster = localcluster.LocalCluster(workdir / "cluster", audit=True)
+    cluster.up(timeout=180)
+    operator = None
+    try:
+        api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
+        core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+        install_crds(cluster)
+        op_kubeconfig, op_user = install_operator_identity(cluster, api, workdir)
+        operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config())
+        operator.start()
+        idle_rss = rss_mib(operator.proc.pid)
+        results: dict = {"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+                         "operator_idle_rss_mib": round(idle_rss, 1)}
+
+        # 1. direct Jobs
+        direct_ns = namespace(core, "bench-direct")
+        parsed = QuantizationJobSpec.model_validate(spec())
+        stage = plan_stages(parsed, OperatorConfig())[0]
+        t0 = time.monotonic()
+        for i in range(args.jobs):
+            job = build_job(JobRef(f"direct-{i}", direct_ns, "0" * 8), parsed, stage, OperatorConfig())
+            job["metadata"].pop("ownerReferences")
+            batch.create_namespaced_job(direct_ns, job)
+        direct_s = time.monotonic() - t0
+        core.delete_namespace(direct_ns, propagation_policy="Background")
+        wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == direct_ns],
+                 timeout=600, interval=2, what="direct namespace deleted")
+
+        # 2. QuantizationJobs through the operator
+        ns = namespace(core, "bench-operator")
+        make_artifacts_pvc(api, ns)
+        make_calibration_configmap(api, ns)
+        t0 = time.monotonic()
+        for i in range(args.jobs):
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(f"q-{i}", spec()))
+        created_s = time.monotonic() - t0
+
+        def first_jobs_exist() -> bool:
+            return len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items) >= args.jobs
+        wait_for(first_jobs_exist, timeout=1200, interval=0.5, what="first Jobs of all QuantizationJobs")
+        operator_s = time.monotonic() - t0
+        results["throughput"] = {
+            "jobs": args.jobs,
+            "direct_seconds": round(direct_s, 2),
+            "direct_jobs_per_second": round(args.jobs / direct_s, 1),
+            "operator_create_seconds": round(created_s, 2),
+            "operator_seconds_to_all_first_jobs": round(operator_s, 2),
+            "operator_jobs_per_second": round(args.jobs / operator_s, 1),
+            "ratio_operator_to_direct": round(direct_s / operator_s, 3),
+        }
+        print(json.dumps(results["throughput"], indent=2), flush=True)
+
+        # 3. API requests per lifecycle (operator identity, from the apiserver's audit log)
+        life_ns = namespace(core, "bench-lifecycle")
+        make_artifacts_pvc(api, life_ns)
+        make_calibration_configmap(api, life_ns)
+        t_start = time.time()
+        for i in range(args.lifecycle):
+            custom.create_namespaced_custom_object(GROUP, VERSION, life_ns, PLURAL, qjob_manifest(
+                f"l-{i}", spec(engines=[{"architecture": "hopper"}])))
+
+        def all_done() -> bool:
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, life_ns, PLURAL)["items"]
+            return sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items) >= args.lifecycle
+        wait_for(all_done, timeout=1200, interval=1, what="lifecycle jobs Succeeded")
+        time.sleep(3)
+        t_end = time.time()
+        per_kind = audit_requests(cluster.dir / "logs" / "audit.log", op_user, t_start, t_end)
+        # Only requests about this namespace's objects are per-job; the other jobs are idle.
+        total = sum(n for (verb, _), n in per_kind.items() if verb not in ("watch", "list"))
+        results["api_requests_per_lifecycle"] = {
+            "jobs": args.lifecycle,
+            "stages_per_job": 2,
+            "mutating_and_get_requests_per_job": round(total / args.lifecycle, 2),
+            "by_verb_resource": {f"{v} {r}": round(n / args.lifecycle, 2) for (v, r), n in sorted(per_kind.items())},
+        }
+        print(json.dumps(results["api_requests_per_lifecycle"], indent=2), flush=True)
+
+        # 4. memory with M QuantizationJobs (the rest suspended: no pods, but in every index)
+        extra = max(0, args.memory_jobs - args.jobs - args.lifecycle)
+        mem_ns = namespace(core, "bench-memory")
+        for i in range(extra):
+            custom.create_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL, qjob_manifest(f"m-{i}", spec(suspend=True)))
+
+        def settled() -> bool:
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL)["items"]
+            return sum((o.get("status") or {}).get("phase") == "Suspended" for o in items) >= extra
+        wait_for(settled, timeout=1200, interval=2, what="memory jobs observed")
+        time.sleep(5)
+        results["memory"] = {
+            "quantization_jobs": args.jobs + args.lifecycle + extra,
+            "of_which_with_children": args.jobs + args.lifecycle,
+            "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
+            "operator_idle_rss_mib": round(idle_rss, 1),
+        }
+        print(json.dumps(results["memory"], indent=2), flush=True)
+        results["command"] = "python benchmarks/operator_scale.py " + " ".join(sys.argv[1:])
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written to {RESULTS.relative_to(ROOT)}")
+    finally:
+        if operator:
+            operator.stop()
+        cluster.down()
+
+
+if __name__ == "__main__":
+    main()
