@@ -17,6 +17,11 @@ NAMESPACE=qjob-system
 RELEASE=qjob-operator
 CHART="$root/charts/qjob-operator"
 OUT="$root/deploy/qjob-operator.yaml"
+# Kubernetes version `helm template` assumes (checked against the chart's kubeVersion; nothing in
+# the templates depends on it): the local cluster's, so the output does not depend on the
+# version a helm binary was built to assume by default.
+KUBE_VERSION="$(sed -n 's/^K8S_VERSION=//p' "$root/hack/localcluster/build.sh" 2>/dev/null || true)"
+KUBE_VERSION="${KUBE_VERSION:-v1.36.0}"
 
 helm="${HELM:-}"
 if [[ -z "$helm" ]]; then
@@ -52,7 +57,7 @@ metadata:
     pod-security.kubernetes.io/enforce: restricted
     pod-security.kubernetes.io/warn: restricted
 HEADER
-  "$helm" template "$RELEASE" "$CHART" --namespace "$NAMESPACE"
+  "$helm" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version "$KUBE_VERSION" | sed -e '$a\'
 }
 
 if [[ "${1:-}" == "--stdout" ]]; then
