@@ -50,7 +50,8 @@ def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 
 def render(cluster, *args: str, namespace: str = "qjob-test") -> list[dict[str, Any]]:
-    out = helm(cluster, "template", "qjob-operator", str(CHART), "--namespace", namespace, *args).stdout
+    out = helm(cluster, "template", "qjob-operator", str(CHART), "--namespace", namespace,
+               "--kube-version", cluster.version, *args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -89,13 +90,15 @@ def can_i(kube_api, user: str, verb: str, resource: str, *, group: str = "", nam
     return client.AuthorizationV1Api(kube_api).create_subject_access_review(review).status.allowed
 
 
-def is_subset(small: Any, big: Any) -> bool:
-    """Every field of ``small`` is in ``big`` with the same value (``big`` may add defaults)."""
-    if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and is_subset(v, big[k]) for k, v in small.items())
-    if isinstance(small, list):
-        return isinstance(big, list) and len(small) == len(big) and all(map(is_subset, small, big))
-    return small == big
+def differences(small: Any, big: Any, path: str = "") -> list[str]:
+    """Where ``small`` is not contained in ``big``, as paths. An empty list or map in ``small``
+    matches an absent key (the apiserver leaves unset collections out)."""
+    if isinstance(small, dict) and isinstance(big, dict):
+        return [d for k, v in small.items() if k in big or v not in ([], {})
+                for d in (differences(v, big[k], f"{path}.{k}") if k in big else [f"{path}.{k}: missing"])]
+    if isinstance(small, list) and isinstance(big, list) and len(small) == len(big):
+        return [d for i, (a, b) in enumerate(zip(small, big)) for d in differences(a, b, f"{path}[{i}]")]
+    return [] if small == big else [f"{path}: {small!r} != {big!r}"]
 
 
 def exists(read, *args) -> bool:
@@ -153,7 +156,7 @@ def test_helm_lint_strict(cluster, tmp_path):
     ["--set", "metrics.port=0"],
 ], ids=lambda a: a[1].split("=")[0])
 def test_values_schema_refuses_mistakes(cluster, bad):
-    proc = helm(cluster, "template", "x", str(CHART), *bad, check=False)
+    proc = helm(cluster, "template", "x", str(CHART), "--kube-version", cluster.version, *bad, check=False)
     assert proc.returncode != 0, f"{bad} was accepted"
     assert "schema" in proc.stderr.lower() or "values don't meet" in proc.stderr.lower(), proc.stderr
 
@@ -397,10 +400,29 @@ def test_example_passes_server_side_dry_run(cluster, crd, namespace, path):
     items = returned["items"] if returned.get("kind") == "List" else [returned]
     (server_job,) = [i for i in items if i["kind"] == "QuantizationJob"]
     (sent,) = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "QuantizationJob"]
-    assert is_subset(sent["spec"], server_job["spec"]), "the apiserver pruned or changed a field"
+    assert differences(sent["spec"], server_job["spec"], ".spec") == [], "the apiserver pruned or changed a field"
     # The apiserver's defaults agree with the API model's.
     model = QuantizationJob.model_validate(sent).spec.to_api()
-    assert is_subset(model, server_job["spec"]), (model, server_job["spec"])
+    assert differences(model, server_job["spec"], ".spec") == [], "CRD defaults differ from the model's"
+
+
+def test_minimal_job_is_accepted_and_defaulted_like_the_model(cluster, crd, namespace):
+    """Only the required fields: the CRD's defaults must fill in what its CEL rules read
+    (spec.export.formats, spec.engines), and agree with the API model's defaults."""
+    minimal = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "QuantizationJob", "metadata": {"name": "minimal"},
+        "spec": {
+            "model": {"huggingFace": {"repo": "Qwen/Qwen3-8B"}},
+            "quantization": {"format": "fp8"},
+            "calibration": {"dataset": {"huggingFace": {"name": "abisee/cnn_dailymail"}}},
+            "output": {"pvc": {"claimName": "qjob-artifacts"}},
+        },
+    }  # fmt: skip
+    proc = cluster.run_kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", "-o", "json",
+                               input=json.dumps(minimal), check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    model = QuantizationJob.model_validate(minimal).spec.to_api()
+    assert differences(model, json.loads(proc.stdout)["spec"], ".spec") == []
 
 
 def test_invalid_example_is_refused_with_the_reason(cluster, crd, namespace):
