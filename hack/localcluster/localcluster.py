@@ -370,12 +370,9 @@ class LocalCluster:
                 *[f"--config={p}" for p in STAGE_FILES],
             ],
         }
-        # etcd first; the others retry until the apiserver answers, so start them right away and
-        # let them initialise in parallel with the apiserver's post-start hooks.
         self._spawn("etcd", bin_dir, cmds["etcd"], state)
         self._wait(lambda: port_in_use(etcd_client), deadline, "etcd to listen")
-        for name in COMPONENTS[1:]:
-            self._spawn(name, bin_dir, cmds[name], state)
+        self._spawn("kube-apiserver", bin_dir, cmds["kube-apiserver"], state)
 
         def readyz() -> bool:
             self._check_alive()
@@ -384,7 +381,11 @@ class LocalCluster:
             except (OSError, ssl.SSLError):
                 return False
 
+        # The controller-manager and scheduler exit if their RBAC roles are not bootstrapped yet,
+        # so they start once /readyz (which includes the RBAC bootstrap hook) passes.
         self._wait(readyz, deadline, "kube-apiserver /readyz")
+        for name in COMPONENTS[2:]:
+            self._spawn(name, bin_dir, cmds[name], state)
         self._create_nodes()
         self._wait(self._nodes_ready, deadline, "simulated nodes Ready")
         self._wait(
@@ -589,33 +590,35 @@ class LocalCluster:
     def _stop_processes(self) -> None:
         st = self._read_state() or {"processes": {}, "ports": {}}
         procs = st["processes"]
-        # stop in reverse start order; SIGTERM the whole process group, then SIGKILL stragglers
-        for name in reversed(COMPONENTS):
-            p = procs.get(name)
-            if not p or proc_start_time(p["pid"]) != p["start_time"]:
-                continue  # gone already (or the pid was reused by something else)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p["pgid"], signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for name in reversed(COMPONENTS):
-            p = procs.get(name)
-            if not p:
-                continue
-            popen = self._procs.get(name)
-            while proc_start_time(p["pid"]) == p["start_time"]:
+        # Clients first (all at once), then the apiserver, then etcd: an apiserver whose etcd is
+        # already gone takes much longer to shut down. SIGTERM goes to the whole process group;
+        # SIGKILL after 15 s.
+        for group in (["kwok", "kube-scheduler", "kube-controller-manager"], ["kube-apiserver"], ["etcd"]):
+            live = {
+                n: procs[n]
+                for n in group
+                if n in procs and proc_start_time(procs[n]["pid"]) == procs[n]["start_time"]
+            }  # (a pid whose start time differs was reused by something else: leave it alone)
+            for p in live.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p["pgid"], signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for name, p in live.items():
+                popen = self._procs.get(name)
+                while proc_start_time(p["pid"]) == p["start_time"]:
+                    if popen is not None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            popen.wait(timeout=0.05)
+                    else:
+                        time.sleep(0.05)
+                    if time.monotonic() > deadline:
+                        log(f"{name} (pid {p['pid']}) ignored SIGTERM for 15 s; killing it")
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(p["pgid"], signal.SIGKILL)
+                        deadline = time.monotonic() + 5
                 if popen is not None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
-                        popen.wait(timeout=0.1)
-                else:
-                    time.sleep(0.1)
-                if time.monotonic() > deadline:
-                    log(f"{name} (pid {p['pid']}) ignored SIGTERM; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p["pgid"], signal.SIGKILL)
-                    deadline = time.monotonic() + 5
-            if popen is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    popen.wait(timeout=1)  # reap
+                        popen.wait(timeout=1)  # reap
         self._procs.clear()
         ports = list(st.get("ports", {}).values())
         t = time.monotonic()
