@@ -157,7 +157,8 @@ def build_crd() -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: Any) -> bool:  # no &id001 anchors: people read this file
+        return True
 
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:

@@ -194,7 +194,7 @@ class QuantizationSpec(APIModel):
         None, description="Search per-layer formats under an effective-bits budget instead of one format."
     )
     exclude_modules: list[str] = Field(
-        default_factory=list,
+        default=[],
         description="Module name patterns (fnmatch wildcards, e.g. `*lm_head*`) left unquantized.",
         max_length=64,
     )
@@ -256,7 +256,7 @@ class ExportSpec(APIModel):
     """Checkpoint formats written after quantization."""
 
     formats: list[ExportFormat] = Field(
-        default_factory=lambda: [ExportFormat.HF],
+        default=[ExportFormat.HF],
         min_length=1,
         max_length=3,
         description="`hf`: Hugging Face unified checkpoint (TensorRT-LLM, vLLM and SGLang load it); "
@@ -332,18 +332,18 @@ class Toleration(APIModel):
 class SchedulingSpec(APIModel):
     """Placement overrides added to what the operator derives from the architectures."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels every runner pod requires.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for GPU node taints.")
+    node_selector: dict[str, str] = Field(default={}, description="Extra node labels every runner pod requires.")
+    tolerations: list[Toleration] = Field(default=[], description="Tolerations for GPU node taints.")
     priority_class_name: str | None = Field(None, description="PriorityClass of the runner pods.")
     queue_name: str | None = Field(
         None,
         description="Kueue LocalQueue: sets `kueue.x-k8s.io/queue-name` on the runner Jobs so Kueue admits them.",
     )
     pod_labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra labels on runner pods (the operator's own `qjob.dev/*` labels win)."
+        default={}, description="Extra labels on runner pods (the operator's own `qjob.dev/*` labels win)."
     )
     pod_annotations: dict[str, str] = Field(
-        default_factory=dict, description="Extra annotations on runner pods, e.g. for a service mesh or cost tracking."
+        default={}, description="Extra annotations on runner pods, e.g. for a service mesh or cost tracking."
     )
     calibration_architecture: GPUArchitecture | None = Field(
         None,
@@ -471,7 +471,7 @@ class QuantizationJobSpec(APIModel):
     calibration: CalibrationSpec = Field(description="Calibration data.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Checkpoint formats to export.")
     engines: list[EngineTarget] = Field(
-        default_factory=list,
+        default=[],
         max_length=4,
         description="Engines to build, one per GPU architecture, each on a node of that architecture. "
         "Empty: export checkpoints only.",
@@ -570,9 +570,9 @@ class RunnerReport(APIModel):
     percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
     eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")
     message: str | None = Field(None, description="Latest progress message.")
-    artifacts: list[Artifact] = Field(default_factory=list, description="Artifacts this stage finished.")
+    artifacts: list[Artifact] = Field(default=[], description="Artifacts this stage finished.")
     quality: Quality | None = Field(None, description="Quality measured by this stage.")
-    step_seconds: dict[str, float] = Field(default_factory=dict, description="Wall time of each finished step.")
+    step_seconds: dict[str, float] = Field(default={}, description="Wall time of each finished step.")
     updated_at: datetime | None = Field(None, description="When the runner wrote this report.")
 
 
@@ -584,17 +584,17 @@ class QuantizationJobStatus(APIModel):
     message: str | None = Field(None, description="Human-readable explanation of `reason`.")
     observed_generation: int | None = Field(None, description="The spec generation the operator last acted on.")
     conditions: list[Condition] = Field(
-        default_factory=list,
+        default=[],
         description="Conditions with stable reasons.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    stages: list[StageStatus] = Field(default_factory=list, description="One record per runner Job.")
+    stages: list[StageStatus] = Field(default=[], description="One record per runner Job.")
     progress: Progress | None = Field(None, description="Progress of the whole job.")
     target_architectures: str | None = Field(None, description="Engine architectures, comma-separated (printer column).")
-    artifacts: list[Artifact] = Field(default_factory=list, description="Finished artifacts.")
+    artifacts: list[Artifact] = Field(default=[], description="Finished artifacts.")
     quality: Quality | None = Field(None, description="Quality before and after quantization.")
     runner_reports: dict[str, RunnerReport] = Field(
-        default_factory=dict, description="Raw reports of each stage's runner, keyed by stage name."
+        default={}, description="Raw reports of each stage's runner, keyed by stage name."
     )
     start_time: datetime | None = Field(None, description="When the first runner pod started.")
     completion_time: datetime | None = Field(None, description="When the job reached Succeeded or Failed.")
@@ -605,7 +605,7 @@ class QuantizationJob(APIModel):
 
     api_version: Literal["qjob.dev/v1alpha1"] = Field(API_VERSION, description="qjob.dev/v1alpha1")
     kind: Literal["QuantizationJob"] = Field(KIND, description="QuantizationJob")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    metadata: dict[str, Any] = Field(default={}, description="Standard object metadata.")
     spec: QuantizationJobSpec = Field(description="Desired state.")
     status: QuantizationJobStatus | None = Field(None, description="Observed state.")
 
