@@ -301,13 +301,13 @@ class LocalCluster:
         peer_url = f"http://127.0.0.1:{etcd_peer}"
         cmds = {
             "etcd": [
-                "--name=default",
+                "--name=qjob-local",
                 f"--data-dir={self.dir / 'etcd'}",
                 f"--listen-client-urls={etcd_url}",
                 f"--advertise-client-urls={etcd_url}",
                 f"--listen-peer-urls={peer_url}",
                 f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=default={peer_url}",
+                f"--initial-cluster=qjob-local={peer_url}",
                 "--unsafe-no-fsync=true",
                 "--log-level=warn",
             ],
@@ -328,6 +328,13 @@ class LocalCluster:
                 "--disable-admission-plugins=ServiceAccount",
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--profiling=false",
                 "--v=1",
             ],
@@ -462,13 +469,14 @@ class LocalCluster:
     def _make_pki(self) -> None:
         pki = self.pki
         ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
-                "-subj", "/CN=qjob-localcluster-ca",
-                "-addext", "basicConstraints=critical,CA:TRUE",
-                "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-                cwd=pki)  # fmt: skip
+        for ca, cn in (("ca", "qjob-localcluster-ca"), ("front-proxy-ca", "qjob-front-proxy-ca")):
+            openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                    "-days", "3650", "-subj", f"/CN={cn}",
+                    "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+                    cwd=pki)  # fmt: skip
         certs = {
-            # name: (subject, extensions)
+            # name: (subject, extensions[, signing CA])
             "apiserver": (
                 "/CN=kube-apiserver",
                 "extendedKeyUsage=serverAuth\nsubjectAltName="
@@ -484,8 +492,15 @@ class LocalCluster:
             "kube-scheduler": ("/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth"),
             # kwok patches node and pod status, leases, deletes pods: give it cluster-admin rights
             "kwok": ("/O=system:masters/CN=kwok-controller", "extendedKeyUsage=clientAuth"),
+            # aggregation layer / request-header authentication (as kubeadm sets it up)
+            "front-proxy-client": (
+                "/CN=front-proxy-client",
+                "extendedKeyUsage=clientAuth",
+                "front-proxy-ca",
+            ),
         }
-        for name, (subj, ext) in certs.items():
+        for name, (subj, ext, *signer) in certs.items():
+            ca = signer[0] if signer else "ca"
             (pki / f"{name}.ext").write_text(
                 "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
                 + ext
@@ -493,7 +508,7 @@ class LocalCluster:
             )
             openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                     "-subj", subj, cwd=pki)  # fmt: skip
-            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
                     "-CAcreateserial", "-days", "3650", "-out", f"{name}.crt",
                     "-extfile", f"{name}.ext", cwd=pki)  # fmt: skip
         # service-account token signing key pair
