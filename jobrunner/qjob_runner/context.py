@@ -1,0 +1,106 @@
+"""The one typed context every stage reads and writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qjob_api.capabilities import ModelTask
+from qjob_api.runner import CONFIG_ENV, CONFIG_PATH, RunnerConfig
+from qjob_api.v1alpha1 import Artifact, Quality
+
+from .artifacts import Staging
+from .errors import InvalidConfig
+from .reporting import Reporter
+
+
+@dataclass
+class Paths:
+    output_dir: Path
+    work_dir: Path
+    model_dir: Path | None = None  # resolved local folder with config.json + weights + tokenizer
+
+    @classmethod
+    def from_config(cls, config: RunnerConfig) -> Paths:
+        out = Path(config.output_dir).resolve()
+        work = Path(config.work_dir).resolve() if config.work_dir else out / ".qjob-work"
+        return cls(output_dir=out, work_dir=work)
+
+
+@dataclass
+class CalibData:
+    """Tokenised calibration batches (left padded) and the held-out evaluation texts."""
+
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    batch_size: int = 0
+    num_samples: int = 0
+    sequence_length: int = 0
+    eval_texts: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass
+class RunContext:
+    config: RunnerConfig
+    paths: Paths
+    reporter: Reporter
+    staging: Staging | None = None
+    model: Any = None
+    tokenizer: Any = None
+    device: str = "cpu"
+    original_padding_side: str = "right"
+    data: CalibData = field(default_factory=CalibData)
+    #: ModelOpt config actually passed to mtq.quantize (after KV cache merge, overrides, exclusions).
+    quant_config: dict[str, Any] | None = None
+    #: True when the calibrated state was restored from work_dir instead of recomputed.
+    resumed: bool = False
+    baseline: Any = None  # perplexity (float) or reference embeddings (tensor)
+    quality: Quality | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+    #: staged path of each artifact, keyed by artifact uri-relative name (e.g. "hf", "onnx/model.onnx")
+    staged: dict[str, Path] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    #: background work (e.g. writing resume state) joined before the run reports success
+    background: list[Any] = field(default_factory=list)
+
+    @property
+    def task(self) -> ModelTask:
+        return self.config.model.task
+
+    @property
+    def stage(self) -> str:
+        return self.config.stage
+
+
+def load_config(source: str | None = None) -> RunnerConfig:
+    """Config from a path, else env ``QJOB_RUNNER_CONFIG`` (a path or inline JSON), else the
+    default mount ``/etc/qjob/runner.json``."""
+    text: str | None = None
+    where = source
+    if source is None:
+        env = os.environ.get(CONFIG_ENV)
+        if env and env.lstrip().startswith("{"):
+            text, where = env, f"${CONFIG_ENV}"
+        else:
+            where = env or CONFIG_PATH
+    if text is None:
+        path = Path(where)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise InvalidConfig(
+                f"runner config {path} does not exist",
+                f"pass --config FILE, set {CONFIG_ENV} to a path or inline JSON, or mount it at {CONFIG_PATH}",
+            )
+        text = path.read_text()
+        if path.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            text = json.dumps(yaml.safe_load(text))
+    try:
+        return RunnerConfig.model_validate_json(text)
+    except ValueError as exc:
+        raise InvalidConfig(f"runner config {where} is not valid: {exc}", "fix the fields named above") from None

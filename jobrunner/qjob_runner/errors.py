@@ -1,0 +1,90 @@
+"""Typed runner failures, each mapped to an ``ExitCode``.
+
+Every message names the problem *and* the fix: it ends up in the QuantizationJob's status (through
+the termination message), where the person who applied the manifest reads it.
+"""
+
+from __future__ import annotations
+
+from qjob_api.runner import ExitCode
+
+
+class RunnerError(Exception):
+    """Base class: a failure the runner understood. ``exit_code`` decides retry or not."""
+
+    exit_code: ExitCode = ExitCode.TRANSIENT
+    reason: str = "RunnerFailed"
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}. Fix: {fix}" if fix else problem)
+
+
+class InvalidConfig(RunnerError):
+    """Bad config or unsupported combination: retrying cannot help."""
+
+    exit_code = ExitCode.INVALID_CONFIG
+    reason = "InvalidConfig"
+
+
+class UnsupportedFormat(InvalidConfig):
+    """The format (or KV cache format) has no kernels on a target architecture, or needs CUDA."""
+
+
+class ToolMissing(InvalidConfig):
+    """A library this step needs (TensorRT, TensorRT-LLM, ModelOpt) is not installed in the image."""
+
+
+class InvalidInput(RunnerError):
+    """Model or data missing or corrupt: retrying cannot help."""
+
+    exit_code = ExitCode.INVALID_INPUT
+    reason = "InvalidInput"
+
+
+class QualityGateFailed(RunnerError):
+    exit_code = ExitCode.QUALITY_GATE_FAILED
+    reason = "QualityGateFailed"
+
+
+class TransientError(RunnerError):
+    """Network, hub or filesystem hiccup: the operator retries the pod."""
+
+    exit_code = ExitCode.TRANSIENT
+    reason = "RunnerFailed"
+
+
+class OutOfMemory(RunnerError):
+    exit_code = ExitCode.OUT_OF_MEMORY
+    reason = "OOMKilled"
+
+
+def classify(exc: BaseException) -> RunnerError:
+    """Turn any exception into a RunnerError (unknown ones are treated as transient)."""
+    if isinstance(exc, RunnerError):
+        return exc
+    name = type(exc).__name__
+    text = str(exc)
+    try:  # torch is optional for the classifier (the CLI imports this module early)
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return OutOfMemory(
+                f"CUDA out of memory: {text.splitlines()[0] if text else name}",
+                "set spec.calibration.batchSize lower (or 0 to probe), ask for more GPUs "
+                "(spec.resources.gpus) so the model is spread across them, or minGpuMemory for larger GPUs",
+            )
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, MemoryError):
+        return OutOfMemory(
+            "host memory exhausted", "raise spec.resources.memory (the pod's memory limit)"
+        )
+    if "out of memory" in text.lower() and "cuda" in text.lower():
+        return OutOfMemory(text.splitlines()[0], "lower spec.calibration.batchSize or use more/larger GPUs")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return TransientError(f"network error: {name}: {text}", "the pod is retried; check the cluster's egress if it persists")
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) in {28}:  # ENOSPC
+        return TransientError(f"disk full: {text}", "give the output PersistentVolumeClaim more space")
+    return TransientError(f"unexpected {name}: {text}", "this is likely a runner bug; the pod is retried, report it if it persists")

@@ -1,0 +1,159 @@
+"""The runner: named, timed stages over one RunContext; failures mapped to exit codes.
+
+``run(config) -> RunnerResult`` is the Python entry point (``qjob run --local`` calls it);
+``qjob_runner.cli`` wraps it for the container.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qjob_api.runner import EXIT_CODE_REASONS, ExitCode, RunnerConfig, RunnerResult
+
+from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
+from .context import Paths, RunContext
+from .errors import RunnerError, classify
+from .reporting import Reporter, make_reporter
+from .versions import library_versions
+
+log = logging.getLogger("qjob_runner")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # RunnerReport.step value
+    run: Callable[[RunContext], None]
+    weight: float  # share of the stage's progress bar
+
+
+def _stages():
+    from .stages import build, data, evaluate, export, load, quantize, report, resolve
+
+    def preflight(ctx: RunContext) -> None:
+        resolve.run(ctx)
+        if not ctx.config.is_build:
+            export.check_available(ctx)
+
+    quantize_plan = [
+        Step("resolve", preflight, 2),
+        Step("load", load.run, 8),
+        Step("data", data.run, 3),
+        Step("baseline", evaluate.run_baseline, 7),
+        Step("quantize", quantize.run, 45),
+        Step("evaluate", evaluate.run, 10),
+        Step("export", export.run, 20),
+        Step("report", report.run, 5),
+    ]
+    build_plan = [Step("resolve", preflight, 2), Step("build", build.run, 93), Step("report", report.run, 5)]
+    return quantize_plan, build_plan
+
+
+def plan_for(config: RunnerConfig) -> list[Step]:
+    quantize_plan, build_plan = _stages()
+    return build_plan if config.is_build else quantize_plan
+
+
+def staging_destination(config: RunnerConfig, paths: Paths) -> Path:
+    if config.engine is not None:
+        return paths.output_dir / "engines" / config.engine.architecture.value
+    return paths.output_dir
+
+
+def result_path(config: RunnerConfig, paths: Paths) -> Path:
+    return paths.output_dir / (RESULT if not config.is_build else f"result-{config.stage}.json")
+
+
+def _threads() -> None:
+    """Share the machine politely: torch on CPU uses every core by default."""
+    try:
+        import torch
+
+        n = int(os.environ.get("QJOB_TORCH_THREADS", "0"))
+        if n > 0:
+            torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str | Path | None = None) -> RunnerResult:
+    """Run one stage of a QuantizationJob; never raises for a failure it understands."""
+    _threads()
+    paths = Paths.from_config(config)
+    reporter = reporter or make_reporter(config.reporting, config.stage)
+    ctx = RunContext(config=config, paths=paths, reporter=reporter)
+    steps = plan_for(config)
+    total = sum(s.weight for s in steps)
+    done = 0.0
+    failed_step: str | None = None
+    error: RunnerError | None = None
+    started = time.monotonic()
+    try:
+        dest = staging_destination(config, paths)
+        clean_stale_staging(dest)
+        ctx.staging = Staging(dest)
+        for step in steps:
+            failed_step = step.name
+            elapsed = time.monotonic() - started
+            eta = elapsed / done * (total - done) if done else None
+            reporter.update(step=step.name, percent=100 * done / total, message=f"{step.name} started", eta_seconds=eta)
+            t0 = time.monotonic()
+            step.run(ctx)
+            ctx.step_seconds[step.name] = time.monotonic() - t0
+            reporter.step_done(step.name, ctx.step_seconds[step.name])
+            done += step.weight
+            log.info("step %s done in %.2f s", step.name, ctx.step_seconds[step.name])
+        failed_step = None
+        reporter.update(step="report", percent=100, message="succeeded", eta_seconds=0)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
+        if isinstance(exc, KeyboardInterrupt):
+            error = classify(RuntimeError("interrupted"))
+        else:
+            error = classify(exc)
+        if not isinstance(exc, RunnerError):
+            log.exception("step %s failed", failed_step)
+        else:
+            log.error("step %s failed: %s", failed_step, error)
+        reporter.update(message=f"failed in {failed_step}: {error}")
+    finally:
+        for t in ctx.background:
+            t.join(timeout=600)
+        if ctx.staging is not None:  # never publish a half-done stage
+            ctx.staging.discard()
+        _release(ctx)
+    result = RunnerResult(
+        outcome="Failed" if error else "Succeeded",
+        stage=config.stage,
+        exit_code=int(error.exit_code) if error else int(ExitCode.OK),
+        reason=(error.reason or EXIT_CODE_REASONS.get(int(error.exit_code))) if error else None,
+        message=str(error) if error else "; ".join(ctx.notes) or None,
+        failed_step=failed_step if error else None,
+        artifacts=ctx.artifacts if not error else [],
+        quality=ctx.quality,
+        step_seconds={k: round(v, 3) for k, v in ctx.step_seconds.items()},
+        versions=library_versions(),
+    )
+    reporter.close()
+    target = Path(result_file) if result_file else result_path(config, paths)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, result.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+    except OSError as exc:
+        log.warning("cannot write result file %s: %s", target, exc)
+    return result
+
+
+def _release(ctx: RunContext) -> None:
+    ctx.model = None
+    ctx.data.batches = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

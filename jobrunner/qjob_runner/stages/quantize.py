@@ -1,0 +1,242 @@
+"""quantize: ModelOpt post-training quantization (calibration) or AutoQuantize.
+
+The ModelOpt config is the format's preset (``qjob_api.capabilities.MODELOPT_PRESETS``) with the
+KV cache preset appended (ModelOpt 0.47 configs are *ordered lists* of quantizer entries; later
+entries win, which is exactly how ``update_quant_cfg_with_kv_cache_quant`` merges them), the
+algorithm override, and one ``enable: False`` entry per excluded module pattern.
+
+After calibration the ModelOpt state plus the calibrated tensors (quantizer amax/scales and any
+weights that SmoothQuant/AWQ rescaled) are saved into ``work_dir``, keyed by a hash of everything
+that determines them. A retried pod restores that state and skips calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qjob_api.capabilities import MODELOPT_KV_PRESETS, MODELOPT_PRESETS, KVCacheFormat, ModelTask
+
+from ..context import RunContext
+from ..errors import InvalidConfig, ToolMissing
+
+log = logging.getLogger("qjob_runner.quantize")
+
+STATE_FORMAT = 1
+
+
+def _mtq():
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise ToolMissing(f"nvidia-modelopt is not importable in this image ({exc})",
+                          "use the qjob jobrunner image, or pip install nvidia-modelopt") from None
+    return mtq
+
+
+def build_quant_config(ctx: RunContext) -> dict[str, Any]:
+    mtq = _mtq()
+    q = ctx.config.quantization
+    cfg = copy.deepcopy(getattr(mtq, MODELOPT_PRESETS[q.format]))
+    entries = list(cfg.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
+    if q.kv_cache != KVCacheFormat.NONE:
+        if ctx.task != ModelTask.CAUSAL_LM:
+            raise InvalidConfig("a KV cache exists only in causal LMs", "set spec.quantization.kvCache to none")
+        entries += copy.deepcopy(getattr(mtq, MODELOPT_KV_PRESETS[q.kv_cache])["quant_cfg"])
+        cfg.setdefault("algorithm", "max")
+    if q.algorithm:
+        cfg["algorithm"] = q.algorithm  # ModelOpt accepts the method name; its defaults apply
+    for pattern in q.exclude_modules:
+        entries.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}*", "enable": False})
+    cfg["quant_cfg"] = entries
+    return cfg
+
+
+# ------------------------------------------------------------------------------ resume support
+
+
+def state_key(ctx: RunContext, quant_config: dict[str, Any]) -> str:
+    import importlib.metadata
+
+    m = ctx.config.model
+    folder = ctx.paths.model_dir
+    ident = {
+        "model": m.path or f"{m.hf_repo}@{m.revision}",
+        "model_config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest() if folder else None,
+        "dtype": m.dtype,
+        "quant": quant_config,
+        "auto_quantize": ctx.config.quantization.auto_quantize.model_dump(mode="json") if ctx.config.quantization.auto_quantize else None,
+        "calibration": {"source": ctx.data.source, "samples": ctx.data.num_samples, "seq": ctx.data.sequence_length},
+        "modelopt": importlib.metadata.version("nvidia-modelopt"),
+        "format": STATE_FORMAT,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _fingerprints(model) -> dict[str, tuple[float, float]]:
+    """Cheap per-parameter checksums, to find the weights calibration rescaled (SmoothQuant, AWQ)."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            f = p.detach().float()
+            out[name] = torch.stack([f.sum(), f.abs().sum()])
+    return {k: tuple(v.tolist()) for k, v in out.items()}
+
+
+def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float]]) -> threading.Thread:
+    """Snapshot ModelOpt state + calibrated tensors to CPU now, write the file in the background."""
+    import modelopt.torch.opt as mto
+    import torch
+
+    after = _fingerprints(ctx.model)
+    changed = {k for k, v in after.items() if before.get(k) != v}
+    sd = ctx.model.state_dict()
+    keep = {k: v.detach().to("cpu", copy=True) for k, v in sd.items() if "_quantizer" in k or k in changed}
+    payload = {"modelopt_state": mto.modelopt_state(ctx.model), "tensors": keep, "format": STATE_FORMAT}
+
+    def write():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+            log.info("saved calibrated state (%d tensors, %d rescaled weights) to %s", len(keep), len(changed), path)
+        except Exception:  # noqa: BLE001 - resume state is an optimisation; never fail the run
+            log.exception("could not save calibrated state to %s", path)
+
+    t = threading.Thread(target=write, name="qjob-save-state", daemon=True)
+    t.start()
+    return t
+
+
+def restore_state(ctx: RunContext, path: Path) -> bool:
+    import modelopt.torch.opt as mto
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if payload.get("format") != STATE_FORMAT:
+            return False
+        mto.restore_from_modelopt_state(ctx.model, payload["modelopt_state"])
+        missing, unexpected = ctx.model.load_state_dict(payload["tensors"], strict=False)
+        if unexpected or any("_quantizer" in k for k in missing):
+            raise RuntimeError(f"state does not match the model (unexpected {unexpected[:3]}, missing {missing[:3]})")
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.warning("ignoring unusable calibrated state %s: %s", path, exc)
+        return False
+
+
+# ------------------------------------------------------------------------------ quantization
+
+
+def forward_loop_factory(ctx: RunContext):
+    import torch
+
+    batches = ctx.data.batches
+    total = len(batches)
+    reporter = ctx.reporter
+
+    def forward_loop(model) -> None:
+        start = time.monotonic()
+        with torch.no_grad():
+            for i, batch in enumerate(batches, 1):
+                model(**batch)
+                elapsed = time.monotonic() - start
+                # AWQ/SmoothQuant call the loop more than once; progress is per pass.
+                reporter.update(step="calibrate", message=f"calibration batch {i}/{total}",
+                                eta_seconds=elapsed / i * (total - i))
+
+    return forward_loop
+
+
+def auto_quantize(ctx: RunContext) -> dict[str, Any]:
+    mtq = _mtq()
+    aq = ctx.config.quantization.auto_quantize
+    if ctx.task != ModelTask.CAUSAL_LM:
+        raise InvalidConfig("autoQuantize scores layers by the language-model loss and needs a causal LM",
+                            "use spec.quantization.format for encoders")
+    formats = [MODELOPT_PRESETS[f] for f in aq.formats]
+    batches = ctx.data.batches
+
+    def forward_step(model, batch):
+        return model(**batch, labels=batch["input_ids"])
+
+    def loss_func(output, batch):
+        return output.loss
+
+    disabled = list(ctx.config.quantization.exclude_modules) or None
+    ckpt = ctx.paths.work_dir / "auto_quantize_search.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    model, search = mtq.auto_quantize(
+        ctx.model,
+        constraints={"effective_bits": aq.effective_bits},
+        quantization_formats=formats,
+        data_loader=batches,
+        forward_step=forward_step,
+        loss_func=loss_func,
+        disabled_layers=disabled,
+        num_calib_steps=len(batches),
+        num_score_steps=min(len(batches), 128),
+        checkpoint=str(ckpt),
+    )
+    ctx.model = model
+    kv = ctx.config.quantization.kv_cache
+    if kv != KVCacheFormat.NONE:
+        from modelopt.torch.quantization.conversion import set_quantizer_by_cfg
+
+        set_quantizer_by_cfg(ctx.model, getattr(mtq, MODELOPT_KV_PRESETS[kv])["quant_cfg"])
+        mtq.calibrate(ctx.model, algorithm="max", forward_loop=forward_loop_factory(ctx))
+    best = search.get("best", {}) if isinstance(search, dict) else {}
+    ctx.metrics["auto_quantize"] = {
+        "effective_bits_target": aq.effective_bits,
+        "candidates": formats,
+        "is_satisfied": best.get("is_satisfied"),
+    }
+    return {"auto_quantize": {"effective_bits": aq.effective_bits, "formats": formats}}
+
+
+def run(ctx: RunContext) -> None:
+    import torch
+
+    mtq = _mtq()
+    q = ctx.config.quantization
+    quant_config = build_quant_config(ctx) if q.format else {"auto_quantize": q.auto_quantize.model_dump(mode="json")}
+    ctx.quant_config = quant_config
+    key = state_key(ctx, quant_config)
+    state_path = ctx.paths.work_dir / f"calibrated-{key}.pt"
+    ctx.metrics["state_file"] = str(state_path)
+    if q.format and state_path.exists():
+        ctx.reporter.update(step="quantize", message=f"restoring calibrated state from {state_path.name}")
+        if restore_state(ctx, state_path):
+            ctx.resumed = True
+            ctx.notes.append(f"calibration skipped: restored {state_path}")
+            ctx.reporter.update(message="calibration skipped (restored from an earlier attempt)")
+            return
+    t0 = time.monotonic()
+    if q.format:
+        before = _fingerprints(ctx.model)
+        ctx.reporter.update(step="calibrate", message=f"calibrating {q.format.value} with {MODELOPT_PRESETS[q.format]}")
+        ctx.model = mtq.quantize(ctx.model, quant_config, forward_loop_factory(ctx))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ctx.metrics["calibration_seconds"] = time.monotonic() - t0
+        ctx.background.append(save_state(ctx, state_path, before))
+    else:
+        ctx.reporter.update(step="calibrate", message=f"AutoQuantize to {q.auto_quantize.effective_bits} effective bits")
+        ctx.quant_config = auto_quantize(ctx)
+        ctx.metrics["calibration_seconds"] = time.monotonic() - t0
+    enabled = sum(1 for n, m in ctx.model.named_modules() if n.endswith("_quantizer") and getattr(m, "is_enabled", False))
+    ctx.metrics["enabled_quantizers"] = enabled
+    if enabled == 0:
+        raise InvalidConfig("quantization enabled no quantizer in this model",
+                            "check spec.quantization.excludeModules: the patterns exclude every layer")
