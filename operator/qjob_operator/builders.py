@@ -294,8 +294,10 @@ def build_job(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: Oper
             # Evictions and preemptions are not the runner's fault: do not count them.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
         ]},
-        "template": {"metadata": {"labels": {**spec.scheduling.pod_labels, **metadata["labels"]},
-                                  "annotations": dict(spec.scheduling.pod_annotations)}, "spec": pod_spec},
+        "template": {"metadata": {
+            "labels": {**config.runner.pod_labels, **spec.scheduling.pod_labels, **metadata["labels"]},
+            "annotations": {**config.runner.pod_annotations, **spec.scheduling.pod_annotations},
+        }, "spec": pod_spec},
     }
     if spec.run_policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds

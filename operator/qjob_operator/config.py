@@ -52,6 +52,9 @@ class RunnerSettings(_Settings):
     tolerations: list[dict] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     )
+    # Added to every runner pod (a job's spec.scheduling.podLabels/podAnnotations add to these).
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
     shm_size: str = "16Gi"
     run_as_user: int = 1000
     # Child Jobs are kept for inspection until the QuantizationJob is deleted; set to clean them earlier.

@@ -109,3 +109,14 @@ def test_child_names_are_deterministic_and_short():
     assert child_name(long, "build-blackwell") == child_name(long, "build-blackwell")
     assert len(child_name(long, "build-blackwell")) <= 63
     assert child_name(long, "build-blackwell") != child_name(long, "build-hopper")
+
+
+def test_pod_labels_merge_config_then_spec_and_ours_win(spec_dict):
+    spec_dict["scheduling"] = {"podLabels": {"team": "nlp", "qjob.dev/job-name": "spoofed"}, "podAnnotations": {"a": "spec"}}
+    config = OperatorConfig.model_validate({"runner": {"podLabels": {"team": "platform", "cost": "gpu"},
+                                                       "podAnnotations": {"a": "config", "b": "config"}}})
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    meta = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)["spec"]["template"]["metadata"]
+    assert meta["labels"]["team"] == "nlp" and meta["labels"]["cost"] == "gpu"
+    assert meta["labels"]["qjob.dev/job-name"] == "llama"
+    assert meta["annotations"] == {"a": "spec", "b": "config"}
