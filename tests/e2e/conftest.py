@@ -1,0 +1,39 @@
+"""End-to-end fixtures: the pod runner harness (hack/podrunner) turns runner pods bound to
+simulated nodes into local jobrunner processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_fixtures import REPO_ROOT
+
+_spec = importlib.util.spec_from_file_location("qjob_podrunner", REPO_ROOT / "hack" / "podrunner" / "podrunner.py")
+podrunner_module = importlib.util.module_from_spec(_spec)
+sys.modules["qjob_podrunner"] = podrunner_module
+_spec.loader.exec_module(podrunner_module)
+
+
+@pytest.fixture(scope="session")
+def podrunner(cluster, tmp_path_factory):
+    runner = podrunner_module.PodRunner(
+        cluster.kubeconfig, tmp_path_factory.mktemp("podrunner"), max_parallel=2,
+        extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    ).start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def pv_folder(kube_api, namespace: str, claim: str = "artifacts") -> Path:
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    pv = core.read_persistent_volume(core.read_namespaced_persistent_volume_claim(claim, namespace).spec.volume_name)
+    folder = Path(pv.spec.host_path.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -1,0 +1,86 @@
+"""apply -> Succeeded with real artifacts: the real operator and control plane, and the real
+jobrunner (ModelOpt on CPU) running the pods the scheduler placed (via hack/podrunner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.operator_fixtures import create_qjob, make_artifacts_pvc, phase_is, wait_qjob
+from tests.runner.helpers import make_tiny_llama, pydoc_paragraphs
+
+from .conftest import pv_folder
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+EXTERNAL = {"localcluster.qjob.dev/external": "true"}
+
+
+@pytest.fixture
+def e2e_ns(namespace, kube_api, operator, podrunner):
+    make_artifacts_pvc(kube_api, namespace)
+    texts = pydoc_paragraphs()
+    client.CoreV1Api(kube_api).create_namespaced_config_map(namespace, {
+        "metadata": {"name": "calibration"},
+        "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in texts[:200])}})
+    make_tiny_llama(pv_folder(kube_api, namespace) / "models" / "tiny-llama")
+    return namespace
+
+
+def spec(**overrides):
+    base = {
+        "model": {"pvc": {"claimName": "artifacts", "path": "models/tiny-llama"}},
+        "quantization": {"format": "int8_smoothquant"},
+        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}},
+                        "samples": 16, "sequenceLength": 64, "batchSize": 4},
+        "evaluation": {"samples": 8, "gate": {"maxPerplexityIncrease": 0.5}},
+        "output": {"pvc": {"claimName": "artifacts"}},
+        "resources": {"cpu": "1", "memory": "4Gi"},
+        "scheduling": {"podLabels": EXTERNAL, "calibrationArchitecture": "hopper"},
+        "runPolicy": {"backoffLimit": 1},
+    }
+    base.update(overrides)
+    return base
+
+
+def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, e2e_ns, operator):
+    name = create_qjob(kube_api, e2e_ns, spec(), name="tiny-llama-int8sq")
+    obj = wait_qjob(kube_api, e2e_ns, name, phase_is("Succeeded", "Failed"), timeout=600, operator=operator)
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+
+    [stage] = status["stages"]
+    node = client.CoreV1Api(kube_api).read_node(stage["node"])
+    assert node.metadata.labels["nvidia.com/gpu.compute.major"] == "9"  # calibrationArchitecture: hopper
+    assert status["progress"]["percent"] == 100
+
+    # The runner reported through its own ServiceAccount, and the artifacts are really there.
+    report = status["runnerReports"]["quantize"]
+    assert report["percent"] == 100 and report["stepSeconds"]["quantize"] > 0
+    checkpoint = next(a for a in status["artifacts"] if a["kind"] == "checkpoint")
+    assert checkpoint["format"] == "hf" and len(checkpoint["sha256"]) == 64
+    out = pv_folder(kube_api, e2e_ns) / e2e_ns / name
+    assert (out / "hf" / "hf_quant_config.json").exists() or any(out.rglob("hf_quant_config.json"))
+    manifest = json.loads(next(out.rglob("manifest.json")).read_text())
+    assert "nvidia-modelopt" in json.dumps(manifest)
+
+    quality = status["quality"]
+    assert quality["metric"] == "perplexity" and quality["gatePassed"] is True
+    assert quality["quantized"] >= quality["baseline"] * 0.9
+
+    assert 'qjob_jobs{phase="Succeeded"}' in operator.metrics()
+
+
+def test_bad_input_fails_once_with_the_runners_message(kube_api, e2e_ns, operator):
+    bad = spec(model={"pvc": {"claimName": "artifacts", "path": "models/does-not-exist"}})
+    name = create_qjob(kube_api, e2e_ns, bad, name="missing-model")
+    obj = wait_qjob(kube_api, e2e_ns, name, phase_is("Succeeded", "Failed"), timeout=300, operator=operator)
+    status = obj["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidInput"), json.dumps(status, indent=2)
+    assert "does-not-exist" in status["message"]
+    assert status["stages"][0]["attempts"] == 1  # exit code 3: the podFailurePolicy does not retry
+    out = pv_folder(kube_api, e2e_ns) / e2e_ns / name
+    assert not any(out.rglob("hf_quant_config.json")), "a failed run must leave nothing that looks finished"
