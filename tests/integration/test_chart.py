@@ -208,7 +208,7 @@ def test_rbac_modes(cluster, tmp_path):
     assert sorted(b["metadata"]["namespace"] for b in by_kind(namespaced, "RoleBinding")) == ["team-a", "team-b"]
     (cluster_reads,) = [o for o in by_kind(namespaced, "ClusterRole") if o["metadata"]["name"] == "qjob-operator-cluster"]
     resources = {res for r in cluster_reads["rules"] for res in r["resources"]}
-    assert resources == {"nodes", "customresourcedefinitions"}, "only cluster-scoped reads cluster-wide"
+    assert resources == {"nodes", "customresourcedefinitions", "namespaces"}, "only cluster-scoped reads cluster-wide"
     for rule in cluster_reads["rules"]:
         assert set(rule["verbs"]) == {"get", "list", "watch"}
 
@@ -382,9 +382,89 @@ def test_namespaced_mode_rbac(cluster, kube_api, namespace, extra_namespace, tmp
         assert not can_i(kube_api, operator, "watch", PLURAL, group=GROUP, namespace=namespace)
         assert not can_i(kube_api, operator, "create", "jobs", group="batch", namespace="default")
         assert not can_i(kube_api, operator, "watch", PLURAL, group=GROUP)  # not cluster-wide
-        assert not can_i(kube_api, operator, "list", "namespaces")
+        assert can_i(kube_api, operator, "list", "namespaces")  # kopf checks its namespaces exist
+        assert not can_i(kube_api, operator, "create", "configmaps", namespace=namespace)
         assert can_i(kube_api, operator, "watch", "nodes")
     finally:
+        helm(cluster, "uninstall", release, "--namespace", namespace)
+
+
+def service_account_kubeconfig(cluster, kube_api, namespace: str, name: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (token from the TokenRequest API), as
+    the operator's pod would: so the operator below runs with exactly the chart's RBAC."""
+    token = client.CoreV1Api(kube_api).create_namespaced_service_account_token(
+        name, namespace, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+            audiences=[], expiration_seconds=3600))).status.token
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+    cluster_entry = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [cluster_entry],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": cluster_entry["name"], "user": "sa"}}],
+    }))
+    return path
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, namespace, extra_namespace,
+                                                       tmp_path, mode):  # fmt: skip
+    """The real operator process, with the ConfigMap the chart rendered and a token of the chart's
+    ServiceAccount: it starts (kopf's own watches allowed), serves /healthz and /metrics on the
+    configured ports, and handles a QuantizationJob (creates the runner's RBAC, writes status)
+    without a single Forbidden."""
+    from tests.cluster_fixtures import localcluster
+    from tests.operator_fixtures import OperatorProcess
+
+    metrics_port, health_port = localcluster.free_ports(2)
+    watched = extra_namespace if mode == "namespaced" else namespace
+    values = {"metrics": {"port": metrics_port}, "healthPort": health_port,
+              "watchNamespaces": [extra_namespace] if mode == "namespaced" else [],
+              "runner": {"image": {"repository": "registry.invalid/qjob-runner", "tag": "test"}}}
+    release = f"qjob-operator-{uuid.uuid4().hex[:6]}"
+    helm(cluster, "install", release, str(CHART), "--namespace", namespace, "-f", values_file(tmp_path, values))
+    op = None
+    try:
+        cm = client.CoreV1Api(kube_api).read_namespaced_config_map(f"{release}-config", namespace)
+        config = yaml.safe_load(cm.data["config.yaml"])
+        kubeconfig = service_account_kubeconfig(cluster, kube_api, namespace, release, tmp_path / "sa.kubeconfig")
+        user = service_account_user(namespace, release)
+        op = OperatorProcess(kubeconfig=kubeconfig, workdir=tmp_path, config=config)
+        op.start()  # waits for GET /healthz on healthPort
+
+        doc = next(d for d in yaml.safe_load_all((EXAMPLES / "fp8-hopper.yaml").read_text())
+                   if d and d["kind"] == "QuantizationJob")
+        client.CustomObjectsApi(kube_api).create_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, doc)
+        name = doc["metadata"]["name"]
+        wait_for(lambda: metric(op.metrics(), "qjob_api_requests_total", verb="create") >= 1
+                 and metric(op.metrics(), "qjob_jobs") >= 1,
+                 timeout=60, what=f"the operator to handle {watched}/{name} (log: {op.log_path})")
+        from qjob_operator.plan import runner_service_account
+
+        rbac = client.RbacAuthorizationV1Api(kube_api)
+        wait_for(lambda: rbac.read_namespaced_role(runner_service_account(name), watched), timeout=30,
+                 what="the runner Role the operator grants")
+        wait_for(lambda: (client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+            GROUP, VERSION, watched, PLURAL, name).get("status") or {}).get("phase"), timeout=30,
+            what="a status written by the operator")
+        text = op.metrics()
+        assert metric(text, "qjob_reconcile_errors_total") == 0, op.log_tail()
+        # RBAC denials only (other tests' namespaces being deleted also answer 403, for another reason).
+        denied = [line for line in op.log_path.read_text().splitlines() if f'User "{user}" cannot' in line]
+        assert denied == [], "\n".join(denied[:5])
+    finally:
+        if op:
+            op.stop()
         helm(cluster, "uninstall", release, "--namespace", namespace)
 
 
