@@ -77,7 +77,16 @@ def state_key(ctx: RunContext, quant_config: dict[str, Any]) -> str:
         "modelopt": importlib.metadata.version("nvidia-modelopt"),
         "format": STATE_FORMAT,
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(_canonical(ident), sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON-able with string keys (ModelOpt block_sizes mix int and str keys)."""
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    return obj
 
 
 def _fingerprints(model) -> dict[str, tuple[float, float]]:
