@@ -271,6 +271,30 @@ def test_deploy_manifest_config_is_the_operator_default():
     assert rendered == OperatorConfig()
 
 
+def test_chart_exposes_every_operator_setting():
+    """Every OperatorConfig field (and sub-field) appears in the chart's rendered config, so a
+    setting added to the operator without a chart value fails here (run deploy/render.sh)."""
+    from pydantic import BaseModel
+
+    from qjob_operator.config import OperatorConfig
+
+    (cm,) = [o for o in deploy_objects() if o["kind"] == "ConfigMap"]
+    rendered = yaml.safe_load(cm["data"]["config.yaml"])
+
+    def aliases(model: type[BaseModel]) -> dict[str, Any]:
+        return {(f.alias or name): f.annotation for name, f in model.model_fields.items()}
+
+    optional_absent = {"jobTtlSecondsAfterFinished"}  # null by default: rendered only when set
+    missing = []
+    for key, annotation in aliases(OperatorConfig).items():
+        if key not in rendered:
+            missing.append(key)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            missing += [f"{key}.{sub}" for sub in aliases(annotation)
+                        if sub not in rendered[key] and sub not in optional_absent]
+    assert missing == [], f"chart values/config template lack: {missing}"
+
+
 def test_deploy_manifest_rbac_has_no_wildcards_or_escalation():
     for obj in deploy_objects():
         if obj["kind"] in ("ClusterRole", "Role"):

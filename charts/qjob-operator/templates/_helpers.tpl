@@ -72,6 +72,8 @@ Null architectures (removed by the user) are dropped.
   "imagePullSecrets" .Values.runner.imagePullSecrets
   "env" .Values.runner.env
   "tolerations" .Values.runner.tolerations
+  "podLabels" .Values.runner.podLabels
+  "podAnnotations" .Values.runner.podAnnotations
   "shmSize" .Values.runner.shmSize
   "runAsUser" .Values.runner.runAsUser
 }}
