@@ -12,8 +12,8 @@ the real scheduler has bound to a simulated node, and for each one does what a k
   rewriting the mount-path prefixes in the container's command, args and env values, and in the
   files projected from ConfigMaps (the runner's config carries in-pod paths) — no root, no mounts.
 - identity: a token for the pod's own ServiceAccount from the TokenRequest API (bound to the
-  pod), handed to the process as a kubeconfig in ``QJOB_KUBECONFIG``; RBAC applies as in a real
-  cluster.
+  pod), handed to the process as a kubeconfig in ``QJOB_KUBECONFIG`` and ``KUBECONFIG``; RBAC
+  applies as in a real cluster.
 - env: literal values, ``secretKeyRef`` / ``configMapKeyRef`` (read as the kubelet would) and
   ``fieldRef`` (node name, pod name, namespace).
 - status: Running when the process starts; Succeeded/Failed with the exit code and the
@@ -27,6 +27,7 @@ or ``PodRunner(...).start()`` from Python (tests, the demo).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -235,14 +236,19 @@ class PodRunner:
             paths.add(container.termination_message_path or "/dev/termination-log", termination_log)
             self._project(pod, folders, paths)
             env = self._env(pod, container, paths)
-            env["QJOB_KUBECONFIG"] = str(self._kubeconfig(pod, root))
+            # The pod's identity, for the runner (QJOB_KUBECONFIG) and for any client that
+            # falls back to a kubeconfig when it finds no in-cluster token (the operator).
+            env["QJOB_KUBECONFIG"] = env["KUBECONFIG"] = str(self._kubeconfig(pod, root))
             argv = [paths.rewrite(a) for a in [*(container.command or []), *(container.args or [])]]
             argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
         except Exception as exc:  # noqa: BLE001 - report like a kubelet that cannot set up a pod
             log.exception("cannot set up %s", name)
             self._finish(pod, started, 128, "ContainerCannotRun", str(exc))
             return
-        with self._slots:
+        # Only GPU work queues for a slot (it is what the machine has little of); other pods,
+        # like the operator's own, start at once.
+        wants_gpu = any(k.endswith("/gpu") for k in ((container.resources.limits or {}) if container.resources else {}))
+        with self._slots if wants_gpu else contextlib.nullcontext():
             if self._stop.is_set():
                 return
             log.info("running %s on simulated node %s: %s", name, pod.spec.node_name, " ".join(argv))
