@@ -43,3 +43,8 @@ test-e2e: cluster-binaries
 
 bench: cluster-binaries
 	@$(PY) benchmarks/operator_scale.py
+
+demo: cluster-binaries
+	@$(PY) hack/demo/demo.py
+
+demo-down: cluster-down
