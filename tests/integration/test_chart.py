@@ -168,7 +168,8 @@ def test_config_is_what_the_operator_reads(cluster, tmp_path):
         "nodeLabels": {"computeMajor": "gpu.example.com/cc-major"},
         "architectures": {"ampere": None, "hopper": ["9.0", "9.1"]},
         "runner": {"image": {"repository": "registry.example/runner", "tag": "2.0"},
-                   "env": {"HF_HUB_OFFLINE": "1"}, "shmSize": "64Gi", "jobTtlSecondsAfterFinished": 3600},
+                   "env": {"HF_HUB_OFFLINE": "1"}, "shmSize": "64Gi", "jobTtlSecondsAfterFinished": 3600,
+                   "podLabels": {"team": "ml"}, "podAnnotations": {"cost-center": "42"}},
         "policy": {"allowTrustRemoteCode": True, "maxGpusPerPod": 4, "allowedOutputClaims": ["artifacts"]},
         "metrics": {"port": 9191},
         "healthPort": 8181,
@@ -185,6 +186,7 @@ def test_config_is_what_the_operator_reads(cluster, tmp_path):
     assert cfg.runner.image == "registry.example/runner:2.0"
     assert cfg.runner.env == {"HF_HUB_OFFLINE": "1"} and cfg.runner.shm_size == "64Gi"
     assert cfg.runner.job_ttl_seconds_after_finished == 3600
+    assert cfg.runner.pod_labels == {"team": "ml"} and cfg.runner.pod_annotations == {"cost-center": "42"}
     assert cfg.policy.allow_trust_remote_code and cfg.policy.max_gpus_per_pod == 4
     assert (cfg.metrics_port, cfg.health_port, cfg.resync_seconds) == (9191, 8181, 10)
     (dep,) = by_kind(objs, "Deployment")
