@@ -91,14 +91,7 @@ def install_operator_identity(cluster: localcluster.LocalCluster, api: client.Ap
     sa_name = next(line.split(":", 1)[1].strip() for line in sa[0].splitlines() if line.strip().startswith("name:"))
     token = client.CoreV1Api(api).create_namespaced_service_account_token(
         sa_name, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}}).status.token
-    ca = api.configuration.ssl_ca_cert
-    kubeconfig = workdir / "operator.kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-        "clusters": [{"name": "local", "cluster": {"server": api.configuration.host, "certificate-authority": ca}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}],
-    }))
+    kubeconfig = localcluster.token_kubeconfig(cluster.kubeconfig, token, workdir / "operator.kubeconfig")
     return kubeconfig, f"system:serviceaccount:{OPERATOR_NS}:{sa_name}"
 
 

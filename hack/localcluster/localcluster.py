@@ -133,8 +133,12 @@ class LocalCluster:
         dir: Path | str = DEFAULT_DIR,
         topology: Path | str = DEFAULT_TOPOLOGY,
         bin_dir: Path | str | None = None,
+        audit: bool = False,
     ) -> None:
         self.dir = Path(dir).resolve()
+        # Audit log of every request (JSON lines, logs/audit.log): benchmarks count API calls
+        # per client identity with it.
+        self.audit = audit
         self.topology = Path(topology)
         self._bin_dir = Path(bin_dir) if bin_dir else None
         self._procs: dict[str, subprocess.Popen] = {}
@@ -266,6 +270,15 @@ class LocalCluster:
             log(f"export KUBECONFIG={self.kubeconfig}")
             return self
 
+    def _audit_args(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self.dir / "config" / "audit-policy.yaml"
+        policy.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                                      "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}))
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.dir / 'logs' / 'audit.log'}",
+                "--audit-log-format=json", "--audit-log-mode=batch", "--audit-log-maxsize=0"]
+
     def _start(self, bin_dir: Path, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for sub in ("pki", "etcd", "logs", "config", "kwok-home"):
@@ -337,6 +350,7 @@ class LocalCluster:
                 f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--profiling=false",
                 "--v=1",
+                *self._audit_args(),
             ],
             "kube-controller-manager": [
                 f"--kubeconfig={cfg / 'kube-controller-manager.kubeconfig'}",
@@ -756,6 +770,24 @@ def topology_nodes(topo: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return nodes
+
+
+def token_kubeconfig(admin_kubeconfig: Path | str, token: str, path: Path | str, namespace: str | None = None) -> Path:
+    """A kubeconfig for the same cluster as ``admin_kubeconfig`` that authenticates with a bearer
+    token (e.g. a ServiceAccount token from the TokenRequest API), so RBAC applies to it."""
+    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+    cluster = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
+    user_context = {"cluster": cluster["name"], "user": "token", **({"namespace": namespace} if namespace else {})}
+    path = Path(path)
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "token",
+        "clusters": [cluster],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "token", "context": user_context}],
+    }, sort_keys=False))
+    path.chmod(0o600)
+    return path
 
 
 def locate_binaries() -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import re
@@ -44,6 +43,9 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "localcluster"))
+import localcluster  # noqa: E402  (hack/localcluster: stdlib + PyYAML)
 
 log = logging.getLogger("podrunner")
 
@@ -203,15 +205,7 @@ class PodRunner:
             {"spec": {"expirationSeconds": 3600,
                       "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid}}},
         ).status.token
-        path = root / "kubeconfig"
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "pod",
-            "clusters": [{"name": "local", "cluster": {"server": self.api.configuration.host,
-                                                       "certificate-authority": self.api.configuration.ssl_ca_cert}}],
-            "users": [{"name": "pod", "user": {"token": token}}],
-            "contexts": [{"name": "pod", "context": {"cluster": "local", "user": "pod", "namespace": pod.metadata.namespace}}],
-        }))
-        return path
+        return localcluster.token_kubeconfig(self.kubeconfig, token, root / "kubeconfig", pod.metadata.namespace)
 
     def _set_status(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
         try:

@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION, QuantizationJob
 from qjob_operator.config import OperatorConfig
-from tests.cluster_fixtures import wait_for
+from tests.cluster_fixtures import localcluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -335,6 +335,9 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         # A real QuantizationJob (created by the user), then the operator's children, as the operator.
         doc = next(d for d in yaml.safe_load_all((EXAMPLES / "fp8-hopper.yaml").read_text())
                    if d and d["kind"] == "QuantizationJob")
+        # Suspended, so an operator running in the same test session creates no children of its
+        # own (this test creates them, as the operator's identity).
+        doc["spec"].setdefault("runPolicy", {})["suspend"] = True
         custom = client.CustomObjectsApi(kube_api)
         body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
         ref = JobRef.from_body(body)
@@ -397,16 +400,7 @@ def service_account_kubeconfig(cluster, kube_api, namespace: str, name: str, pat
     token = client.CoreV1Api(kube_api).create_namespaced_service_account_token(
         name, namespace, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
             audiences=[], expiration_seconds=3600))).status.token
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
-    cluster_entry = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [cluster_entry],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": cluster_entry["name"], "user": "sa"}}],
-    }))
-    return path
+    return localcluster.token_kubeconfig(cluster.kubeconfig, token, path)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
