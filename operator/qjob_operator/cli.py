@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -100,7 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     from qjob_runner.pipeline import run  # the runner's heavy imports only when running locally
 
-    result = run(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # Libraries print progress to stdout; keep stdout for the result JSON (scripts parse it).
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(config)
     print(result.model_dump_json(by_alias=True, exclude_none=True, indent=2))
     return result.exit_code
 

@@ -4,6 +4,9 @@ jobrunner (ModelOpt on CPU) running the pods the scheduler placed (via hack/podr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,9 +49,19 @@ def spec(**overrides):
     return base
 
 
-def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, e2e_ns, operator):
+def qjob_wait(cluster, namespace: str, name: str) -> subprocess.CompletedProcess:
+    """What a CI pipeline does: block on the job, exit code says how it ended."""
+    return subprocess.run([str(Path(sys.executable).parent / "qjob"), "wait", name, "-n", namespace, "--timeout", "600",
+                           "--interval", "1", "--quiet"], env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+                          capture_output=True, text=True, timeout=700)
+
+
+def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, cluster, e2e_ns, operator):
     name = create_qjob(kube_api, e2e_ns, spec(), name="tiny-llama-int8sq")
-    obj = wait_qjob(kube_api, e2e_ns, name, phase_is("Succeeded", "Failed"), timeout=600, operator=operator)
+    waited = qjob_wait(cluster, e2e_ns, name)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert f"{e2e_ns}/{name}: Succeeded" in waited.stdout
+    obj = wait_qjob(kube_api, e2e_ns, name, phase_is("Succeeded", "Failed"), timeout=60, operator=operator)
     status = obj["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
 
@@ -74,9 +87,10 @@ def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, e2e_ns, op
     assert 'qjob_jobs{phase="Succeeded"}' in operator.metrics()
 
 
-def test_bad_input_fails_once_with_the_runners_message(kube_api, e2e_ns, operator):
+def test_bad_input_fails_once_with_the_runners_message(kube_api, cluster, e2e_ns, operator):
     bad = spec(model={"pvc": {"claimName": "artifacts", "path": "models/does-not-exist"}})
     name = create_qjob(kube_api, e2e_ns, bad, name="missing-model")
+    assert qjob_wait(cluster, e2e_ns, name).returncode == 1
     obj = wait_qjob(kube_api, e2e_ns, name, phase_is("Succeeded", "Failed"), timeout=300, operator=operator)
     status = obj["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidInput"), json.dumps(status, indent=2)
