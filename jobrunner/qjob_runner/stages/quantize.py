@@ -100,8 +100,9 @@ def _fingerprints(model) -> dict[str, tuple[float, float]]:
     out = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            f = p.detach().float()
-            out[name] = torch.stack([f.sum(), f.abs().sum()])
+            # float32 accumulation inside the reduction kernels: no float32 copy of the weights
+            f = p.detach()
+            out[name] = torch.stack([f.sum(dtype=torch.float32), torch.linalg.vector_norm(f, dtype=torch.float32)])
     return {k: tuple(v.tolist()) for k, v in out.items()}
 
 
