@@ -27,14 +27,12 @@ from .plan import (
     NodeRequirement,
     Stage,
     child_name,
-    config_map_name,
     runner_service_account,
 )
 
 RUNNER_CONTAINER = "runner"
 PVC_ROOT = "/mnt/pvc"
 CALIBRATION_ROOT = "/mnt/calibration"
-CONFIG_ROOT = "/etc/qjob"
 CACHE_ROOT = "/var/cache/qjob"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
@@ -120,12 +118,6 @@ def build_runner_config(ref: JobRef, spec: QuantizationJobSpec, stage: Stage) ->
     )
 
 
-def build_config_map(ref: JobRef, spec: QuantizationJobSpec, stages: list[Stage]) -> dict[str, Any]:
-    data = {f"{s.name}.json": build_runner_config(ref, spec, s).model_dump_json(by_alias=True, exclude_none=True, indent=2)
-            for s in stages}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(ref, config_map_name(ref.name)), "data": data}
-
-
 # -------------------------------------------------------------------------------------------- RBAC
 
 
@@ -196,12 +188,10 @@ def _volumes(ref: JobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[d
     if spec.calibration.dataset.pvc:
         claims.setdefault(spec.calibration.dataset.pvc.claim_name, True)
     volumes = [
-        {"name": "runner-config", "configMap": {"name": config_map_name(ref.name)}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts = [
-        {"name": "runner-config", "mountPath": CONFIG_ROOT, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_ROOT},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -214,9 +204,12 @@ def _volumes(ref: JobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[d
     return volumes, mounts
 
 
-def _env(spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
+def _env(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
+    # The RunnerConfig travels inline in the Job (one object fewer per job than a ConfigMap,
+    # nothing to mount, and `kubectl get job -o yaml` shows exactly what the runner ran).
+    runner_config = build_runner_config(ref, spec, stage).model_dump_json(by_alias=True, exclude_none=True)
     env = [
-        {"name": CONFIG_ENV, "value": f"{CONFIG_ROOT}/{stage.name}.json"},
+        {"name": CONFIG_ENV, "value": runner_config},
         {"name": "HF_HOME", "value": f"{CACHE_ROOT}/huggingface"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "QJOB_TERMINATION_LOG", "value": "/dev/termination-log"},
@@ -241,8 +234,7 @@ def build_job(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: Oper
         "image": config.runner.image,
         "imagePullPolicy": config.runner.image_pull_policy,
         "command": ["qjob-runner"],
-        "args": ["--config", f"{CONFIG_ROOT}/{stage.name}.json"],
-        "env": _env(spec, stage, config),
+        "env": _env(ref, spec, stage, config),
         "resources": {
             "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
             "limits": {"memory": spec.resources.memory, gpu: str(spec.resources.gpus)},

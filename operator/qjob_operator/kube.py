@@ -41,7 +41,8 @@ class Kube:
         self._count = metrics.api_requests
 
     async def create(self, obj: dict[str, Any]) -> bool:
-        """Creates a namespaced child; returns False when it already exists (idempotent)."""
+        """Creates a namespaced child; returns False when it already exists (idempotent) or its
+        namespace is gone (the QuantizationJob went with it)."""
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
         create = {
             "ConfigMap": self.core.create_namespaced_config_map,
@@ -55,7 +56,7 @@ class Kube:
             await create(ns, obj)
             return True
         except ApiException as exc:
-            if exc.status == 409:
+            if exc.status in (404, 409):
                 return False
             raise
 

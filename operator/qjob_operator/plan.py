@@ -88,7 +88,3 @@ def child_name(job_name: str, suffix: str) -> str:
 
 def runner_service_account(job_name: str) -> str:
     return child_name(job_name, "runner")
-
-
-def config_map_name(job_name: str) -> str:
-    return child_name(job_name, "runner-config")

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from qjob_api.capabilities import architecture_of
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
 
-from .builders import JobRef, build_config_map, build_job, build_role, build_role_binding, build_service_account
+from .builders import JobRef, build_job, build_role, build_role_binding, build_service_account
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import Metrics
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5.0
+DEBOUNCE_SECONDS = 0.5
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,6 +101,7 @@ class Reconciler:
         self._tasks: dict[Key, asyncio.Task] = {}
         self._dirty: set[Key] = set()
         self._created: set[tuple[str, str]] = set()  # (uid, stage): created, maybe not indexed yet
+        self.debounce_seconds = DEBOUNCE_SECONDS
 
     # ------------------------------------------------------------------------------ scheduling
 
@@ -130,6 +132,11 @@ class Reconciler:
             return
         self._tasks[key] = asyncio.create_task(self._run(key), name=f"reconcile {key[0]}/{key[1]}")
 
+    async def _settle(self) -> None:
+        """Events come in bursts (a Job and its pod change together); waiting a moment lets one
+        reconcile, and one status write, cover the whole burst."""
+        await asyncio.sleep(self.debounce_seconds)
+
     def schedule_all(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         for key, body in list(self.bodies.items()):
             if keep(body):
@@ -137,6 +144,7 @@ class Reconciler:
 
     async def _run(self, key: Key) -> None:
         while True:
+            await self._settle()
             self._dirty.discard(key)
             started = self.clock()
             try:
@@ -204,7 +212,7 @@ class Reconciler:
             return
         ref = JobRef.from_body(body)
         if decision.create:
-            await self._create(ref, spec, stages, decision.create)
+            await self._create(ref, spec, decision.create)
         for job_name in decision.delete_jobs:
             await self.kube.delete_job(namespace, job_name)
         if decision.status is not None:
@@ -215,21 +223,19 @@ class Reconciler:
         if decision.requeue_after:
             self.schedule(key, decision.requeue_after)
 
-    async def _create(self, ref: JobRef, spec: QuantizationJobSpec, stages: list[Stage], create: list[Stage]) -> None:
+    async def _create(self, ref: JobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
         todo = [s for s in create if (ref.uid, s.name) not in self._created]
         if not todo:
             return
-        if any(s.name == QUANTIZE_STAGE for s in todo):
-            # The runner's identity and config come first: the pods mount and use them.
-            for obj in (build_service_account(ref, self.config), build_role(ref), build_role_binding(ref),
-                        build_config_map(ref, spec, stages)):
-                await self.kube.create(obj)
-        for stage in todo:
-            created = await self.kube.create(build_job(ref, spec, stage, self.config))
-            self._created.add((ref.uid, stage.name))
-            if created:
-                kopf.event(self.bodies[(ref.namespace, ref.name)], type="Normal", reason="StageCreated",
-                           message=f"created Job for stage {stage.name}")
+        first = any(s.name == QUANTIZE_STAGE for s in todo)
+        if first:
+            # The pod needs its ServiceAccount to exist when the Job controller creates it.
+            await self.kube.create(build_service_account(ref, self.config))
+        await asyncio.gather(*(self.kube.create(build_job(ref, spec, s, self.config)) for s in todo))
+        self._created.update((ref.uid, s.name) for s in todo)
+        if first:
+            # The runner needs its Role only when it first reports, well after its pod starts.
+            await asyncio.gather(self.kube.create(build_role(ref)), self.kube.create(build_role_binding(ref)))
 
     async def _write(self, key: Key, body: dict[str, Any], status: dict[str, Any], *, spec_format: str, gpus: int,
                      stages: list[Stage], job_created: dict | None = None, archs: dict[str, str] | None = None) -> None:

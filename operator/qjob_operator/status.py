@@ -403,19 +403,23 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
                       f"{len(artifacts)} artifact(s) written; {len(stages)} stage(s) succeeded")
 
     running = [r for r in records.values() if r.phase == Phase.RUNNING]
-    if running:
-        phase, reason, message = Phase.RUNNING, Reason.RUNNING, f"running {', '.join(r.name for r in running)}"
-        conditions = set_condition(conditions, "Running", "True", Reason.RUNNING, message, now, generation)
-    elif policy.suspend:
+    waiting = next((r for r in records.values() if r.reason in (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR)), None)
+    if waiting:
+        decision.requeue_after = config.resync_seconds  # re-check the pending deadline
+    if policy.suspend and not running:
         phase, reason, message = Phase.SUSPENDED, Reason.SUSPENDED, "spec.runPolicy.suspend is true"
         decision.create = []
+    elif running or status["startTime"]:
+        # Once work has started the job stays Running between stages; the reason says if a
+        # stage is stuck waiting for a node or an image.
+        phase = Phase.RUNNING
+        reason, message = (waiting.reason, f"stage {waiting.name}: {waiting.message}") if waiting else (
+            Reason.RUNNING, f"running {', '.join(r.name for r in running)}" if running else "starting the next stage")
+        conditions = set_condition(conditions, "Running", "True", Reason.RUNNING, message, now, generation)
     else:
-        waiting = next((r for r in records.values() if r.reason in (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR)), None)
         phase = Phase.PENDING
         reason, message = (waiting.reason, f"stage {waiting.name}: {waiting.message}") if waiting else (
             Reason.PENDING, "waiting for runner pods to start")
-        if waiting:
-            decision.requeue_after = config.resync_seconds
     if phase != Phase.RUNNING:
         conditions = set_condition(conditions, "Running", "False", reason, message, now, generation)
     status.update(phase=phase, reason=reason, message=message, conditions=conditions)
@@ -423,21 +427,28 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
     return decision
 
 
+_WARNING_REASONS = {Reason.NO_MATCHING_NODES, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR}
+
+
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
-    """Kubernetes Events for what a user should see: phase changes and stage outcomes."""
+    """Kubernetes Events for what a user should see: a stage starting on a node, a stage's
+    outcome, the job starting, finishing, or getting stuck. Nothing for internal churn."""
     events = []
     old_stages = {s["name"]: s for s in old.get("stages") or []}
     for stage in new.get("stages") or []:
         before = old_stages.get(stage["name"], {})
-        if stage.get("phase") != before.get("phase") and stage.get("phase") in (Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED):
-            where = f" on node {stage['node']} ({stage.get('gpuProduct') or 'unknown GPU'})" if stage.get("node") else ""
-            kind = "Warning" if stage["phase"] == Phase.FAILED else "Normal"
-            text = f"stage {stage['name']} {stage['phase'].lower()}{where}"
-            if stage.get("message") and stage["phase"] == Phase.FAILED:
-                text += f": {stage['message']}"
-            events.append(Event(kind, f"Stage{stage['phase']}", text))
-    if new.get("phase") and (new.get("phase"), new.get("reason")) != (old.get("phase"), old.get("reason")):
-        kind = "Warning" if new["phase"] == Phase.FAILED or new.get("reason") in (
-            Reason.NO_MATCHING_NODES, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR) else "Normal"
-        events.append(Event(kind, new.get("reason") or new["phase"], new.get("message") or new["phase"]))
+        if stage.get("phase") == before.get("phase") or stage.get("phase") not in (Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED):
+            continue
+        where = f" on node {stage['node']} ({stage.get('gpuProduct') or 'unknown GPU'})" if stage.get("node") else ""
+        text = f"stage {stage['name']} {stage['phase'].lower()}{where}"
+        if stage.get("message") and stage["phase"] == Phase.FAILED:
+            text += f": {stage['message']}"
+        events.append(Event("Warning" if stage["phase"] == Phase.FAILED else "Normal", f"Stage{stage['phase']}", text))
+    phase, reason = new.get("phase"), new.get("reason")
+    if not phase or (phase, reason) == (old.get("phase"), old.get("reason")):
+        return events
+    if phase == Phase.FAILED or reason in _WARNING_REASONS:
+        events.append(Event("Warning", reason or phase, new.get("message") or phase))
+    elif phase in (Phase.SUCCEEDED, Phase.SUSPENDED) or (phase == Phase.RUNNING and old.get("phase") != Phase.RUNNING):
+        events.append(Event("Normal", phase if phase != Phase.SUCCEEDED else Reason.SUCCEEDED, new.get("message") or phase))
     return events

@@ -297,7 +297,7 @@ def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace
 def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
     """Act as the operator's ServiceAccount and do what the operator does for one job."""
     from qjob_operator.builders import (
-        JobRef, build_config_map, build_job, build_role, build_role_binding, build_service_account,
+        JobRef, build_job, build_role, build_role_binding, build_service_account,
     )
     from qjob_operator.plan import plan_stages, runner_service_account
 
@@ -313,7 +313,7 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
             ("watch", "pods", "", None), ("create", "events", "", None), ("create", "events", "events.k8s.io", None),
             ("create", "roles", "rbac.authorization.k8s.io", None),
             ("create", "rolebindings", "rbac.authorization.k8s.io", None),
-            ("create", "serviceaccounts", "", None), ("create", "configmaps", "", None),
+            ("create", "serviceaccounts", "", None),
         ]
         for verb, resource, group, _ in needed:
             assert can_i(kube_api, operator, verb, resource, group=group, namespace=namespace), (verb, resource)
@@ -323,7 +323,7 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         # ... and what it must not have.
         refused = [
             ("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods", ""), ("delete", "pods", ""),
-            ("create", "quantizationjobs", GROUP), ("update", "configmaps", ""), ("list", "configmaps", ""),
+            ("create", "quantizationjobs", GROUP), ("create", "configmaps", ""), ("list", "configmaps", ""),
             ("escalate", "roles", "rbac.authorization.k8s.io"), ("bind", "roles", "rbac.authorization.k8s.io"),
             ("create", "clusterroles", "rbac.authorization.k8s.io"), ("create", "deployments", "apps"),
         ]
@@ -351,7 +351,6 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
             core.create_namespaced_service_account(namespace, build_service_account(ref, cfg))
             rbac.create_namespaced_role(namespace, build_role(ref))  # no escalate: it holds these verbs
             rbac.create_namespaced_role_binding(namespace, build_role_binding(ref))
-            core.create_namespaced_config_map(namespace, build_config_map(ref, spec, stages))
             client.BatchV1Api(as_operator).create_namespaced_job(namespace, build_job(ref, spec, stages[0], cfg))
             client.CustomObjectsApi(as_operator).patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, ref.name, {"status": {"phase": "Pending"}})

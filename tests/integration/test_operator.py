@@ -119,7 +119,7 @@ def test_fp8_job_runs_on_the_right_architectures_and_succeeds(kube_api, ns, oper
 
     events = client.CoreV1Api(kube_api).list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
     reasons = {e.reason for e in events}
-    assert {"StageCreated", "StageSucceeded", "Succeeded"} <= reasons
+    assert {"StageRunning", "StageSucceeded", "Running", "Succeeded"} <= reasons
 
     metrics = operator.metrics()
     assert 'qjob_jobs{phase="Succeeded"}' in metrics
@@ -193,8 +193,10 @@ def test_runner_failures_are_classified(kube_api, ns, operator, annotations, bac
     attempts = status["stages"][0]["attempts"]
     # Exit code 2 is "do not retry": the Job's podFailurePolicy stops at the first pod.
     assert attempts == (1 if reason == "InvalidConfig" else backoff + 1)
-    events = client.CoreV1Api(kube_api).list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
-    assert any(e.reason == reason and e.type == "Warning" for e in events)
+    def warning_posted():  # kopf posts Events in the background
+        events = client.CoreV1Api(kube_api).list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        return [e for e in events if e.reason == reason and e.type == "Warning"]
+    wait_for(warning_posted, timeout=20, what=f"Warning Event {reason}")
 
 
 def test_deadline_exceeded(kube_api, ns, operator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.builders import (
-    JobRef, build_config_map, build_job, build_role, build_runner_config, node_affinity,
+    JobRef, build_job, build_role, build_runner_config, node_affinity,
 )
 from qjob_operator.config import NodeLabelKeys, OperatorConfig
 from qjob_operator.plan import QUANTIZE_STAGE, child_name, plan_stages
@@ -92,8 +92,11 @@ def test_runner_config_uses_mounted_paths(spec_dict, config):
     assert rc.output_dir == "/mnt/pvc/artifacts/ml/llama"
     assert rc.engine.architecture == "hopper"
     assert rc.reporting.kind == "kubernetes"
-    cm = build_config_map(REF, spec, plan_stages(spec, config))
-    assert RunnerConfig.model_validate_json(cm["data"]["quantize.json"]).engine is None
+    # The Job carries its stage's config inline, in the env var the runner reads.
+    job = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    inline = RunnerConfig.model_validate_json(env["QJOB_RUNNER_CONFIG"])
+    assert inline.stage == "quantize" and inline.engine is None and inline.model.path == "/mnt/pvc/models/llama"
 
 
 def test_same_claim_is_mounted_once(spec_dict, config):

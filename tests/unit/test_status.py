@@ -83,6 +83,7 @@ def test_build_starts_after_quantize_succeeds_with_artifacts(spec_dict, config):
     done = pod("Succeeded", terminated={"exitCode": 0, "message": json.dumps(result)})
     d = run(spec_dict, config, jobs={"quantize": job("quantize", "Complete")}, pods={"quantize": [done]})
     assert [s.name for s in d.create] == ["build-hopper"]
+    assert d.status["phase"] == "Running"  # between stages: still running, not back to Pending
     assert d.status["artifacts"][0]["uri"].endswith("checkpoint-hf")
     assert d.status["progress"]["percent"] == 60
 
@@ -185,3 +186,9 @@ def test_events_on_transitions_only():
     assert [(e.type, e.reason) for e in events] == [("Normal", "StageRunning"), ("Normal", "Running")]
     assert "on node h100-0 (H100)" in events[0].message
     assert transition_events(new, new) == []
+    # Between stages the job stays Running; a reason change there is no news...
+    between = {**new, "message": "starting the next stage", "stages": new["stages"]}
+    assert transition_events(new, {**between, "reason": "Running"}) == []
+    # ...but getting stuck is.
+    stuck = transition_events(new, {**new, "reason": "Unschedulable", "message": "stage build-hopper: 0/6 nodes"})
+    assert [(e.type, e.reason) for e in stuck] == [("Warning", "Unschedulable")]
