@@ -68,6 +68,14 @@ class Kube:
             if exc.status != 404:
                 raise
 
+    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self._count.labels("patch").inc()
+        try:
+            await self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patches .status; returns the updated object (None if it is gone)."""
         self._count.labels("patch").inc()

@@ -215,6 +215,8 @@ class Reconciler:
             await self._create(ref, spec, decision.create)
         for job_name in decision.delete_jobs:
             await self.kube.delete_job(namespace, job_name)
+        for job_name, suspend in decision.suspend_jobs.items():
+            await self.kube.set_job_suspend(namespace, job_name, suspend)
         if decision.status is not None:
             fmt = spec.quantization.format.value if spec.quantization.format else "auto"
             job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in jobs.items()}

@@ -81,6 +81,7 @@ class Decision:
     status: dict[str, Any] | None = None  # merge patch for .status (None: nothing to write)
     create: list[Stage] = field(default_factory=list)
     delete_jobs: list[str] = field(default_factory=list)
+    suspend_jobs: dict[str, bool] = field(default_factory=dict)  # Job name -> spec.suspend to set
     delete_self: bool = False
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
@@ -402,6 +403,10 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
         return finish(Phase.SUCCEEDED, Reason.SUCCEEDED,
                       f"{len(artifacts)} artifact(s) written; {len(stages)} stage(s) succeeded")
 
+    if not spec.scheduling.queue_name:  # with Kueue, Kueue owns Job.spec.suspend
+        decision.suspend_jobs = {child_name(meta["name"], s): policy.suspend for s, job in obs.jobs.items()
+                                 if bool((job.get("spec") or {}).get("suspend")) != policy.suspend
+                                 and records[s].phase not in TERMINAL_PHASES}
     running = [r for r in records.values() if r.phase == Phase.RUNNING]
     waiting = next((r for r in records.values() if r.reason in (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR)), None)
     if waiting:

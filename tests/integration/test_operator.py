@@ -267,7 +267,7 @@ def test_invalid_objects_are_refused_with_a_clear_message(kube_api, namespace, c
 
 
 def test_spec_is_immutable_except_run_policy(kube_api, ns, operator):
-    name = create_qjob(kube_api, ns, basic_spec(runPolicy={"suspend": True}))
+    name = create_qjob(kube_api, ns, basic_spec(runPolicy={"suspend": True}, scheduling={"podAnnotations": {HOLD: "true"}}))
     api = custom_api(kube_api)
     with pytest.raises(ApiException) as refused:
         api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"quantization": {"format": "int8_smoothquant"}}})
@@ -276,7 +276,16 @@ def test_spec_is_immutable_except_run_policy(kube_api, ns, operator):
     assert jobs_of(kube_api, ns, name) == []
     api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"runPolicy": {"suspend": False}}})
     wait_for(lambda: jobs_of(kube_api, ns, name), timeout=30, what="Job created after resume")
+    wait_qjob(kube_api, ns, name, phase_is("Running"), timeout=60, operator=operator)
     assert obj["metadata"]["generation"] == 1
+
+    # Suspending a running job suspends its Job: the Job controller removes the pod.
+    api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"runPolicy": {"suspend": True}}})
+    wait_for(lambda: jobs_of(kube_api, ns, name)[0].spec.suspend and not pods_of(kube_api, ns, name, "quantize"),
+             timeout=60, what="Job suspended and its pod gone")
+    wait_qjob(kube_api, ns, name, phase_is("Suspended"), timeout=30, operator=operator)
+    api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"runPolicy": {"suspend": False}}})
+    wait_for(lambda: not jobs_of(kube_api, ns, name)[0].spec.suspend, timeout=30, what="Job resumed")
 
 
 # ---------------------------------------------------------------------------- lifecycle & restart

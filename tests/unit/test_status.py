@@ -162,6 +162,17 @@ def test_suspended_job_creates_nothing(spec_dict, config):
     assert d.status["phase"] == "Suspended" and d.create == []
 
 
+def test_suspending_a_running_job_suspends_its_jobs_and_resuming_undoes_it(spec_dict, config):
+    spec_dict["runPolicy"] = {"suspend": True}
+    d = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": []})
+    assert d.suspend_jobs == {"llama-quantize": True}
+    spec_dict["runPolicy"] = {"suspend": False}
+    d = run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []})
+    assert d.suspend_jobs == {"llama-quantize": False}
+    spec_dict["scheduling"] = {"queueName": "gpus"}  # Kueue's to decide
+    assert run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []}).suspend_jobs == {}
+
+
 def test_ttl_deletes_finished_job(spec_dict, config):
     spec_dict["runPolicy"] = {"ttlSecondsAfterFinished": 60}
     status = {"phase": "Succeeded", "completionTime": fmt_time(NOW - timedelta(seconds=30))}
