@@ -32,13 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
 from kubernetes import client, config as kconfig  # noqa: E402
 
 from qjob_api.v1alpha1 import QuantizationJobSpec  # noqa: E402
 from qjob_operator.builders import JobRef, build_job  # noqa: E402
 from qjob_operator.config import OperatorConfig  # noqa: E402
 from qjob_operator.plan import plan_stages  # noqa: E402
-from tests.cluster_fixtures import localcluster, wait_for  # noqa: E402
+from tests.cluster_fixtures import Cluster, localcluster, wait_for  # noqa: E402
 from tests.operator_fixtures import (  # noqa: E402
     GROUP, PLURAL, VERSION, OperatorProcess, install_crds, make_artifacts_pvc, make_calibration_configmap,
     operator_config, qjob_manifest,
@@ -68,27 +69,43 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(cluster: localcluster.LocalCluster, operator: OperatorProcess) -> dict[str, float]:
+    """CPU seconds used so far by each control-plane process and the operator."""
+    state = json.loads((cluster.dir / "state.json").read_text())
+    pids = {name: p["pid"] for name, p in state["processes"].items()}
+    pids["operator"] = operator.proc.pid
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: round(after[name] - before[name], 1) for name in after}
+
+
 def namespace(core: client.CoreV1Api, name: str) -> str:
     core.create_namespace({"metadata": {"name": name}})
     wait_for(lambda: core.read_namespaced_service_account("default", name), timeout=60)
     return name
 
 
-def install_operator_identity(cluster: localcluster.LocalCluster, api: client.ApiClient, workdir: Path) -> Path:
-    """The chart's ServiceAccount and RBAC, applied as rendered; returns a kubeconfig with its token."""
+def install_operator_identity(cluster: localcluster.LocalCluster, api: client.ApiClient, workdir: Path) -> tuple[Path, str]:
+    """The chart's ServiceAccount and RBAC, applied as rendered; returns a kubeconfig with a token
+    of that ServiceAccount, and its user name as the apiserver's audit log records it."""
     rendered = subprocess.run(
-        [str(cluster.helm), "template", "qjob-operator", str(ROOT / "charts" / "qjob-operator"),
-         "--namespace", OPERATOR_NS, "--include-crds=false"], check=True, capture_output=True, text=True).stdout
-    keep = [d for d in rendered.split("\n---") if any(f"kind: {k}\n" in d for k in (
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"))]
-    manifest = workdir / "rbac.yaml"
-    manifest.write_text("\n---".join(keep))
-    subprocess.run([str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig}", "create", "namespace", OPERATOR_NS],
-                   check=False, capture_output=True)
-    subprocess.run([str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig}", "apply", "-f", str(manifest)],
-                   check=True, capture_output=True)
-    sa = [d for d in keep if "kind: ServiceAccount" in d]
-    sa_name = next(line.split(":", 1)[1].strip() for line in sa[0].splitlines() if line.strip().startswith("name:"))
+        [str(cluster.helm), "template", "qjob-operator", str(ROOT / "charts" / "qjob-operator"), "--namespace",
+         OPERATOR_NS, "--kube-version", "v1.36.3"], check=True, capture_output=True, text=True).stdout
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    objects = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in rbac_kinds]
+    manifest = workdir / "rbac.json"
+    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    kubectl = [str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig}"]
+    subprocess.run([*kubectl, "create", "namespace", OPERATOR_NS], check=False, capture_output=True)
+    subprocess.run([*kubectl, "apply", "-f", str(manifest)], check=True, capture_output=True)
+    sa_name = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
     token = client.CoreV1Api(api).create_namespaced_service_account_token(
         sa_name, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}}).status.token
     kubeconfig = localcluster.token_kubeconfig(cluster.kubeconfig, token, workdir / "operator.kubeconfig")
@@ -125,7 +142,8 @@ def main() -> None:
     try:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
         core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
-        install_crds(cluster)
+        install_crds(Cluster(dir=cluster.dir, kubeconfig=cluster.kubeconfig, bin_dir=cluster.bin_dir,
+                             server=cluster.server, version=""))
         op_kubeconfig, op_user = install_operator_identity(cluster, api, workdir)
         operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config())
         operator.start()
@@ -137,12 +155,14 @@ def main() -> None:
         direct_ns = namespace(core, "bench-direct")
         parsed = QuantizationJobSpec.model_validate(spec())
         stage = plan_stages(parsed, OperatorConfig())[0]
+        cpu0 = cpu_snapshot(cluster, operator)
         t0 = time.monotonic()
         for i in range(args.jobs):
             job = build_job(JobRef(f"direct-{i}", direct_ns, "0" * 8), parsed, stage, OperatorConfig())
             job["metadata"].pop("ownerReferences")
             batch.create_namespaced_job(direct_ns, job)
         direct_s = time.monotonic() - t0
+        direct_cpu = cpu_used(cpu0, cpu_snapshot(cluster, operator))
         core.delete_namespace(direct_ns, propagation_policy="Background")
         wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == direct_ns],
                  timeout=600, interval=2, what="direct namespace deleted")
@@ -151,6 +171,7 @@ def main() -> None:
         ns = namespace(core, "bench-operator")
         make_artifacts_pvc(api, ns)
         make_calibration_configmap(api, ns)
+        cpu0 = cpu_snapshot(cluster, operator)
         t0 = time.monotonic()
         for i in range(args.jobs):
             custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(f"q-{i}", spec()))
@@ -160,6 +181,7 @@ def main() -> None:
             return len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items) >= args.jobs
         wait_for(first_jobs_exist, timeout=1200, interval=0.5, what="first Jobs of all QuantizationJobs")
         operator_s = time.monotonic() - t0
+        operator_cpu = cpu_used(cpu0, cpu_snapshot(cluster, operator))
         results["throughput"] = {
             "jobs": args.jobs,
             "direct_seconds": round(direct_s, 2),
@@ -168,9 +190,13 @@ def main() -> None:
             "operator_seconds_to_all_first_jobs": round(operator_s, 2),
             "operator_jobs_per_second": round(args.jobs / operator_s, 1),
             "ratio_operator_to_direct": round(direct_s / operator_s, 3),
+            "cpu_seconds_direct_phase": direct_cpu,
+            "cpu_seconds_operator_phase": operator_cpu,
         }
         print(json.dumps(results["throughput"], indent=2), flush=True)
 
+        if not args.lifecycle:
+            return
         # 3. API requests per lifecycle (operator identity, from the apiserver's audit log)
         life_ns = namespace(core, "bench-lifecycle")
         make_artifacts_pvc(api, life_ns)

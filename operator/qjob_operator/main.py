@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     namespaces = args.namespace or config.namespaces
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
+    if not args.verbose:
+        # kopf logs every handler call ("Handler ... succeeded"): thousands a minute at scale.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from . import handlers  # noqa: F401  registers the handlers
 
     # One replica, no peering: the chart deploys it with strategy Recreate.

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5.0
-DEBOUNCE_SECONDS = 0.5
+DEBOUNCE_SECONDS = 1.0
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
