@@ -74,6 +74,8 @@ class OperatorConfig(_Settings):
     policy: Policy = Field(default_factory=Policy)
     metrics_port: int = 9090
     health_port: int = 8080
+    # Status writes per second, all jobs together (bursts of new jobs then create Jobs first).
+    status_writes_per_second: float = Field(20.0, gt=0)
     # How often every unfinished job is re-checked for deadlines (events drive everything else).
     resync_seconds: float = Field(30.0, gt=0)
 

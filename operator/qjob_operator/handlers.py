@@ -33,7 +33,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.watching.server_timeout = 300
     config = load_config()
     metrics = Metrics()
-    memo.reconciler = Reconciler(config, Kube(await connect(), metrics), metrics)
+    memo.reconciler = Reconciler(config, Kube(await connect(), metrics, config.status_writes_per_second), metrics)
     metrics.watch_phases(memo.reconciler.phases)
     metrics.serve(config.metrics_port)
     memo.resync = asyncio.create_task(_resync(memo.reconciler, config.resync_seconds))

@@ -7,7 +7,9 @@ official client, so objects and errors look the same, without threads.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -31,9 +33,32 @@ async def connect() -> client.ApiClient:
     return client.ApiClient()
 
 
+class TokenBucket:
+    """Client-side rate limit (as client-go's QPS/burst): under a burst of new jobs, status
+    writes queue here, and the reconciles waiting on them coalesce, so the apiserver's capacity
+    goes to creating the Jobs that do the work."""
+
+    def __init__(self, per_second: float, burst: int):
+        self.per_second, self.burst = per_second, burst
+        self._tokens, self._last = float(burst), time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+                self._last = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self.per_second)
+
+
 class Kube:
-    def __init__(self, api: client.ApiClient, metrics: Metrics):
+    def __init__(self, api: client.ApiClient, metrics: Metrics, status_writes_per_second: float = 20.0):
         self.api = api
+        self._status_writes = TokenBucket(status_writes_per_second, burst=int(2 * status_writes_per_second))
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
@@ -78,6 +103,7 @@ class Kube:
 
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patches .status; returns the updated object (None if it is gone)."""
+        await self._status_writes.acquire()
         self._count.labels("patch").inc()
         try:
             return await self.custom.patch_namespaced_custom_object_status(

@@ -89,6 +89,7 @@ Null architectures (removed by the user) are dropped.
   "metricsPort" .Values.metrics.port
   "healthPort" .Values.healthPort
   "resyncSeconds" .Values.resyncSeconds
+  "statusWritesPerSecond" .Values.statusWritesPerSecond
 }}
 {{- toYaml $config }}
 {{- end }}
