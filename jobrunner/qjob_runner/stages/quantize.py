@@ -240,7 +240,16 @@ def run(ctx: RunContext) -> None:
     if q.format:
         before = _fingerprints(ctx.model)
         ctx.reporter.update(step="calibrate", message=f"calibrating {q.format.value} with {MODELOPT_PRESETS[q.format]}")
-        ctx.model = mtq.quantize(ctx.model, quant_config, forward_loop_factory(ctx))
+        try:
+            ctx.model = mtq.quantize(ctx.model, quant_config, forward_loop_factory(ctx))
+        except RuntimeError as exc:
+            if "no weight quantizer is enabled" in str(exc):
+                raise InvalidConfig(
+                    f"{MODELOPT_PRESETS[q.format]} enabled no weight quantizer in {type(ctx.model).__name__}",
+                    "check spec.quantization.excludeModules (the patterns may exclude every layer), or this "
+                    "architecture's layers are custom modules ModelOpt cannot quantize",
+                ) from None
+            raise
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         ctx.metrics["calibration_seconds"] = time.monotonic() - t0

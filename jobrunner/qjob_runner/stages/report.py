@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,12 @@ from ..versions import gpu_info, library_versions
 
 log = logging.getLogger("qjob_runner.report")
 
-#: Optional URI prefix for artifact URIs (the operator sets e.g. ``pvc://<claim>/<path>``).
-OUTPUT_URI_ENV = "QJOB_OUTPUT_URI"
 
 KINDS = {"hf": ("checkpoint", "hf"), "tensorrt_llm": ("checkpoint", "tensorrt_llm"), "onnx": ("onnx", "onnx")}
 
 
 def artifact_uri(ctx: RunContext, relative: str) -> str:
-    base = os.environ.get(OUTPUT_URI_ENV)
+    base = ctx.config.output_uri  # the operator sets pvc://<claim>/<path>; local runs use file://
     if base:
         return f"{base.rstrip('/')}/{relative}"
     return (ctx.paths.output_dir / relative).as_uri()
