@@ -110,6 +110,9 @@ class RunnerConfig(APIModel):
     )
     engine: EngineTarget | None = Field(None, description="The engine this invocation builds (build stages only).")
     output_dir: str = Field(description="Folder the finished artifacts are moved into.")
+    output_uri: str | None = Field(
+        None, description="How users address output_dir (e.g. `pvc://claim/path`); artifact URIs are reported under it."
+    )
     work_dir: str | None = Field(None, description="Scratch and resume state; default `<output_dir>/.qjob-work`.")
     reporting: Reporting = Field(default_factory=Reporting)
 

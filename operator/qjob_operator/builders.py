@@ -114,6 +114,7 @@ def build_runner_config(ref: JobRef, spec: QuantizationJobSpec, stage: Stage) ->
         target_architectures=spec.target_architectures(),
         engine=engine,
         output_dir=pvc_path(output_location(ref, spec)),
+        output_uri=output_uri(ref, spec),
         reporting=Reporting(kind="kubernetes", namespace=ref.namespace, name=ref.name),
     )
 

@@ -75,6 +75,7 @@ def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, cluster, e
     assert report["percent"] == 100 and report["stepSeconds"]["quantize"] > 0
     checkpoint = next(a for a in status["artifacts"] if a["kind"] == "checkpoint")
     assert checkpoint["format"] == "hf" and len(checkpoint["sha256"]) == 64
+    assert checkpoint["uri"] == f"pvc://artifacts/{e2e_ns}/{name}/hf"
     out = pv_folder(kube_api, e2e_ns) / e2e_ns / name
     assert (out / "hf" / "hf_quant_config.json").exists() or any(out.rglob("hf_quant_config.json"))
     manifest = json.loads(next(out.rglob("manifest.json")).read_text())

@@ -90,6 +90,7 @@ def test_runner_config_uses_mounted_paths(spec_dict, config):
     assert rc.model.path == "/mnt/pvc/models/llama"
     assert rc.calibration.dataset.path == "/mnt/calibration/text.jsonl"
     assert rc.output_dir == "/mnt/pvc/artifacts/ml/llama"
+    assert rc.output_uri == "pvc://artifacts/ml/llama"
     assert rc.engine.architecture == "hopper"
     assert rc.reporting.kind == "kubernetes"
     # The Job carries its stage's config inline, in the env var the runner reads.
