@@ -78,11 +78,13 @@ class PathMap:
 
 class PodRunner:
     def __init__(self, kubeconfig: str | Path, workdir: str | Path, bin_dirs: list[str] | None = None,
-                 max_parallel: int = 2, extra_env: dict[str, str] | None = None):
+                 max_parallel: int = 2, extra_env: dict[str, str] | None = None,
+                 label_selector: str = f"{EXTERNAL_LABEL}=true"):
         self.kubeconfig = str(kubeconfig)
         self.workdir = Path(workdir)
         self.bin_dirs = bin_dirs or [str(Path(sys.executable).parent)]
         self.extra_env = extra_env or {}
+        self.label_selector = label_selector  # must include the external label: kwok runs the rest
         self.api = config.new_client_from_config(config_file=self.kubeconfig)
         self.core = client.CoreV1Api(self.api)
         self._slots = threading.Semaphore(max_parallel)
@@ -115,7 +117,7 @@ class PodRunner:
             self._watch = watch.Watch()
             try:
                 for event in self._watch.stream(self.core.list_pod_for_all_namespaces,
-                                                label_selector=f"{EXTERNAL_LABEL}=true", timeout_seconds=60):
+                                                label_selector=self.label_selector, timeout_seconds=60):
                     self._on_event(event["type"], event["object"])
                     if self._stop.is_set():
                         return
