@@ -94,3 +94,13 @@ def test_batch_size_zero_on_cpu_uses_small_fixed_batch(tiny_llama, calib_jsonl, 
     assert r.outcome == "Succeeded", r.message
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["metrics"]["calibration"]["batch_size"] == CPU_BATCH_SIZE and r.quality is None
+
+
+def test_artifact_uris_use_output_uri(tiny_llama, calib_jsonl, tmp_path):
+    cfg = RunnerConfig.model_validate(runner_config(model={"path": str(tiny_llama)}, quantization={"format": "int8"},
+                                                    calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 8},
+                                                    evaluation={"enabled": False}, outputDir=str(tmp_path / "out"),
+                                                    outputUri="pvc://models/team-a/llama-int8"))
+    r = run(cfg)
+    assert r.outcome == "Succeeded", r.message
+    assert {a.uri for a in r.artifacts} == {"pvc://models/team-a/llama-int8/hf", "pvc://models/team-a/llama-int8/manifest.json"}
