@@ -68,6 +68,30 @@ def result_path(config: RunnerConfig, paths: Paths) -> Path:
     return paths.output_dir / (RESULT if not config.is_build else f"result-{config.stage}.json")
 
 
+PREBUILT_EXTENSIONS_ENV = "QJOB_PREBUILT_EXTENSIONS"
+
+
+def prepare_extensions() -> None:
+    """Make the image's prebuilt ModelOpt CUDA extensions usable under readOnlyRootFilesystem.
+
+    torch's extension loader takes a lock file inside the build folder, so it must be writable;
+    the operator's pods have a read-only root filesystem and a writable /tmp. The Dockerfile
+    builds into ``$QJOB_PREBUILT_EXTENSIONS`` and points ``TORCH_EXTENSIONS_DIR`` under /tmp; we
+    copy the builds there once (mtimes kept, so ninja finds them up to date: no recompile).
+    """
+    import shutil
+
+    src, dst = os.environ.get(PREBUILT_EXTENSIONS_ENV), os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not src or not dst or not Path(src).is_dir() or Path(src).resolve() == Path(dst).resolve():
+        return
+    try:
+        if not Path(dst).exists():
+            shutil.copytree(src, dst, copy_function=shutil.copy2)
+            log.info("copied prebuilt ModelOpt extensions %s -> %s", src, dst)
+    except OSError as exc:
+        log.warning("cannot copy prebuilt extensions to %s (%s); ModelOpt may compile them", dst, exc)
+
+
 def _threads() -> None:
     """Share the machine politely: torch on CPU uses every core by default."""
     try:
@@ -83,6 +107,7 @@ def _threads() -> None:
 def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str | Path | None = None) -> RunnerResult:
     """Run one stage of a QuantizationJob; never raises for a failure it understands."""
     _threads()
+    prepare_extensions()
     paths = Paths.from_config(config)
     reporter = reporter or make_reporter(config.reporting, config.stage)
     ctx = RunContext(config=config, paths=paths, reporter=reporter)
