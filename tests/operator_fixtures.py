@@ -89,8 +89,9 @@ class OperatorProcess:
 
 def install_crds(cluster) -> None:
     cluster.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    cluster.run_kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        f"crd/{PLURAL}.{GROUP}")
+    # Established, and served: kubectl's own `wait` can race the CRD's first appearance.
+    wait_for(lambda: cluster.run_kubectl("get", PLURAL, "-A", check=False).returncode == 0,
+             timeout=60, what=f"{PLURAL} served by the apiserver")
 
 
 @pytest.fixture(scope="session")
