@@ -113,13 +113,15 @@ def install_operator_identity(cluster: localcluster.LocalCluster, api: client.Ap
     return kubeconfig, f"system:serviceaccount:{OPERATOR_NS}:{sa_name}"
 
 
-def audit_requests(audit_log: Path, user: str, since: float, until: float) -> Counter:
-    """Requests by the operator in a time window, by verb and resource (watches and lists
-    are shared by all jobs and counted apart)."""
+def audit_requests(audit_log: Path, user: str, namespace: str, since: float, until: float) -> Counter:
+    """Requests by the operator about objects in one namespace in a time window, by verb and
+    resource (watches and lists are shared by all jobs and counted apart)."""
     counts: Counter = Counter()
     for line in audit_log.read_text().splitlines():
         entry = json.loads(line)
         if entry.get("stage") != "ResponseComplete" or entry["user"]["username"] != user:
+            continue
+        if (entry.get("objectRef") or {}).get("namespace") != namespace:
             continue
         when = time.mktime(time.strptime(entry["requestReceivedTimestamp"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
         if since - 1 <= when <= until + 1:
@@ -145,7 +147,7 @@ def lifecycle(api, custom, core, cluster, op_user: str, ns_name: str, jobs: int)
         return sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items) >= jobs
     wait_for(all_done, timeout=1200, interval=1, what=f"{jobs} lifecycle jobs Succeeded")
     time.sleep(3)
-    per_kind = audit_requests(cluster.dir / "logs" / "audit.log", op_user, start, time.time())
+    per_kind = audit_requests(cluster.dir / "logs" / "audit.log", op_user, ns, start, time.time())
     total = sum(n for (verb, _), n in per_kind.items() if verb not in ("watch", "list"))
     return {
         "concurrent_jobs": jobs,
