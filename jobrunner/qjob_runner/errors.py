@@ -6,14 +6,18 @@ the termination message), where the person who applied the manifest reads it.
 
 from __future__ import annotations
 
-from qjob_api.runner import ExitCode
+from qjob_api.runner import EXIT_CODE_REASONS, ExitCode
 
 
 class RunnerError(Exception):
-    """Base class: a failure the runner understood. ``exit_code`` decides retry or not."""
+    """Base class: a failure the runner understood. ``exit_code`` decides retry or not, and the
+    status reason (one table for runner and operator: ``EXIT_CODE_REASONS``)."""
 
     exit_code: ExitCode = ExitCode.TRANSIENT
-    reason: str = "RunnerFailed"
+
+    @property
+    def reason(self) -> str:
+        return EXIT_CODE_REASONS[self.exit_code]
 
     def __init__(self, problem: str, fix: str | None = None):
         self.problem = problem
@@ -25,7 +29,6 @@ class InvalidConfig(RunnerError):
     """Bad config or unsupported combination: retrying cannot help."""
 
     exit_code = ExitCode.INVALID_CONFIG
-    reason = "InvalidConfig"
 
 
 class UnsupportedFormat(InvalidConfig):
@@ -40,24 +43,20 @@ class InvalidInput(RunnerError):
     """Model or data missing or corrupt: retrying cannot help."""
 
     exit_code = ExitCode.INVALID_INPUT
-    reason = "InvalidInput"
 
 
 class QualityGateFailed(RunnerError):
     exit_code = ExitCode.QUALITY_GATE_FAILED
-    reason = "QualityGateFailed"
 
 
 class TransientError(RunnerError):
     """Network, hub or filesystem hiccup: the operator retries the pod."""
 
     exit_code = ExitCode.TRANSIENT
-    reason = "RunnerFailed"
 
 
 class OutOfMemory(RunnerError):
     exit_code = ExitCode.OUT_OF_MEMORY
-    reason = "OOMKilled"
 
 
 def classify(exc: BaseException) -> RunnerError:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qjob_api.runner import EXIT_CODE_REASONS, ExitCode, RunnerConfig, RunnerResult
+from qjob_api.runner import ExitCode, RunnerConfig, RunnerResult
 
 from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
 from .context import Paths, RunContext
@@ -154,7 +154,7 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         outcome="Failed" if error else "Succeeded",
         stage=config.stage,
         exit_code=int(error.exit_code) if error else int(ExitCode.OK),
-        reason=(error.reason or EXIT_CODE_REASONS.get(int(error.exit_code))) if error else None,
+        reason=error.reason if error else None,
         message=str(error) if error else "; ".join(ctx.notes) or None,
         failed_step=failed_step if error else None,
         artifacts=ctx.artifacts if not error else [],
