@@ -22,8 +22,8 @@ def podrunner(cluster, tmp_path_factory):
     runner = podrunner_module.PodRunner(
         cluster.kubeconfig, tmp_path_factory.mktemp("podrunner"), max_parallel=2,
         extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        # Only runner pods: other tests in the session use external pods of their own.
-        label_selector="localcluster.qjob.dev/external=true,qjob.dev/job-name",
+        # Only the e2e tests' pods: other tests in the session use external pods of their own.
+        label_selector="localcluster.qjob.dev/external=true,e2e.qjob.dev/podrunner=true",
     ).start()
     try:
         yield runner

@@ -19,7 +19,8 @@ from .conftest import pv_folder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-EXTERNAL = {"localcluster.qjob.dev/external": "true"}
+# kwok leaves these pods alone, and this session's pod runner (tests/e2e/conftest.py) takes them.
+EXTERNAL = {"localcluster.qjob.dev/external": "true", "e2e.qjob.dev/podrunner": "true"}
 
 
 @pytest.fixture
