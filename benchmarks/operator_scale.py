@@ -34,16 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
-from kubernetes import client, config as kconfig  # noqa: E402
-
+from kubernetes import client  # noqa: E402
+from kubernetes import config as kconfig
 from qjob_api.v1alpha1 import QuantizationJobSpec  # noqa: E402
 from qjob_operator.builders import JobRef, build_job  # noqa: E402
 from qjob_operator.config import OperatorConfig  # noqa: E402
 from qjob_operator.plan import plan_stages  # noqa: E402
+
 from tests.cluster_fixtures import Cluster, localcluster, wait_for  # noqa: E402
 from tests.operator_fixtures import (  # noqa: E402
-    GROUP, PLURAL, VERSION, OperatorProcess, install_crds, make_artifacts_pvc, make_calibration_configmap,
-    operator_config, qjob_manifest,
+    GROUP,
+    PLURAL,
+    VERSION,
+    OperatorProcess,
+    install_crds,
+    make_artifacts_pvc,
+    make_calibration_configmap,
+    operator_config,
+    qjob_manifest,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
@@ -93,12 +101,26 @@ def namespace(core: client.CoreV1Api, name: str) -> str:
     return name
 
 
-def install_operator_identity(cluster: localcluster.LocalCluster, api: client.ApiClient, workdir: Path) -> tuple[Path, str]:
+def install_operator_identity(
+    cluster: localcluster.LocalCluster, api: client.ApiClient, workdir: Path
+) -> tuple[Path, str]:
     """The chart's ServiceAccount and RBAC, applied as rendered; returns a kubeconfig with a token
     of that ServiceAccount, and its user name as the apiserver's audit log records it."""
     rendered = subprocess.run(
-        [str(cluster.helm), "template", "qjob-operator", str(ROOT / "charts" / "qjob-operator"), "--namespace",
-         OPERATOR_NS, "--kube-version", "v1.36.3"], check=True, capture_output=True, text=True).stdout
+        [
+            str(cluster.helm),
+            "template",
+            "qjob-operator",
+            str(ROOT / "charts" / "qjob-operator"),
+            "--namespace",
+            OPERATOR_NS,
+            "--kube-version",
+            "v1.36.3",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
     objects = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in rbac_kinds]
     manifest = workdir / "rbac.json"
@@ -107,8 +129,11 @@ def install_operator_identity(cluster: localcluster.LocalCluster, api: client.Ap
     subprocess.run([*kubectl, "create", "namespace", OPERATOR_NS], check=False, capture_output=True)
     subprocess.run([*kubectl, "apply", "-f", str(manifest)], check=True, capture_output=True)
     sa_name = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
-    token = client.CoreV1Api(api).create_namespaced_service_account_token(
-        sa_name, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}}).status.token
+    token = (
+        client.CoreV1Api(api)
+        .create_namespaced_service_account_token(sa_name, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}})
+        .status.token
+    )
     kubeconfig = localcluster.token_kubeconfig(cluster.kubeconfig, token, workdir / "operator.kubeconfig")
     return kubeconfig, f"system:serviceaccount:{OPERATOR_NS}:{sa_name}"
 
@@ -139,12 +164,14 @@ def lifecycle(api, custom, core, cluster, op_user: str, ns_name: str, jobs: int)
     make_calibration_configmap(api, ns)
     start = time.time()
     for i in range(jobs):
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(
-            f"l-{i}", spec(engines=[{"architecture": "hopper"}])))
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, qjob_manifest(f"l-{i}", spec(engines=[{"architecture": "hopper"}]))
+        )
 
     def all_done() -> bool:
         items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
         return sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items) >= jobs
+
     wait_for(all_done, timeout=1200, interval=1, what=f"{jobs} lifecycle jobs Succeeded")
     time.sleep(3)
     per_kind = audit_requests(cluster.dir / "logs" / "audit.log", op_user, ns, start, time.time())
@@ -171,14 +198,23 @@ def main() -> None:
     try:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
         core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
-        install_crds(Cluster(dir=cluster.dir, kubeconfig=cluster.kubeconfig, bin_dir=cluster.bin_dir,
-                             server=cluster.server, version=""))
+        install_crds(
+            Cluster(
+                dir=cluster.dir,
+                kubeconfig=cluster.kubeconfig,
+                bin_dir=cluster.bin_dir,
+                server=cluster.server,
+                version="",
+            )
+        )
         op_kubeconfig, op_user = install_operator_identity(cluster, api, workdir)
         operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config())
         operator.start()
         idle_rss = rss_mib(operator.proc.pid)
-        results: dict = {"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-                         "operator_idle_rss_mib": round(idle_rss, 1)}
+        results: dict = {
+            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+            "operator_idle_rss_mib": round(idle_rss, 1),
+        }
 
         # 1. direct Jobs
         direct_ns = namespace(core, "bench-direct")
@@ -197,8 +233,12 @@ def main() -> None:
         direct_s = time.monotonic() - t0
         direct_cpu = cpu_used(cpu0, cpu_snapshot(cluster, operator))
         core.delete_namespace(direct_ns, propagation_policy="Background")
-        wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == direct_ns],
-                 timeout=600, interval=2, what="direct namespace deleted")
+        wait_for(
+            lambda: not [n for n in core.list_namespace().items if n.metadata.name == direct_ns],
+            timeout=600,
+            interval=2,
+            what="direct namespace deleted",
+        )
 
         # 2. QuantizationJobs through the operator
         ns = namespace(core, "bench-operator")
@@ -212,6 +252,7 @@ def main() -> None:
 
         def first_jobs_exist() -> bool:
             return len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items) >= args.jobs
+
         wait_for(first_jobs_exist, timeout=1200, interval=0.5, what="first Jobs of all QuantizationJobs")
         operator_s = time.monotonic() - t0
         operator_cpu = cpu_used(cpu0, cpu_snapshot(cluster, operator))
@@ -242,11 +283,14 @@ def main() -> None:
         extra = max(0, args.memory_jobs - args.jobs - args.lifecycle - 1)
         mem_ns = namespace(core, "bench-memory")
         for i in range(extra):
-            custom.create_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL, qjob_manifest(f"m-{i}", spec(suspend=True)))
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, mem_ns, PLURAL, qjob_manifest(f"m-{i}", spec(suspend=True))
+            )
 
         def settled() -> bool:
             items = custom.list_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL)["items"]
             return sum((o.get("status") or {}).get("phase") == "Suspended" for o in items) >= extra
+
         wait_for(settled, timeout=1200, interval=2, what="memory jobs observed")
         time.sleep(5)
         results["memory"] = {

@@ -13,11 +13,18 @@ import sys
 import time
 from pathlib import Path
 
-PRESETS = {"fp8": "FP8_DEFAULT_CFG", "int4_awq": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG",
-           "int8_smoothquant": "INT8_SMOOTHQUANT_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG"}
+PRESETS = {
+    "fp8": "FP8_DEFAULT_CFG",
+    "int4_awq": "INT4_AWQ_CFG",
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+    "int8_smoothquant": "INT8_SMOOTHQUANT_CFG",
+    "w4a8_awq": "W4A8_AWQ_BETA_CFG",
+}
 
 
-def main(model_dir: str, calib: str, fmt: str, out_dir: str, samples: int = 128, seq: int = 512, batch: int = 4) -> dict:
+def main(
+    model_dir: str, calib: str, fmt: str, out_dir: str, samples: int = 128, seq: int = 512, batch: int = 4
+) -> dict:
     t_start = time.perf_counter()
     import modelopt.torch.quantization as mtq
     import torch
@@ -37,7 +44,7 @@ def main(model_dir: str, calib: str, fmt: str, out_dir: str, samples: int = 128,
     texts = [json.loads(line)["text"] for line in Path(calib).read_text().splitlines() if line.strip()][:samples]
     batches = []
     for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=seq)
+        enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=seq)
         batches.append({k: v.cuda() for k, v in enc.items() if k in {"input_ids", "attention_mask"}})
     times["data"] = time.perf_counter() - t
 

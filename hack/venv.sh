@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment and prints its path.
-# The environment lives outside the checkout, keyed by a hash of pyproject.toml, so a fresh
-# clone reuses it; pip's own cache (~/.cache/pip) makes a rebuild cheap. The project itself is
+# The environment lives outside the checkout, keyed by a hash of pyproject.toml's dependency
+# lists (not its tool settings), so a fresh clone reuses it; pip's own cache (~/.cache/pip) makes a rebuild cheap. The project itself is
 # (re)installed editable on every call so the venv always points at *this* checkout.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${QJOB_CACHE:-$HOME/.cache/qjob-operator}
-key=$(sha256sum "$root/pyproject.toml" | cut -c1-12)
+key=$(python3 - "$root/pyproject.toml" <<'PY' | sha256sum | cut -c1-12
+import json, sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(json.dumps([project["dependencies"], project["optional-dependencies"]], sort_keys=True))
+PY
+)
 venv=${QJOB_VENV:-$cache/venv-$key}
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   echo "hack/venv.sh: creating $venv (first run downloads torch and friends: several minutes)" >&2

@@ -49,19 +49,32 @@ class OperatorProcess:
     def start(self) -> None:
         config_path = self.workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(self.config))
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "QJOB_OPERATOR_CONFIG": str(config_path),
-               "PYTHONUNBUFFERED": "1", **self.env}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "QJOB_OPERATOR_CONFIG": str(config_path),
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
         log = open(self.log_path, "a")
         self.starts += 1
         log.write(f"\n===== start #{self.starts} =====\n")
         log.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "qjob_operator.main"], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qjob_operator.main"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         wait_for(self._healthy, timeout=60, what=f"operator liveness at {self.health_url} (log: {self.log_path})")
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"operator exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"operator exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
+            )
         with urllib.request.urlopen(self.health_url, timeout=2) as resp:
             return resp.status == 200
 
@@ -90,8 +103,11 @@ class OperatorProcess:
 def install_crds(cluster) -> None:
     cluster.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     # Established, and served: kubectl's own `wait` can race the CRD's first appearance.
-    wait_for(lambda: cluster.run_kubectl("get", PLURAL, "-A", check=False).returncode == 0,
-             timeout=60, what=f"{PLURAL} served by the apiserver")
+    wait_for(
+        lambda: cluster.run_kubectl("get", PLURAL, "-A", check=False).returncode == 0,
+        timeout=60,
+        what=f"{PLURAL} served by the apiserver",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +131,9 @@ def operator_config(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def operator(crds, tmp_path_factory):
     """One operator for the session, watching all namespaces (tests use one namespace each)."""
-    op = OperatorProcess(kubeconfig=crds.kubeconfig, workdir=tmp_path_factory.mktemp("operator"), config=operator_config())
+    op = OperatorProcess(
+        kubeconfig=crds.kubeconfig, workdir=tmp_path_factory.mktemp("operator"), config=operator_config()
+    )
     op.start()
     try:
         yield op
@@ -173,30 +191,53 @@ def make_artifacts_pvc(kube_api, namespace: str, name: str = "artifacts", host_p
 
     core = client.CoreV1Api(kube_api)
     pv_name = f"{namespace}-{name}"[:63]
-    core.create_persistent_volume({
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": pv_name, "labels": {"qjob-test-namespace": namespace}},
-        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                 "persistentVolumeReclaimPolicy": "Delete" if host_path is None else "Retain",
-                 "hostPath": {"path": host_path or f"/tmp/qjob-pv/{pv_name}"},
-                 "claimRef": {"namespace": namespace, "name": name}},
-    })
-    core.create_namespaced_persistent_volume_claim(namespace, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv_name,
-                 "resources": {"requests": {"storage": "10Gi"}}},
-    })
-    wait_for(lambda: core.read_namespaced_persistent_volume_claim(name, namespace).status.phase == "Bound",
-             timeout=60, what=f"PVC {namespace}/{name} Bound")
+    core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name, "labels": {"qjob-test-namespace": namespace}},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Delete" if host_path is None else "Retain",
+                "hostPath": {"path": host_path or f"/tmp/qjob-pv/{pv_name}"},
+                "claimRef": {"namespace": namespace, "name": name},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+    )
+    wait_for(
+        lambda: core.read_namespaced_persistent_volume_claim(name, namespace).status.phase == "Bound",
+        timeout=60,
+        what=f"PVC {namespace}/{name} Bound",
+    )
     return name
 
 
 def make_calibration_configmap(kube_api, namespace: str, name: str = "calibration") -> str:
     from kubernetes import client
 
-    text = "\n".join(f'{{"text": "calibration sample {i}: the quick brown fox jumps over the lazy dog"}}' for i in range(64))
-    client.CoreV1Api(kube_api).create_namespaced_config_map(namespace, {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"samples.jsonl": text}})
+    text = "\n".join(
+        f'{{"text": "calibration sample {i}: the quick brown fox jumps over the lazy dog"}}' for i in range(64)
+    )
+    client.CoreV1Api(kube_api).create_namespaced_config_map(
+        namespace,
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"samples.jsonl": text}},
+    )
     return name
 
 

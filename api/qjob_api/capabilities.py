@@ -110,9 +110,7 @@ MODELOPT_KV_PRESETS: dict[KVCacheFormat, str] = {
 }
 
 #: Formats whose fake quantization needs CUDA kernels even for calibration.
-CUDA_ONLY_FORMATS: frozenset[QuantFormat] = frozenset(
-    {QuantFormat.NVFP4, QuantFormat.NVFP4_AWQ, QuantFormat.MXFP4}
-)
+CUDA_ONLY_FORMATS: frozenset[QuantFormat] = frozenset({QuantFormat.NVFP4, QuantFormat.NVFP4_AWQ, QuantFormat.MXFP4})
 
 #: Why a format is limited to some architectures, for error messages people can act on.
 _FORMAT_NEEDS: dict[QuantFormat, str] = {
@@ -154,9 +152,7 @@ def kv_cache_requirement(kv: KVCacheFormat) -> str:
     return _KV_NEEDS.get(kv, f"a {kv.value} KV cache runs on every supported architecture")
 
 
-def unsupported_reasons(
-    fmt: QuantFormat | None, kv: KVCacheFormat, architectures: list[GPUArchitecture]
-) -> list[str]:
+def unsupported_reasons(fmt: QuantFormat | None, kv: KVCacheFormat, architectures: list[GPUArchitecture]) -> list[str]:
     """Messages for every (format or KV cache, architecture) pair that has no kernels."""
     reasons = []
     for arch in architectures:

@@ -66,8 +66,14 @@ def _defaults_for_objects(schema: dict[str, Any]) -> dict[str, Any]:
     for name, prop in schema.get("properties", {}).items():
         _defaults_for_objects(prop)
         optional = prop.pop(_OPTIONAL, False)
-        if prop.get("type") == "object" and "properties" in prop and not prop.get("required") \
-                and name not in schema.get("required", []) and "default" not in prop and not optional:
+        if (
+            prop.get("type") == "object"
+            and "properties" in prop
+            and not prop.get("required")
+            and name not in schema.get("required", [])
+            and "default" not in prop
+            and not optional
+        ):
             prop["default"] = {}
     if isinstance(schema.get("items"), dict):
         _defaults_for_objects(schema["items"])
@@ -100,13 +106,41 @@ def _strip_defaults(schema: dict[str, Any]) -> None:
 
 
 PRINTER_COLUMNS = [
-    {"name": "Format", "type": "string", "jsonPath": ".spec.quantization.format", "description": "Quantization format."},
-    {"name": "KV", "type": "string", "jsonPath": ".spec.quantization.kvCache", "priority": 1, "description": "KV cache format."},
-    {"name": "Targets", "type": "string", "jsonPath": ".status.targetArchitectures", "description": "Engine architectures."},
+    {
+        "name": "Format",
+        "type": "string",
+        "jsonPath": ".spec.quantization.format",
+        "description": "Quantization format.",
+    },
+    {
+        "name": "KV",
+        "type": "string",
+        "jsonPath": ".spec.quantization.kvCache",
+        "priority": 1,
+        "description": "KV cache format.",
+    },
+    {
+        "name": "Targets",
+        "type": "string",
+        "jsonPath": ".status.targetArchitectures",
+        "description": "Engine architectures.",
+    },
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Percent done."},
-    {"name": "Stage", "type": "string", "jsonPath": ".status.progress.stage", "priority": 1, "description": "Stage in progress."},
-    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1, "description": "Reason of the latest phase change."},
+    {
+        "name": "Stage",
+        "type": "string",
+        "jsonPath": ".status.progress.stage",
+        "priority": 1,
+        "description": "Stage in progress.",
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "priority": 1,
+        "description": "Reason of the latest phase change.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -142,4 +142,6 @@ class RunnerResult(APIModel):
             if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
                 return text
         short = self.model_copy(update={"message": (self.message or "")[:1000]})
-        return short.model_dump_json(by_alias=True, exclude_none=True, include={"outcome", "stage", "exit_code", "reason", "message"})
+        return short.model_dump_json(
+            by_alias=True, exclude_none=True, include={"outcome", "stage", "exit_code", "reason", "message"}
+        )

@@ -52,9 +52,7 @@ def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
 class APIModel(BaseModel):
     """Base for API types: camelCase on the wire, unknown fields refused (the CRD prunes them)."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=False
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=False)
 
     def to_api(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -97,8 +95,10 @@ class PVCLocation(APIModel):
         description="Path inside the volume, relative to its root (no leading `/`, no `..`). Empty means the root.",
         max_length=1024,
         json_schema_extra=cel_rules(
-            cel("!self.startsWith('/') && !self.split('/').exists(p, p == '..')",
-                "path must be relative to the volume root: drop the leading '/' and any '..'")
+            cel(
+                "!self.startsWith('/') && !self.split('/').exists(p, p == '..')",
+                "path must be relative to the volume root: drop the leading '/' and any '..'",
+            )
         ),
     )
 
@@ -122,9 +122,7 @@ class ModelSpec(APIModel):
         )
     )
 
-    hugging_face: HuggingFaceModel | None = Field(
-        None, description="Download the model from the Hugging Face Hub."
-    )
+    hugging_face: HuggingFaceModel | None = Field(None, description="Download the model from the Hugging Face Hub.")
     pvc: PVCLocation | None = Field(
         None,
         description="Read the model from a folder in a PersistentVolumeClaim (config.json, "
@@ -184,8 +182,7 @@ class QuantizationSpec(APIModel):
     )
     kv_cache: KVCacheFormat = Field(
         KVCacheFormat.NONE,
-        description="KV cache quantization for causal LMs: none, fp8 (all architectures), nvfp4 "
-        "(Blackwell only).",
+        description="KV cache quantization for causal LMs: none, fp8 (all architectures), nvfp4 (Blackwell only).",
     )
     algorithm: Literal["max", "smoothquant", "awq_lite", "awq_clip", "awq_full"] | None = Field(
         None, description="Override the calibration algorithm of the preset (ModelOpt `algorithm`)."
@@ -265,7 +262,9 @@ class ExportSpec(APIModel):
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Tensor parallel ranks of a tensorrt_llm checkpoint.")
-    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Pipeline parallel ranks of a tensorrt_llm checkpoint.")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="Pipeline parallel ranks of a tensorrt_llm checkpoint."
+    )
     onnx_opset: int = Field(20, ge=17, le=23, description="ONNX opset for the onnx export (FP8 Q/DQ needs 19+).")
 
 
@@ -276,7 +275,9 @@ class EngineTarget(APIModel):
     architecture: GPUArchitecture = Field(description="GPU architecture to build on and for: ada, hopper or blackwell.")
     max_batch_size: int = Field(8, ge=1, le=4096, description="Largest batch the engine serves.")
     max_sequence_length: int = Field(2048, ge=16, le=131072, description="Longest input plus output, in tokens.")
-    optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level (0 fastest build, 5 fastest engine).")
+    optimization_level: int = Field(
+        3, ge=0, le=5, description="TensorRT builder optimization level (0 fastest build, 5 fastest engine)."
+    )
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -289,7 +290,10 @@ class QualityGate(APIModel):
         None, ge=0, description="Largest allowed relative perplexity increase, e.g. 0.05 for +5% (causal LMs)."
     )
     min_cosine_similarity: float | None = Field(
-        None, ge=-1, le=1, description="Smallest allowed mean cosine similarity of outputs to the unquantized model (encoders)."
+        None,
+        ge=-1,
+        le=1,
+        description="Smallest allowed mean cosine similarity of outputs to the unquantized model (encoders).",
     )
 
 
@@ -307,13 +311,17 @@ class EvaluationSpec(APIModel):
 class ResourcesSpec(APIModel):
     """What each runner pod asks for."""
 
-    gpus: int = Field(1, ge=1, le=8, description="GPUs per pod; the model is spread across them when it does not fit on one.")
+    gpus: int = Field(
+        1, ge=1, le=8, description="GPUs per pod; the model is spread across them when it does not fit on one."
+    )
     min_gpu_memory: str | None = Field(
         None,
         pattern=_QUANTITY,
         description="Smallest GPU memory per GPU, e.g. `40Gi`; matched against the `nvidia.com/gpu.memory` node label.",
     )
-    cpu: str = Field("4", pattern=_QUANTITY.replace("(Ki|Mi|Gi|Ti|k|M|G|T)", "(m|k|M|G)"), description="CPU request per pod.")
+    cpu: str = Field(
+        "4", pattern=_QUANTITY.replace("(Ki|Mi|Gi|Ti|k|M|G|T)", "(m|k|M|G)"), description="CPU request per pod."
+    )
     memory: str = Field("32Gi", pattern=_QUANTITY, description="Memory request and limit per pod.")
 
 
@@ -363,20 +371,27 @@ class OutputSpec(APIModel):
 class RunPolicy(APIModel):
     """Retries, deadlines and clean-up. These are the only spec fields that may change after creation."""
 
-    backoff_limit: int = Field(2, ge=0, le=20, description="Retries of a failed stage (transient errors and OOM; bad input is never retried).")
+    backoff_limit: int = Field(
+        2, ge=0, le=20, description="Retries of a failed stage (transient errors and OOM; bad input is never retried)."
+    )
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Fail a stage whose Job has been active longer than this (reason DeadlineExceeded)."
     )
     pending_deadline_seconds: int = Field(
-        600, ge=0, description="Fail the job when a stage waits longer than this for a node (no capacity, no matching node)."
+        600,
+        ge=0,
+        description="Fail the job when a stage waits longer than this for a node (no capacity, no matching node).",
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the QuantizationJob (and its children) this long after it finished. Artifacts stay."
+        None,
+        ge=0,
+        description="Delete the QuantizationJob (and its children) this long after it finished. Artifacts stay.",
     )
     suspend: bool = Field(False, description="Create no new pods while true (Kueue also uses this).")
 
 
 # ------------------------------------------------------------------------------------------ spec
+
 
 def _matrix_rules() -> list[dict[str, str]]:
     """CEL rules refusing engine targets whose architecture has no kernels for the format."""
@@ -423,8 +438,17 @@ def _matrix_rules() -> list[dict[str, str]]:
 
 
 def _spec_rules() -> list[dict[str, str]]:
-    immutable = ("model", "quantization", "calibration", "export", "engines",
-                 "evaluation", "resources", "scheduling", "output")
+    immutable = (
+        "model",
+        "quantization",
+        "calibration",
+        "export",
+        "engines",
+        "evaluation",
+        "resources",
+        "scheduling",
+        "output",
+    )
     return [
         *_matrix_rules(),
         cel(
@@ -543,8 +567,12 @@ class Progress(APIModel):
 class Artifact(APIModel):
     """A finished artifact: a checkpoint, an ONNX model or an engine."""
 
-    kind: Literal["checkpoint", "onnx", "engine", "manifest"] = Field(description="checkpoint, onnx, engine or manifest.")
-    format: str = Field(description="Export format (`hf`, `tensorrt_llm`, `onnx`) or engine kind (`tensorrt`, `tensorrt_llm`).")
+    kind: Literal["checkpoint", "onnx", "engine", "manifest"] = Field(
+        description="checkpoint, onnx, engine or manifest."
+    )
+    format: str = Field(
+        description="Export format (`hf`, `tensorrt_llm`, `onnx`) or engine kind (`tensorrt`, `tensorrt_llm`)."
+    )
     uri: str = Field(description="Where it is: `pvc://<claim>/<path>`.")
     architecture: str | None = Field(None, description="GPU architecture an engine was built for.")
     compute_capability: str | None = Field(None, description="Compute capability an engine was built on, e.g. `9.0`.")
@@ -566,7 +594,10 @@ class Quality(APIModel):
 class RunnerReport(APIModel):
     """What a runner pod reported about its stage (written by the runner through its own Role)."""
 
-    step: str | None = Field(None, description="Runner step in progress: resolve, load, calibrate, quantize, export, build, evaluate, report.")
+    step: str | None = Field(
+        None,
+        description="Runner step in progress: resolve, load, calibrate, quantize, export, build, evaluate, report.",
+    )
     percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
     eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")
     message: str | None = Field(None, description="Latest progress message.")
@@ -579,8 +610,12 @@ class RunnerReport(APIModel):
 class QuantizationJobStatus(APIModel):
     """Observed state, written by the operator (and `runnerReports` by the runner pods)."""
 
-    phase: str = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.", json_schema_extra={"enum": PHASES})
-    reason: str | None = Field(None, description="Stable reason of the latest phase change (e.g. NoMatchingNodes, OOMKilled).")
+    phase: str = Field(
+        "Pending", description="Pending, Running, Succeeded, Failed or Suspended.", json_schema_extra={"enum": PHASES}
+    )
+    reason: str | None = Field(
+        None, description="Stable reason of the latest phase change (e.g. NoMatchingNodes, OOMKilled)."
+    )
     message: str | None = Field(None, description="Human-readable explanation of `reason`.")
     observed_generation: int | None = Field(None, description="The spec generation the operator last acted on.")
     conditions: list[Condition] = Field(
@@ -590,7 +625,9 @@ class QuantizationJobStatus(APIModel):
     )
     stages: list[StageStatus] = Field(default=[], description="One record per runner Job.")
     progress: Progress | None = Field(None, description="Progress of the whole job.")
-    target_architectures: str | None = Field(None, description="Engine architectures, comma-separated (printer column).")
+    target_architectures: str | None = Field(
+        None, description="Engine architectures, comma-separated (printer column)."
+    )
     artifacts: list[Artifact] = Field(default=[], description="Finished artifacts.")
     quality: Quality | None = Field(None, description="Quality before and after quantization.")
     runner_reports: dict[str, RunnerReport] = Field(
@@ -612,8 +649,17 @@ class QuantizationJob(APIModel):
 
 # ---------------------------------------------------------------------------------------- helpers
 
-_UNITS = {"": 1 / 2**20, "Ki": 1 / 2**10, "Mi": 1, "Gi": 2**10, "Ti": 2**20,
-          "k": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20, "T": 1e12 / 2**20}
+_UNITS = {
+    "": 1 / 2**20,
+    "Ki": 1 / 2**10,
+    "Mi": 1,
+    "Gi": 2**10,
+    "Ti": 2**20,
+    "k": 1e3 / 2**20,
+    "M": 1e6 / 2**20,
+    "G": 1e9 / 2**20,
+    "T": 1e12 / 2**20,
+}
 
 
 def quantity_to_mib(quantity: str) -> int:

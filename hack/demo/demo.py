@@ -58,8 +58,11 @@ class Demo:
     def kubectl(self, *args: str, check: bool = True, echo: bool = True) -> subprocess.CompletedProcess:
         if echo:
             print(f"$ kubectl {' '.join(args)}", flush=True)
-        proc = subprocess.run([str(self.cluster.kubectl), f"--kubeconfig={self.cluster.kubeconfig}", *args],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [str(self.cluster.kubectl), f"--kubeconfig={self.cluster.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+        )
         if check and proc.returncode != 0:
             raise SystemExit(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
         return proc
@@ -70,17 +73,28 @@ class Demo:
         step(1, "local control plane with simulated GPU nodes")
         # A first run builds the binaries from the Go module proxy and says so (about 25 minutes).
         self.cluster.up(timeout=180)
-        print(self.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.compute.major,"
-                                                 "nvidia.com/gpu.compute.minor,nvidia.com/gpu.count", echo=True).stdout)
+        print(
+            self.kubectl(
+                "get",
+                "nodes",
+                "-L",
+                "nvidia.com/gpu.product,nvidia.com/gpu.compute.major,nvidia.com/gpu.compute.minor,nvidia.com/gpu.count",
+                echo=True,
+            ).stdout
+        )
 
     def install_chart(self) -> None:
         step(2, "helm install the operator (its pod runs as a local process: hack/podrunner)")
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         venv_bin = str(Path(sys.executable).parent)
-        self.runner = podrunner.PodRunner(self.cluster.kubeconfig, self.work / "pods", bin_dirs=[venv_bin], max_parallel=2,
-                                          extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                                                     "TOKENIZERS_PARALLELISM": "false"}).start()
+        self.runner = podrunner.PodRunner(
+            self.cluster.kubeconfig,
+            self.work / "pods",
+            bin_dirs=[venv_bin],
+            max_parallel=2,
+            extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        ).start()
         self.metrics_port, health_port = localcluster.free_ports(2)
         values = {
             "podLabels": {EXTERNAL: "true"},
@@ -91,11 +105,28 @@ class Demo:
         }
         values_file = self.work / "values.yaml"
         values_file.write_text(json.dumps(values))
-        cmd = [str(self.cluster.helm), "upgrade", "--install", "qjob-operator", str(ROOT / "charts" / "qjob-operator"),
-               "--namespace", OPERATOR_NS, "--create-namespace", "--kubeconfig", str(self.cluster.kubeconfig),
-               "-f", str(values_file), "--wait", "--timeout", "3m"]
-        print(f"$ helm upgrade --install qjob-operator charts/qjob-operator -n {OPERATOR_NS} --create-namespace "
-              f"-f {values_file.relative_to(ROOT)} --wait", flush=True)
+        cmd = [
+            str(self.cluster.helm),
+            "upgrade",
+            "--install",
+            "qjob-operator",
+            str(ROOT / "charts" / "qjob-operator"),
+            "--namespace",
+            OPERATOR_NS,
+            "--create-namespace",
+            "--kubeconfig",
+            str(self.cluster.kubeconfig),
+            "-f",
+            str(values_file),
+            "--wait",
+            "--timeout",
+            "3m",
+        ]
+        print(
+            f"$ helm upgrade --install qjob-operator charts/qjob-operator -n {OPERATOR_NS} --create-namespace "
+            f"-f {values_file.relative_to(ROOT)} --wait",
+            flush=True,
+        )
         subprocess.run(cmd, check=True)
         print(self.kubectl("get", "pods,svc", "-n", OPERATOR_NS, echo=True).stdout)
 
@@ -107,20 +138,44 @@ class Demo:
         volume = self.work / "volume"
         volume.mkdir(parents=True, exist_ok=True)
         manifests = [
-            {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "qjob-demo-volume"},
-             "spec": {"capacity": {"storage": "20Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                      "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(volume)},
-                      "claimRef": {"namespace": NAMESPACE, "name": "demo-volume"}}},
-            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "demo-volume", "namespace": NAMESPACE},
-             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": "qjob-demo-volume",
-                      "resources": {"requests": {"storage": "20Gi"}}}},
-            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "calibration-text", "namespace": NAMESPACE},
-             "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in pydoc_paragraphs()[:300])}},
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": "qjob-demo-volume"},
+                "spec": {
+                    "capacity": {"storage": "20Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": str(volume)},
+                    "claimRef": {"namespace": NAMESPACE, "name": "demo-volume"},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "demo-volume", "namespace": NAMESPACE},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "volumeName": "qjob-demo-volume",
+                    "resources": {"requests": {"storage": "20Gi"}},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "calibration-text", "namespace": NAMESPACE},
+                "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in pydoc_paragraphs()[:300])},
+            },
         ]
         path = self.work / "volume.yaml"
         path.write_text("\n---\n".join(json.dumps(m) for m in manifests))
         self.kubectl("apply", "-f", str(path), echo=False)
-        print("building a tiny Llama (trained a few steps on Python's own docs) and copying all-MiniLM-L6-v2 ...", flush=True)
+        print(
+            "building a tiny Llama (trained a few steps on Python's own docs) and copying all-MiniLM-L6-v2 ...",
+            flush=True,
+        )
         make_tiny_llama(volume / "models" / "tiny-llama", train_steps=30)
         shutil.copytree(minilm_folder(), volume / "models" / "all-MiniLM-L6-v2", dirs_exist_ok=True)
         print(f"volume {volume.relative_to(ROOT)} (PVC demo-volume): models/tiny-llama, models/all-MiniLM-L6-v2")
@@ -132,7 +187,9 @@ class Demo:
 
     def invalid_job(self) -> bool:
         step(5, "an invalid job: NVFP4 for Hopper (NVFP4 kernels exist on Blackwell only)")
-        proc = self.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "invalid-nvfp4-on-hopper.yaml"), check=False)
+        proc = self.kubectl(
+            "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "invalid-nvfp4-on-hopper.yaml"), check=False
+        )
         print(proc.stderr.strip())
         return proc.returncode != 0 and "NVFP4 needs Blackwell" in proc.stderr
 
@@ -168,18 +225,20 @@ class Demo:
         metrics_file.write_text(metrics_text)
         print("metrics (operator, Prometheus format):")
         for line in metrics_text.splitlines():
-            if line.startswith(("qjob_jobs", "qjob_failures_total", "qjob_gpu_seconds_total", "qjob_stage_duration_seconds_count")):
+            if line.startswith(
+                ("qjob_jobs", "qjob_failures_total", "qjob_gpu_seconds_total", "qjob_stage_duration_seconds_count")
+            ):
                 print(f"  {line}")
         ok = all((objs.get(n, {}).get("status") or {}).get("phase") == "Succeeded" for n in GOOD_JOBS)
-        unplaceable = (objs.get(UNPLACEABLE, {}).get("status") or {})
+        unplaceable = objs.get(UNPLACEABLE, {}).get("status") or {}
         ok = ok and unplaceable.get("phase") == "Failed" and unplaceable.get("reason") == "NoMatchingNodes"
         print(f"""
 Artifacts:      {volume.relative_to(ROOT)}/{NAMESPACE}/<job>/   (PVC demo-volume)
 Status:         KUBECONFIG=.cluster/kubeconfig {self.cluster.kubectl} get qjob -n {NAMESPACE}
-                KUBECONFIG=.cluster/kubeconfig {Path(sys.executable).parent / 'qjob'} status tiny-llama-fp8 -n {NAMESPACE}
+                KUBECONFIG=.cluster/kubeconfig {Path(sys.executable).parent / "qjob"} status tiny-llama-fp8 -n {NAMESPACE}
 Events:         KUBECONFIG=.cluster/kubeconfig {self.cluster.kubectl} get events -n {NAMESPACE}
 Metrics:        {metrics_file.relative_to(ROOT)} (scraped from the operator's :{self.metrics_port}/metrics)
-Pod logs:       {(self.work / 'pods').relative_to(ROOT)}/<namespace>/<pod>/container.log
+Pod logs:       {(self.work / "pods").relative_to(ROOT)}/<namespace>/<pod>/container.log
 Tear down:      make demo-down
 """)
         return ok

@@ -250,7 +250,7 @@ class LocalCluster:
         return code == 200
 
     # -- up --------------------------------------------------------------------------------------
-    def up(self, timeout: float = 120) -> "LocalCluster":
+    def up(self, timeout: float = 120) -> LocalCluster:
         with self._lock():
             if self._healthy():
                 log(f"reusing running cluster in {self.dir} ({self.server})")
@@ -274,10 +274,23 @@ class LocalCluster:
         if not self.audit:
             return []
         policy = self.dir / "config" / "audit-policy.yaml"
-        policy.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
-                                      "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}))
-        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.dir / 'logs' / 'audit.log'}",
-                "--audit-log-format=json", "--audit-log-mode=batch", "--audit-log-maxsize=0"]
+        policy.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [{"level": "Metadata"}],
+                }
+            )
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.dir / 'logs' / 'audit.log'}",
+            "--audit-log-format=json",
+            "--audit-log-mode=batch",
+            "--audit-log-maxsize=0",
+        ]
 
     def _start(self, bin_dir: Path, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -410,8 +423,10 @@ class LocalCluster:
         self._create_nodes()
         self._wait(self._nodes_ready, deadline, "simulated nodes Ready")
         self._wait(
-            lambda: self._check_alive()
-            or self.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
+            lambda: (
+                self._check_alive()
+                or self.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
+            ),
             deadline,
             "the default ServiceAccount (kube-controller-manager)",
         )
@@ -472,9 +487,7 @@ class LocalCluster:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # self-signed serving cert of the component
         try:
-            with urllib.request.urlopen(
-                f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=2
-            ) as r:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=2) as r:
                 return r.status == 200
         except (OSError, ssl.SSLError):
             return False
@@ -516,9 +529,7 @@ class LocalCluster:
         for name, (subj, ext, *signer) in certs.items():
             ca = signer[0] if signer else "ca"
             (pki / f"{name}.ext").write_text(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                + ext
-                + "\n"
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n" + ext + "\n"
             )
             openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                     "-subj", subj, cwd=pki)  # fmt: skip
@@ -624,9 +635,7 @@ class LocalCluster:
         # SIGKILL after 15 s.
         for group in (["kwok", "kube-scheduler", "kube-controller-manager"], ["kube-apiserver"], ["etcd"]):
             live = {
-                n: procs[n]
-                for n in group
-                if n in procs and proc_start_time(procs[n]["pid"]) == procs[n]["start_time"]
+                n: procs[n] for n in group if n in procs and proc_start_time(procs[n]["pid"]) == procs[n]["start_time"]
             }  # (a pid whose start time differs was reused by something else: leave it alone)
             for p in live.values():
                 with contextlib.suppress(ProcessLookupError):
@@ -780,21 +789,26 @@ def token_kubeconfig(admin_kubeconfig: Path | str, token: str, path: Path | str,
     cluster = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
     user_context = {"cluster": cluster["name"], "user": "token", **({"namespace": namespace} if namespace else {})}
     path = Path(path)
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "token",
-        "clusters": [cluster],
-        "users": [{"name": "token", "user": {"token": token}}],
-        "contexts": [{"name": "token", "context": user_context}],
-    }, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "token",
+                "clusters": [cluster],
+                "users": [{"name": "token", "user": {"token": token}}],
+                "contexts": [{"name": "token", "context": user_context}],
+            },
+            sort_keys=False,
+        )
+    )
     path.chmod(0o600)
     return path
 
 
 def locate_binaries() -> Path:
     """Run build.sh (builds into the cache once; honours QJOB_K8S_BIN_DIR) and return the dir."""
-    r = subprocess.run(
-        ["bash", str(HERE / "build.sh")], stdout=subprocess.PIPE, stderr=None, text=True
-    )
+    r = subprocess.run(["bash", str(HERE / "build.sh")], stdout=subprocess.PIPE, stderr=None, text=True)
     if r.returncode != 0:
         raise ClusterError(f"hack/localcluster/build.sh failed with exit code {r.returncode}")
     lines = r.stdout.strip().splitlines()

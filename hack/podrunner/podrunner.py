@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ MESSAGE_LIMIT = 4096
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class PathMap:
@@ -77,9 +77,15 @@ class PathMap:
 
 
 class PodRunner:
-    def __init__(self, kubeconfig: str | Path, workdir: str | Path, bin_dirs: list[str] | None = None,
-                 max_parallel: int = 2, extra_env: dict[str, str] | None = None,
-                 label_selector: str = f"{EXTERNAL_LABEL}=true"):
+    def __init__(
+        self,
+        kubeconfig: str | Path,
+        workdir: str | Path,
+        bin_dirs: list[str] | None = None,
+        max_parallel: int = 2,
+        extra_env: dict[str, str] | None = None,
+        label_selector: str = f"{EXTERNAL_LABEL}=true",
+    ):
         self.kubeconfig = str(kubeconfig)
         self.workdir = Path(workdir)
         self.bin_dirs = bin_dirs or [str(Path(sys.executable).parent)]
@@ -116,8 +122,9 @@ class PodRunner:
         while not self._stop.is_set():
             self._watch = watch.Watch()
             try:
-                for event in self._watch.stream(self.core.list_pod_for_all_namespaces,
-                                                label_selector=self.label_selector, timeout_seconds=60):
+                for event in self._watch.stream(
+                    self.core.list_pod_for_all_namespaces, label_selector=self.label_selector, timeout_seconds=60
+                ):
                     self._on_event(event["type"], event["object"])
                     if self._stop.is_set():
                         return
@@ -183,8 +190,11 @@ class PodRunner:
         import base64
 
         ns = pod.metadata.namespace
-        env = {"PATH": os.pathsep.join([*self.bin_dirs, os.environ.get("PATH", "")]),
-               "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env = {
+            "PATH": os.pathsep.join([*self.bin_dirs, os.environ.get("PATH", "")]),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
         for var in container.env or []:
             if var.value is not None:
                 env[var.name] = paths.rewrite(var.value)
@@ -196,16 +206,30 @@ class PodRunner:
                 env[var.name] = self.core.read_namespaced_config_map(ref.name, ns).data[ref.key]
             elif var.value_from and var.value_from.field_ref:
                 field = var.value_from.field_ref.field_path
-                env[var.name] = {"spec.nodeName": pod.spec.node_name, "metadata.name": pod.metadata.name,
-                                 "metadata.namespace": ns, "status.podIP": "127.0.0.1"}.get(field, "")
+                env[var.name] = {
+                    "spec.nodeName": pod.spec.node_name,
+                    "metadata.name": pod.metadata.name,
+                    "metadata.namespace": ns,
+                    "status.podIP": "127.0.0.1",
+                }.get(field, "")
         return env
 
     def _kubeconfig(self, pod: client.V1Pod, root: Path) -> Path:
         """The pod's ServiceAccount identity, as the kubelet would project it (bound to the pod)."""
         token = self.core.create_namespaced_service_account_token(
-            pod.spec.service_account_name or "default", pod.metadata.namespace,
-            {"spec": {"expirationSeconds": 3600,
-                      "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid}}},
+            pod.spec.service_account_name or "default",
+            pod.metadata.namespace,
+            {
+                "spec": {
+                    "expirationSeconds": 3600,
+                    "boundObjectRef": {
+                        "kind": "Pod",
+                        "apiVersion": "v1",
+                        "name": pod.metadata.name,
+                        "uid": pod.metadata.uid,
+                    },
+                }
+            },
         ).status.token
         return localcluster.token_kubeconfig(self.kubeconfig, token, root / "kubeconfig", pod.metadata.namespace)
 
@@ -248,16 +272,34 @@ class PodRunner:
             if self._stop.is_set():
                 return
             log.info("running %s on simulated node %s: %s", name, pod.spec.node_name, " ".join(argv))
-            self._set_status(pod, {
-                "phase": "Running", "startTime": started, "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
-                "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
-                               for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")],
-                "containerStatuses": [{"name": container.name, "image": container.image, "imageID": "",
-                                       "ready": True, "started": True, "restartCount": 0,
-                                       "state": {"running": {"startedAt": started}}}],
-            })
+            self._set_status(
+                pod,
+                {
+                    "phase": "Running",
+                    "startTime": started,
+                    "hostIP": "127.0.0.1",
+                    "podIP": "127.0.0.1",
+                    "conditions": [
+                        {"type": t, "status": "True", "lastTransitionTime": started}
+                        for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+                    ],
+                    "containerStatuses": [
+                        {
+                            "name": container.name,
+                            "image": container.image,
+                            "imageID": "",
+                            "ready": True,
+                            "started": True,
+                            "restartCount": 0,
+                            "state": {"running": {"startedAt": started}},
+                        }
+                    ],
+                },
+            )
             with open(root / "container.log", "wb") as out:
-                proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 self._procs[pod.metadata.uid] = proc
                 code = proc.wait()
         message = termination_log.read_text(errors="replace")[:MESSAGE_LIMIT] if termination_log.exists() else ""
@@ -269,15 +311,35 @@ class PodRunner:
     def _finish(self, pod: client.V1Pod, started: str, code: int, reason: str, message: str) -> None:
         finished = now()
         container = pod.spec.containers[0]
-        self._set_status(pod, {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished}
-                           for t in ("Ready", "ContainersReady")],
-            "containerStatuses": [{"name": container.name, "image": container.image, "imageID": "", "ready": False,
-                                   "started": False, "restartCount": 0,
-                                   "state": {"terminated": {"exitCode": code, "reason": reason, "message": message,
-                                                            "startedAt": started, "finishedAt": finished}}}],
-        })
+        self._set_status(
+            pod,
+            {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "conditions": [
+                    {"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": finished}
+                    for t in ("Ready", "ContainersReady")
+                ],
+                "containerStatuses": [
+                    {
+                        "name": container.name,
+                        "image": container.image,
+                        "imageID": "",
+                        "ready": False,
+                        "started": False,
+                        "restartCount": 0,
+                        "state": {
+                            "terminated": {
+                                "exitCode": code,
+                                "reason": reason,
+                                "message": message,
+                                "startedAt": started,
+                                "finishedAt": finished,
+                            }
+                        },
+                    }
+                ],
+            },
+        )
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ def describe(path: Path) -> tuple[int, str, list[dict[str, object]]]:
     # hashlib releases the GIL on large buffers: shards of a big checkpoint hash in parallel.
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = list(pool.map(sha256_file, paths))
-    files = [{"path": f.relative_to(path).as_posix(), "size": f.stat().st_size, "sha256": d} for f, d in zip(paths, digests)]
+    files = [
+        {"path": f.relative_to(path).as_posix(), "size": f.stat().st_size, "sha256": d} for f, d in zip(paths, digests)
+    ]
     folder = hashlib.sha256("".join(f"{e['path']} {e['sha256']}\n" for e in files).encode()).hexdigest()
     return sum(int(e["size"]) for e in files), folder, files
 

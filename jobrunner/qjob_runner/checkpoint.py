@@ -112,8 +112,9 @@ class DequantizedLinear(torch.nn.Module):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def load_dequantized(folder: str | Path, dtype=torch.float32, device: str = "cpu", simulate_activations: bool = True,
-                     auto_class=None):
+def load_dequantized(
+    folder: str | Path, dtype=torch.float32, device: str = "cpu", simulate_activations: bool = True, auto_class=None
+):
     """A transformers model whose quantized linears compute from the checkpoint's quantized tensors."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -134,25 +135,38 @@ def load_dequantized(folder: str | Path, dtype=torch.float32, device: str = "cpu
     # Group quantized linear tensors by module prefix.
     quantized = {k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")}
     for name in sorted(quantized):
-        parts = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+        parts = {
+            k[len(name) + 1 :]: v
+            for k, v in tensors.items()
+            if k.startswith(name + ".") and "." not in k[len(name) + 1 :]
+        }
         weight = dequantize_weight(parts, algo).to(dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         bias = parts.get("bias")
-        layer = DequantizedLinear(weight.to(device), None if bias is None else bias.to(dtype).to(device),
-                                  None if parts.get("pre_quant_scale") is None else parts["pre_quant_scale"].float().to(device),
-                                  None if parts.get("input_scale") is None else parts["input_scale"].float().to(device),
-                                  algo, simulate_activations)
+        layer = DequantizedLinear(
+            weight.to(device),
+            None if bias is None else bias.to(dtype).to(device),
+            None if parts.get("pre_quant_scale") is None else parts["pre_quant_scale"].float().to(device),
+            None if parts.get("input_scale") is None else parts["input_scale"].float().to(device),
+            algo,
+            simulate_activations,
+        )
         setattr(parent, child, layer)
         for k in parts:
             tensors.pop(f"{name}.{k}")
     # Remaining tensors are plain weights; KV cache scales (k_scale/v_scale) are for the runtime.
-    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
-            if not k.endswith(("k_scale", "v_scale"))}
+    rest = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in tensors.items()
+        if not k.endswith(("k_scale", "v_scale"))
+    }
     missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in rest.items()}, strict=False)
     missing = [k for k in missing if k.rpartition(".")[0] not in quantized]
     if getattr(config, "tie_word_embeddings", False):
         missing = [k for k in missing if "lm_head" not in k]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {folder} does not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.to(device).eval()

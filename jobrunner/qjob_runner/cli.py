@@ -32,11 +32,15 @@ def write_termination_message(result: RunnerResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qjob-runner", description="Run one stage of a QuantizationJob.")
-    parser.add_argument("--config", help="RunnerConfig JSON/YAML file (default: $QJOB_RUNNER_CONFIG or /etc/qjob/runner.json)")
+    parser.add_argument(
+        "--config", help="RunnerConfig JSON/YAML file (default: $QJOB_RUNNER_CONFIG or /etc/qjob/runner.json)"
+    )
     parser.add_argument("--result", help="where to write the result JSON (default: <output_dir>/result.json)")
     parser.add_argument("--log-level", default=os.environ.get("QJOB_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
     from .context import load_config
     from .errors import RunnerError
@@ -46,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     except RunnerError as exc:
         logging.getLogger("qjob_runner").error("%s", exc)
-        result = RunnerResult(outcome="Failed", stage="unknown", exit_code=int(exc.exit_code), reason=exc.reason,
-                              message=str(exc), failed_step="config")
+        result = RunnerResult(
+            outcome="Failed",
+            stage="unknown",
+            exit_code=int(exc.exit_code),
+            reason=exc.reason,
+            message=str(exc),
+            failed_step="config",
+        )
         write_termination_message(result)
         if args.result:
             Path(args.result).write_text(result.model_dump_json(by_alias=True, exclude_none=True, indent=2))

@@ -77,13 +77,15 @@ def classify(exc: BaseException) -> RunnerError:
     except ImportError:  # pragma: no cover
         pass
     if isinstance(exc, MemoryError):
-        return OutOfMemory(
-            "host memory exhausted", "raise spec.resources.memory (the pod's memory limit)"
-        )
+        return OutOfMemory("host memory exhausted", "raise spec.resources.memory (the pod's memory limit)")
     if "out of memory" in text.lower() and "cuda" in text.lower():
         return OutOfMemory(text.splitlines()[0], "lower spec.calibration.batchSize or use more/larger GPUs")
     if isinstance(exc, (ConnectionError, TimeoutError)):
-        return TransientError(f"network error: {name}: {text}", "the pod is retried; check the cluster's egress if it persists")
+        return TransientError(
+            f"network error: {name}: {text}", "the pod is retried; check the cluster's egress if it persists"
+        )
     if isinstance(exc, OSError) and getattr(exc, "errno", None) in {28}:  # ENOSPC
         return TransientError(f"disk full: {text}", "give the output PersistentVolumeClaim more space")
-    return TransientError(f"unexpected {name}: {text}", "this is likely a runner bug; the pod is retried, report it if it persists")
+    return TransientError(
+        f"unexpected {name}: {text}", "this is likely a runner bug; the pod is retried, report it if it persists"
+    )

@@ -233,9 +233,7 @@ class KubernetesSink(Sink):
     """JSON merge patch of ``status.runnerReports.<stage>`` on the job's status subresource."""
 
     def __init__(self, namespace: str, name: str, stage: str, endpoint: ApiEndpoint, timeout: float = 10.0):
-        self.url = (
-            f"{endpoint.server}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
-        )
+        self.url = f"{endpoint.server}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
         self.endpoint = endpoint
         self.stage = stage
         self.timeout = timeout

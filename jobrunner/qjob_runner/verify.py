@@ -45,8 +45,11 @@ def onnx_embeddings(path: Path, tokenizer, texts: list[str], seq_len: int):
     sess = ort_session(path)
     pooled, hidden = [], []
     for i in range(0, len(texts), 16):
-        enc = tokenizer(texts[i:i + 16], return_tensors="np", padding=True, truncation=True, max_length=seq_len)
-        h, p = sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
+        enc = tokenizer(texts[i : i + 16], return_tensors="np", padding=True, truncation=True, max_length=seq_len)
+        h, p = sess.run(
+            None,
+            {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)},
+        )
         pooled.append(torch.from_numpy(p).float())
         hidden.append(torch.from_numpy(h).float())
     return torch.cat(pooled), hidden
@@ -69,7 +72,9 @@ def torch_embeddings(model, tokenizer, texts, seq_len, device, perturb: float = 
     try:
         with torch.no_grad():
             for i in range(0, len(texts), 16):
-                enc = tokenizer(texts[i:i + 16], return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
+                enc = tokenizer(
+                    texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=seq_len
+                )
                 ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
                 h = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
                 m = mask.unsqueeze(-1).float()
@@ -82,7 +87,6 @@ def torch_embeddings(model, tokenizer, texts, seq_len, device, perturb: float = 
 
 
 def _rel(a_list, b_list) -> float:
-    import torch
 
     num = sum(float((a - b).norm() ** 2) for a, b in zip(a_list, b_list))
     den = sum(float(b.norm() ** 2) for b in b_list)
@@ -136,8 +140,10 @@ def check_hf(ctx: RunContext, folder: Path) -> dict[str, float]:
         model = load_dequantized(folder, dtype=dtype, device=device)
         ppl = perplexity(model, windows, device)
         del model
-        return {"reloaded_perplexity": round(ppl, 6),
-                "reloaded_vs_quantized_perplexity_ratio": round(ppl / ctx.quality.quantized, 6)}
+        return {
+            "reloaded_perplexity": round(ppl, 6),
+            "reloaded_vs_quantized_perplexity_ratio": round(ppl / ctx.quality.quantized, 6),
+        }
     emb = ctx.metrics.get("_quantized_embeddings")
     if emb is None:
         return {}

@@ -8,9 +8,25 @@ import platform
 #: Distributions whose versions go into the manifest (the version mismatches users hit are
 #: between these: ModelOpt / transformers / TensorRT / TensorRT-LLM).
 TRACKED = (
-    "qjob-operator", "torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors",
-    "huggingface-hub", "tokenizers", "onnx", "onnxruntime", "onnxscript", "tensorrt",
-    "tensorrt-cu12", "tensorrt-cu13", "tensorrt-llm", "tensorrt_llm", "datasets", "numpy", "pydantic",
+    "qjob-operator",
+    "torch",
+    "transformers",
+    "nvidia-modelopt",
+    "accelerate",
+    "safetensors",
+    "huggingface-hub",
+    "tokenizers",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "tensorrt",
+    "tensorrt-cu12",
+    "tensorrt-cu13",
+    "tensorrt-llm",
+    "tensorrt_llm",
+    "datasets",
+    "numpy",
+    "pydantic",
 )
 
 

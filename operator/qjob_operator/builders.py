@@ -50,8 +50,14 @@ class JobRef:
 
 
 def owner_reference(ref: JobRef) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name, "uid": ref.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _metadata(ref: JobRef, name: str, stage: str | None = None) -> dict[str, Any]:
@@ -138,7 +144,12 @@ def build_role(ref: JobRef) -> dict[str, Any]:
         "metadata": _metadata(ref, runner_service_account(ref.name)),
         "rules": [
             {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [ref.name], "verbs": ["get"]},
-            {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [ref.name], "verbs": ["get", "patch"]},
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [ref.name],
+                "verbs": ["get", "patch"],
+            },
         ],
     }
 
@@ -167,11 +178,13 @@ def node_affinity(req: NodeRequirement, config: OperatorConfig) -> dict[str, Any
         else []
     )
     terms = [
-        {"matchExpressions": [
-            {"key": keys.compute_major, "operator": "In", "values": [major]},
-            {"key": keys.compute_minor, "operator": "In", "values": [minor]},
-            *memory,
-        ]}
+        {
+            "matchExpressions": [
+                {"key": keys.compute_major, "operator": "In", "values": [major]},
+                {"key": keys.compute_minor, "operator": "In", "values": [minor]},
+                *memory,
+            ]
+        }
         for major, minor in req.compute_capabilities
     ]
     if not terms and memory:
@@ -200,7 +213,9 @@ def _volumes(ref: JobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[d
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
     if cm := spec.calibration.dataset.config_map:
-        volumes.append({"name": "calibration", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}})
+        volumes.append(
+            {"name": "calibration", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}}
+        )
         mounts.append({"name": "calibration", "mountPath": CALIBRATION_ROOT, "readOnly": True})
     return volumes, mounts
 
@@ -218,8 +233,12 @@ def _env(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorC
     ]
     hf = spec.model.hugging_face
     if hf and hf.token_secret_ref:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": hf.token_secret_ref.name, "key": hf.token_secret_ref.key}}})
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": hf.token_secret_ref.name, "key": hf.token_secret_ref.key}},
+            }
+        )
     env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
     return env
 
@@ -280,17 +299,28 @@ def build_job(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: Oper
         "parallelism": 1,
         # Kueue admits a queued Job by un-suspending it; otherwise suspend follows runPolicy.
         "suspend": True if queued else spec.run_policy.suspend,
-        "podFailurePolicy": {"rules": [
-            # Bad config, bad input or a failed quality gate: retrying cannot help.
-            {"action": "FailJob", "onExitCodes": {"containerName": RUNNER_CONTAINER, "operator": "In",
-                                                  "values": [int(c) for c in NON_RETRYABLE_EXIT_CODES]}},
-            # Evictions and preemptions are not the runner's fault: do not count them.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-        ]},
-        "template": {"metadata": {
-            "labels": {**config.runner.pod_labels, **spec.scheduling.pod_labels, **metadata["labels"]},
-            "annotations": {**config.runner.pod_annotations, **spec.scheduling.pod_annotations},
-        }, "spec": pod_spec},
+        "podFailurePolicy": {
+            "rules": [
+                # Bad config, bad input or a failed quality gate: retrying cannot help.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": RUNNER_CONTAINER,
+                        "operator": "In",
+                        "values": [int(c) for c in NON_RETRYABLE_EXIT_CODES],
+                    },
+                },
+                # Evictions and preemptions are not the runner's fault: do not count them.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {
+                "labels": {**config.runner.pod_labels, **spec.scheduling.pod_labels, **metadata["labels"]},
+                "annotations": {**config.runner.pod_annotations, **spec.scheduling.pod_annotations},
+            },
+            "spec": pod_spec,
+        },
     }
     if spec.run_policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from qjob_api.runner import RunnerConfig
 from qjob_api.v1alpha1 import GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, QuantizationJob
 
@@ -39,8 +38,13 @@ def _documents(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def local_runner_config(job: QuantizationJob, stage_name: str, volumes: dict[str, Path],
-                        config_maps: dict[str, dict[str, str]], workdir: Path) -> RunnerConfig:
+def local_runner_config(
+    job: QuantizationJob,
+    stage_name: str,
+    volumes: dict[str, Path],
+    config_maps: dict[str, dict[str, str]],
+    workdir: Path,
+) -> RunnerConfig:
     """The RunnerConfig the operator would mount, with in-pod paths mapped to this machine:
     PVC claims to ``volumes[claim]`` (default ``workdir/pvc/<claim>``), calibration ConfigMaps
     (from the same manifest file) to files under ``workdir``, reporting to a local file."""
@@ -54,28 +58,37 @@ def local_runner_config(job: QuantizationJob, stage_name: str, volumes: dict[str
         if not path:
             return path
         if path.startswith(PVC_ROOT + "/"):
-            claim, _, rest = path[len(PVC_ROOT) + 1:].partition("/")
+            claim, _, rest = path[len(PVC_ROOT) + 1 :].partition("/")
             root = volumes.get(claim, workdir / "pvc" / claim)
             return str(root / rest) if rest else str(root)
         if path.startswith(CALIBRATION_ROOT + "/"):
             cm = job.spec.calibration.dataset.config_map
             data = config_maps.get(cm.name)
             if data is None or cm.key not in data:
-                raise SystemExit(f"qjob: calibration ConfigMap {cm.name!r} (key {cm.key!r}) is not in the manifest "
-                                 "file: add the ConfigMap document to it, or use a dataset on a PVC with --volume")
+                raise SystemExit(
+                    f"qjob: calibration ConfigMap {cm.name!r} (key {cm.key!r}) is not in the manifest "
+                    "file: add the ConfigMap document to it, or use a dataset on a PVC with --volume"
+                )
             target = workdir / "calibration" / cm.key
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(data[cm.key])
             return str(target)
         return path
 
-    return config.model_copy(update={
-        "model": config.model.model_copy(update={"path": local(config.model.path)}),
-        "calibration": config.calibration.model_copy(update={"dataset": config.calibration.dataset.model_copy(
-            update={"path": local(config.calibration.dataset.path)})}),
-        "output_dir": local(config.output_dir),
-        "reporting": config.reporting.model_copy(update={"kind": "file"}),
-    })
+    return config.model_copy(
+        update={
+            "model": config.model.model_copy(update={"path": local(config.model.path)}),
+            "calibration": config.calibration.model_copy(
+                update={
+                    "dataset": config.calibration.dataset.model_copy(
+                        update={"path": local(config.calibration.dataset.path)}
+                    )
+                }
+            ),
+            "output_dir": local(config.output_dir),
+            "reporting": config.reporting.model_copy(update={"kind": "file"}),
+        }
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -98,8 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         volumes[claim] = Path(directory).resolve()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qjob-local-")).resolve()
     config = local_runner_config(job, args.stage, volumes, config_maps, workdir)
-    print(f"qjob: running stage {args.stage} of {job.metadata.get('name')} locally; artifacts in {config.output_dir}",
-          file=sys.stderr)
+    print(
+        f"qjob: running stage {args.stage} of {job.metadata.get('name')} locally; artifacts in {config.output_dir}",
+        file=sys.stderr,
+    )
     from qjob_runner.pipeline import run  # the runner's heavy imports only when running locally
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -143,13 +158,17 @@ def format_status(obj: dict[str, Any]) -> str:
     ]
     if status.get("message"):
         lines.append(f"  {status['message']}")
-    lines.append(f"  progress: {progress.get('percent', 0)}%"
-                 + (f" in {progress['stage']}" if progress.get("stage") else "")
-                 + (f", about {progress['etaSeconds']}s left" if progress.get("etaSeconds") else ""))
+    lines.append(
+        f"  progress: {progress.get('percent', 0)}%"
+        + (f" in {progress['stage']}" if progress.get("stage") else "")
+        + (f", about {progress['etaSeconds']}s left" if progress.get("etaSeconds") else "")
+    )
     for stage in status.get("stages") or []:
         where = f" on {stage['node']} ({stage.get('gpuProduct') or '?'})" if stage.get("node") else ""
-        lines.append(f"  stage {stage['name']}: {stage.get('phase')}{where}, attempts {stage.get('attempts', 0)}"
-                     + (f" [{stage['reason']}]" if stage.get("reason") and stage.get("phase") != "Succeeded" else ""))
+        lines.append(
+            f"  stage {stage['name']}: {stage.get('phase')}{where}, attempts {stage.get('attempts', 0)}"
+            + (f" [{stage['reason']}]" if stage.get("reason") and stage.get("phase") != "Succeeded" else "")
+        )
     for artifact in status.get("artifacts") or []:
         arch = f" [{artifact['architecture']}]" if artifact.get("architecture") else ""
         lines.append(f"  artifact {artifact['kind']}/{artifact['format']}{arch}: {artifact['uri']}")
@@ -179,7 +198,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
             print(format_status(obj))
             return EXIT_SUCCEEDED if status["phase"] == "Succeeded" else EXIT_FAILED
         if time.monotonic() > deadline:
-            print(f"qjob wait: {args.name} still {status.get('phase', 'Pending')} after {args.timeout}s", file=sys.stderr)
+            print(
+                f"qjob wait: {args.name} still {status.get('phase', 'Pending')} after {args.timeout}s", file=sys.stderr
+            )
             return EXIT_TIMEOUT
         time.sleep(args.interval)
 
@@ -192,13 +213,20 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("-f", "--file", required=True, help="manifest with one QuantizationJob (and its ConfigMaps)")
     run.add_argument("--local", action="store_true", help="run on this machine, without Kubernetes")
     run.add_argument("--stage", default="quantize", help="stage to run (default quantize; or build-<arch>)")
-    run.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
-                     help="local folder standing in for a PersistentVolumeClaim (repeatable)")
+    run.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        metavar="CLAIM=DIR",
+        help="local folder standing in for a PersistentVolumeClaim (repeatable)",
+    )
     run.add_argument("--workdir", help="folder for unmapped claims and calibration files (default: a temp dir)")
     run.set_defaults(func=cmd_run)
 
-    for name, func, text in (("status", cmd_status, "show a QuantizationJob's status"),
-                             ("wait", cmd_wait, "wait until a QuantizationJob finishes; exit 0 Succeeded, 1 Failed, 2 timeout")):
+    for name, func, text in (
+        ("status", cmd_status, "show a QuantizationJob's status"),
+        ("wait", cmd_wait, "wait until a QuantizationJob finishes; exit 0 Succeeded, 1 Failed, 2 timeout"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("name")
         p.add_argument("-n", "--namespace")

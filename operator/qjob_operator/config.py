@@ -10,7 +10,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
-
 from qjob_api.capabilities import COMPUTE_CAPABILITIES, GPUArchitecture
 
 CONFIG_ENV = "QJOB_OPERATOR_CONFIG"

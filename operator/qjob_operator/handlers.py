@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 import kopf
-
 from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
 
 from .config import load_config
@@ -62,6 +61,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # Indexes: kopf lists these fully before any handler runs, so a reconcile after a restart sees
 # every existing child and never creates a duplicate. Values are trimmed to what decide() reads.
 
+
 def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
     meta = body["metadata"]
     status = body.get("status") or {}
@@ -83,22 +83,37 @@ def qjob_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) ->
 def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     trimmed = _trim(body, ("phase", "reason", "message", "conditions", "containerStatuses", "startTime"))
     spec = body.get("spec") or {}
-    trimmed["spec"] = {"nodeName": spec.get("nodeName"),
-                       "containers": [{"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers", [])]}
+    trimmed["spec"] = {
+        "nodeName": spec.get("nodeName"),
+        "containers": [{"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers", [])],
+    }
     return {(namespace, labels[LABEL_JOB], labels[LABEL_STAGE]): trimmed}
 
 
 @kopf.index("", "v1", "nodes")
 def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
     spec, status = body.get("spec") or {}, body.get("status") or {}
-    return {name: {"metadata": {"name": name, "labels": dict(body["metadata"].get("labels") or {})},
-                   "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
-                   "status": {"allocatable": dict(status.get("allocatable") or {})}}}
+    return {
+        name: {
+            "metadata": {"name": name, "labels": dict(body["metadata"].get("labels") or {})},
+            "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
+            "status": {"allocatable": dict(status.get("allocatable") or {})},
+        }
+    }
 
 
 @kopf.on.event(*QJOB)
-async def quantizationjob_event(event: dict, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                                qjob_jobs: kopf.Index, qjob_pods: kopf.Index, qjob_nodes: kopf.Index, **_: Any) -> None:
+async def quantizationjob_event(
+    event: dict,
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    qjob_jobs: kopf.Index,
+    qjob_pods: kopf.Index,
+    qjob_nodes: kopf.Index,
+    **_: Any,
+) -> None:
     reconciler: Reconciler = memo.reconciler
     reconciler.indexes.bind(qjob_jobs, qjob_pods, qjob_nodes)
     if event.get("type") == "DELETED":

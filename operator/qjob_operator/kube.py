@@ -14,7 +14,6 @@ from typing import Any
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
-
 from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from .metrics import Metrics
@@ -107,7 +106,8 @@ class Kube:
         self._count.labels("patch").inc()
         try:
             return await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH)
+                GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH
+            )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
@@ -117,8 +117,9 @@ class Kube:
         """Deletes the QuantizationJob itself (TTL after finishing); children follow by GC."""
         self._count.labels("delete").inc()
         try:
-            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                              propagation_policy="Background")
+            await self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -14,9 +14,16 @@ from .config import CONFIG_ENV, load_config
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qjob-operator", description="Runs the QuantizationJob controller.")
-    parser.add_argument("--config", help=f"operator config file (default: ${CONFIG_ENV} or /etc/qjob-operator/config.yaml)")
-    parser.add_argument("--namespace", "-n", action="append", default=[],
-                        help="namespace to watch (repeatable); default: the config's, else all")
+    parser.add_argument(
+        "--config", help=f"operator config file (default: ${CONFIG_ENV} or /etc/qjob-operator/config.yaml)"
+    )
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable); default: the config's, else all",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.config:
@@ -31,12 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     from . import handlers  # noqa: F401  registers the handlers
 
     # One replica, no peering: the chart deploys it with strategy Recreate.
-    asyncio.run(kopf.operator(
-        standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-    ))
+    asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+        )
+    )
 
 
 if __name__ == "__main__":

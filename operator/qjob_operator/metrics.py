@@ -11,7 +11,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
 from qjob_api.v1alpha1 import PHASES, TERMINAL_PHASES, Phase
 
 from .plan import QUANTIZE_STAGE
@@ -41,24 +40,45 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.job_duration = Histogram(
-            "qjob_job_duration_seconds", "Time from creation to Succeeded or Failed.",
-            ["format", "outcome"], buckets=_DURATION_BUCKETS, registry=r)
+            "qjob_job_duration_seconds",
+            "Time from creation to Succeeded or Failed.",
+            ["format", "outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
         self.stage_duration = Histogram(
-            "qjob_stage_duration_seconds", "Wall time of a finished stage, from its first pod start.",
-            ["stage", "format", "architecture", "outcome"], buckets=_DURATION_BUCKETS, registry=r)
+            "qjob_stage_duration_seconds",
+            "Wall time of a finished stage, from its first pod start.",
+            ["stage", "format", "architecture", "outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
         self.pending = Histogram(
-            "qjob_stage_pending_seconds", "Time a stage's Job waited for its first pod to start.",
-            ["stage", "architecture"], buckets=_PENDING_BUCKETS, registry=r)
+            "qjob_stage_pending_seconds",
+            "Time a stage's Job waited for its first pod to start.",
+            ["stage", "architecture"],
+            buckets=_PENDING_BUCKETS,
+            registry=r,
+        )
         self.failures = Counter("qjob_failures_total", "Failed QuantizationJobs by reason.", ["reason"], registry=r)
         self.gpu_seconds = Counter(
-            "qjob_gpu_seconds_total", "GPU time used by finished stages (GPUs x wall time).", ["architecture"], registry=r)
+            "qjob_gpu_seconds_total",
+            "GPU time used by finished stages (GPUs x wall time).",
+            ["architecture"],
+            registry=r,
+        )
         self.reconcile_errors = Counter(
-            "qjob_reconcile_errors_total", "Reconciles that raised an error (retried).", registry=r)
+            "qjob_reconcile_errors_total", "Reconciles that raised an error (retried).", registry=r
+        )
         self.reconcile_duration = Histogram(
-            "qjob_reconcile_duration_seconds", "Time spent in one reconcile.",
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r)
+            "qjob_reconcile_duration_seconds",
+            "Time spent in one reconcile.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            registry=r,
+        )
         self.api_requests = Counter(
-            "qjob_api_requests_total", "Kubernetes API requests the operator made, by verb.", ["verb"], registry=r)
+            "qjob_api_requests_total", "Kubernetes API requests the operator made, by verb.", ["verb"], registry=r
+        )
 
     def watch_phases(self, phases: Callable[[], Iterable[str]]) -> None:
         self.registry.register(_PhaseCollector(phases))
@@ -66,9 +86,17 @@ class Metrics:
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
-    def observe_transition(self, *, fmt: str, created: datetime | None, old: dict[str, Any], new: dict[str, Any],
-                           gpus: int, job_created: dict[str, datetime | None],
-                           node_architecture: Callable[[str | None], str]) -> None:
+    def observe_transition(
+        self,
+        *,
+        fmt: str,
+        created: datetime | None,
+        old: dict[str, Any],
+        new: dict[str, Any],
+        gpus: int,
+        job_created: dict[str, datetime | None],
+        node_architecture: Callable[[str | None], str],
+    ) -> None:
         """Record what finished (or started) between two statuses, once, on the reconcile that saw it."""
         before = {s["name"]: s for s in old.get("stages") or []}
         for stage in new.get("stages") or []:
@@ -77,7 +105,9 @@ class Metrics:
             kind = "quantize" if stage["name"] == QUANTIZE_STAGE else "build"
             started = parse_time(stage.get("startTime"))
             if started and not prior.get("startTime") and job_created.get(stage["name"]):
-                self.pending.labels(kind, arch).observe(max(0.0, (started - job_created[stage["name"]]).total_seconds()))
+                self.pending.labels(kind, arch).observe(
+                    max(0.0, (started - job_created[stage["name"]]).total_seconds())
+                )
             if stage.get("phase") in TERMINAL_PHASES and prior.get("phase") != stage["phase"]:
                 end = parse_time(stage.get("completionTime"))
                 if started and end:

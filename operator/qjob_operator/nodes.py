@@ -31,15 +31,19 @@ def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]
     return False
 
 
-def node_fits(node: Mapping[str, Any], req: NodeRequirement, tolerations: list[Mapping[str, Any]],
-              config: OperatorConfig) -> bool:
+def node_fits(
+    node: Mapping[str, Any], req: NodeRequirement, tolerations: list[Mapping[str, Any]], config: OperatorConfig
+) -> bool:
     """Whether a node (as the API returns it) can ever host the stage: labels, GPU count and
     taints. Current load is the scheduler's business; this only rules out impossible jobs."""
     labels = node.get("metadata", {}).get("labels") or {}
     keys = config.node_labels
     if node.get("spec", {}).get("unschedulable"):
         return False
-    if req.compute_capabilities and (labels.get(keys.compute_major), labels.get(keys.compute_minor)) not in req.compute_capabilities:
+    if (
+        req.compute_capabilities
+        and (labels.get(keys.compute_major), labels.get(keys.compute_minor)) not in req.compute_capabilities
+    ):
         return False
     if req.min_gpu_memory_mib and _quantity_int(labels.get(keys.memory_mib, 0)) < req.min_gpu_memory_mib:
         return False
@@ -51,6 +55,10 @@ def node_fits(node: Mapping[str, Any], req: NodeRequirement, tolerations: list[M
     return all(_tolerated(t, tolerations) for t in hard)
 
 
-def matching_nodes(nodes: Iterable[Mapping[str, Any]], req: NodeRequirement,
-                   tolerations: list[Mapping[str, Any]], config: OperatorConfig) -> list[str]:
+def matching_nodes(
+    nodes: Iterable[Mapping[str, Any]],
+    req: NodeRequirement,
+    tolerations: list[Mapping[str, Any]],
+    config: OperatorConfig,
+) -> list[str]:
     return sorted(n["metadata"]["name"] for n in nodes if node_fits(n, req, tolerations, config))

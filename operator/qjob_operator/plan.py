@@ -71,7 +71,12 @@ def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage
 
     stages = [Stage(QUANTIZE_STAGE, requirement(spec.scheduling.calibration_architecture))]
     stages += [
-        Stage(build_stage(e.architecture), requirement(e.architecture), after=(QUANTIZE_STAGE,), architecture=e.architecture)
+        Stage(
+            build_stage(e.architecture),
+            requirement(e.architecture),
+            after=(QUANTIZE_STAGE,),
+            architecture=e.architecture,
+        )
         for e in spec.engines
     ]
     return stages

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
-
 from qjob_api.capabilities import architecture_of
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
 
@@ -93,8 +92,13 @@ class Indexes:
 
 
 class Reconciler:
-    def __init__(self, config: OperatorConfig, kube: Kube, metrics: Metrics,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+    def __init__(
+        self,
+        config: OperatorConfig,
+        kube: Kube,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
         self.config, self.kube, self.metrics, self.clock = config, kube, metrics, clock
         self.indexes = Indexes()
         self.bodies: dict[Key, dict[str, Any]] = {}
@@ -109,7 +113,11 @@ class Reconciler:
         known = self.bodies.get(key)
         # An event older than our own last status write would roll our view back and repeat its
         # events and metrics: keep the newer one (etcd revisions only grow).
-        if known is None or _revision(body) >= _revision(known) or known["metadata"].get("uid") != body["metadata"].get("uid"):
+        if (
+            known is None
+            or _revision(body) >= _revision(known)
+            or known["metadata"].get("uid") != body["metadata"].get("uid")
+        ):
             self.bodies[key] = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
         self.schedule(key)
 
@@ -191,8 +199,19 @@ class Reconciler:
             if old.get("phase") not in TERMINAL_PHASES:
                 # The CRD schema should have refused it; say why instead of failing silently.
                 message = f"spec is invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
-                await self._write(key, body, {"phase": Phase.FAILED, "reason": Reason.INVALID_SPEC, "message": message,
-                                              "completionTime": fmt_time(self.clock())}, spec_format="unknown", gpus=0, stages=[])
+                await self._write(
+                    key,
+                    body,
+                    {
+                        "phase": Phase.FAILED,
+                        "reason": Reason.INVALID_SPEC,
+                        "message": message,
+                        "completionTime": fmt_time(self.clock()),
+                    },
+                    spec_format="unknown",
+                    gpus=0,
+                    stages=[],
+                )
             return
         stages = plan_stages(spec, self.config)
         jobs, pods = {}, {}
@@ -220,8 +239,16 @@ class Reconciler:
         if decision.status is not None:
             fmt = spec.quantization.format.value if spec.quantization.format else "auto"
             job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in jobs.items()}
-            await self._write(key, body, decision.status, spec_format=fmt, gpus=spec.resources.gpus,
-                              stages=stages, job_created=job_created, archs=archs)
+            await self._write(
+                key,
+                body,
+                decision.status,
+                spec_format=fmt,
+                gpus=spec.resources.gpus,
+                stages=stages,
+                job_created=job_created,
+                archs=archs,
+            )
         if decision.requeue_after:
             self.schedule(key, decision.requeue_after)
 
@@ -239,8 +266,18 @@ class Reconciler:
             # The runner needs its Role only when it first reports, well after its pod starts.
             await asyncio.gather(self.kube.create(build_role(ref)), self.kube.create(build_role_binding(ref)))
 
-    async def _write(self, key: Key, body: dict[str, Any], status: dict[str, Any], *, spec_format: str, gpus: int,
-                     stages: list[Stage], job_created: dict | None = None, archs: dict[str, str] | None = None) -> None:
+    async def _write(
+        self,
+        key: Key,
+        body: dict[str, Any],
+        status: dict[str, Any],
+        *,
+        spec_format: str,
+        gpus: int,
+        stages: list[Stage],
+        job_created: dict | None = None,
+        archs: dict[str, str] | None = None,
+    ) -> None:
         old = {k: v for k, v in (body.get("status") or {}).items() if k != "runnerReports"}
         patch = merge_patch(old, status)
         if not patch:
@@ -254,5 +291,11 @@ class Reconciler:
         for event in transition_events(old, new):
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         self.metrics.observe_transition(
-            fmt=spec_format, created=parse_time(body["metadata"].get("creationTimestamp")), old=old, new=new,
-            gpus=gpus, job_created=job_created or {}, node_architecture=lambda n: (archs or {}).get(n or "", "unknown"))
+            fmt=spec_format,
+            created=parse_time(body["metadata"].get("creationTimestamp")),
+            old=old,
+            new=new,
+            gpus=gpus,
+            job_created=job_created or {},
+            node_architecture=lambda n: (archs or {}).get(n or "", "unknown"),
+        )

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-
 from qjob_api.runner import EXIT_CODE_REASONS, ExitCode, RunnerResult
 from qjob_api.v1alpha1 import (
+    TERMINAL_PHASES,
     Artifact,
     Phase,
     Progress,
@@ -23,7 +23,6 @@ from qjob_api.v1alpha1 import (
     QuantizationJobSpec,
     RunnerReport,
     StageStatus,
-    TERMINAL_PHASES,
 )
 
 from .builders import RUNNER_CONTAINER
@@ -97,7 +96,7 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 def fmt_time(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
 def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -156,7 +155,10 @@ def _pending_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
         waiting = (_runner_status(pod).get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in _IMAGE_PULL_WAITING | {"ErrImagePull"}:
             image = pod["spec"]["containers"][0].get("image")
-            return Reason.IMAGE_PULL_ERROR, f"cannot pull runner image {image}: {waiting.get('message') or waiting['reason']}"
+            return (
+                Reason.IMAGE_PULL_ERROR,
+                f"cannot pull runner image {image}: {waiting.get('message') or waiting['reason']}",
+            )
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 return Reason.UNSCHEDULABLE, cond.get("message") or "no node can take the pod now"
@@ -181,8 +183,11 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
     ref_name = obs.body["metadata"]["name"]
     job = obs.jobs.get(stage.name)
     pods = obs.pods.get(stage.name, [])
-    record = StageStatus(name=stage.name, architecture=stage.architecture.value if stage.architecture else None,
-                         job_name=child_name(ref_name, stage.name) if job else None)
+    record = StageStatus(
+        name=stage.name,
+        architecture=stage.architecture.value if stage.architecture else None,
+        job_name=child_name(ref_name, stage.name) if job else None,
+    )
     if job is None:
         return record
     js = job.get("status") or {}
@@ -202,12 +207,17 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
         record.completion_time = parse_time(cond.get("lastTransitionTime"))
         if cond.get("reason") == "DeadlineExceeded":
             record.reason = Reason.DEADLINE_EXCEEDED
-            record.message = f"the stage ran longer than spec.runPolicy.activeDeadlineSeconds: {cond.get('message', '')}".strip()
+            record.message = (
+                f"the stage ran longer than spec.runPolicy.activeDeadlineSeconds: {cond.get('message', '')}".strip()
+            )
         else:
             failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
             newest = max(failed, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
-            record.reason, record.message = classify_failed_pod(newest) if newest else (
-                Reason.RUNNER_FAILED, cond.get("message") or "the stage failed")
+            record.reason, record.message = (
+                classify_failed_pod(newest)
+                if newest
+                else (Reason.RUNNER_FAILED, cond.get("message") or "the stage failed")
+            )
         return record
     if (job.get("spec") or {}).get("suspend"):
         record.reason, record.message = Reason.SUSPENDED, "the stage's Job is suspended"
@@ -224,8 +234,10 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
             record.phase = Phase.FAILED
             record.completion_time = obs.now
             if why[0] == Reason.UNSCHEDULABLE:
-                record.message = (f"pending longer than spec.runPolicy.pendingDeadlineSeconds "
-                                  f"({int(deadline.total_seconds())}s): {why[1]}")
+                record.message = (
+                    f"pending longer than spec.runPolicy.pendingDeadlineSeconds "
+                    f"({int(deadline.total_seconds())}s): {why[1]}"
+                )
     return record
 
 
@@ -256,7 +268,9 @@ def progress(stages: list[Stage], records: dict[str, StageStatus], reports: dict
     return Progress(stage=current, percent=min(100, int(percent)), eta_seconds=eta, message=message)
 
 
-def _collect(stages: list[Stage], obs: Observed, reports: dict[str, RunnerReport]) -> tuple[list[Artifact], Quality | None]:
+def _collect(
+    stages: list[Stage], obs: Observed, reports: dict[str, RunnerReport]
+) -> tuple[list[Artifact], Quality | None]:
     """Artifacts and quality from runner reports, completed by termination messages (which
     survive a status patch the runner could not make)."""
     artifacts: dict[str, Artifact] = {}
@@ -274,13 +288,26 @@ def _collect(stages: list[Stage], obs: Observed, reports: dict[str, RunnerReport
 # ---------------------------------------------------------------------------------- conditions
 
 
-def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str,
-                  now: datetime, generation: int | None) -> list[dict[str, Any]]:
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[dict[str, Any]]:
     """metav1.Condition semantics: lastTransitionTime changes only when status changes."""
     old = next((c for c in conditions if c["type"] == type_), None)
     since = old["lastTransitionTime"] if old and old.get("status") == status else fmt_time(now)
-    new = {"type": type_, "status": status, "reason": reason, "message": message,
-           "lastTransitionTime": since, "observedGeneration": generation}
+    new = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
     return [c for c in conditions if c["type"] != type_] + [new]
 
 
@@ -290,15 +317,21 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, rea
 def policy_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list[str]:
     problems = []
     if spec.model.trust_remote_code and not config.policy.allow_trust_remote_code:
-        problems.append("spec.model.trustRemoteCode is true but this cluster's operator policy refuses remote "
-                        "code: set it to false, or ask the platform team to set policy.allowTrustRemoteCode")
+        problems.append(
+            "spec.model.trustRemoteCode is true but this cluster's operator policy refuses remote "
+            "code: set it to false, or ask the platform team to set policy.allowTrustRemoteCode"
+        )
     if spec.resources.gpus > config.policy.max_gpus_per_pod:
-        problems.append(f"spec.resources.gpus is {spec.resources.gpus} but the policy allows at most "
-                        f"{config.policy.max_gpus_per_pod} GPUs per pod: lower it")
+        problems.append(
+            f"spec.resources.gpus is {spec.resources.gpus} but the policy allows at most "
+            f"{config.policy.max_gpus_per_pod} GPUs per pod: lower it"
+        )
     claims = config.policy.allowed_output_claims
     if claims and spec.output.pvc.claim_name not in claims:
-        problems.append(f"spec.output.pvc.claimName {spec.output.pvc.claim_name!r} is not an allowed output "
-                        f"claim; use one of: {', '.join(claims)}")
+        problems.append(
+            f"spec.output.pvc.claimName {spec.output.pvc.claim_name!r} is not an allowed output "
+            f"claim; use one of: {', '.join(claims)}"
+        )
     return problems
 
 
@@ -341,29 +374,45 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
         return decision
 
     if problems := policy_violations(spec, config):
-        conditions = set_condition(conditions, "Accepted", "False", Reason.POLICY_VIOLATION, "; ".join(problems), now, generation)
+        conditions = set_condition(
+            conditions, "Accepted", "False", Reason.POLICY_VIOLATION, "; ".join(problems), now, generation
+        )
         return finish(Phase.FAILED, Reason.POLICY_VIOLATION, "; ".join(problems))
-    conditions = set_condition(conditions, "Accepted", "True", Reason.ACCEPTED,
-                               f"{len(stages)} stage(s): {', '.join(s.name for s in stages)}", now, generation)
+    conditions = set_condition(
+        conditions,
+        "Accepted",
+        "True",
+        Reason.ACCEPTED,
+        f"{len(stages)} stage(s): {', '.join(s.name for s in stages)}",
+        now,
+        generation,
+    )
 
     # Fail fast when some stage can never be placed, before creating anything.
     unplaceable = [s for s in stages if s.name not in obs.jobs and not obs.node_matches.get(s.name)]
     if unplaceable:
-        message = "; ".join(f"no node can run stage {s.name}: it needs {s.requirement.describe(config)}"
-                            for s in unplaceable)
-        conditions = set_condition(conditions, "NodesAvailable", "False", Reason.NO_MATCHING_NODES, message, now, generation)
+        message = "; ".join(
+            f"no node can run stage {s.name}: it needs {s.requirement.describe(config)}" for s in unplaceable
+        )
+        conditions = set_condition(
+            conditions, "NodesAvailable", "False", Reason.NO_MATCHING_NODES, message, now, generation
+        )
         waited = (now - created).total_seconds()
         if waited >= policy.pending_deadline_seconds:
-            return finish(Phase.FAILED, Reason.NO_MATCHING_NODES,
-                          f"{message} (waited {int(waited)}s, spec.runPolicy.pendingDeadlineSeconds)")
+            return finish(
+                Phase.FAILED,
+                Reason.NO_MATCHING_NODES,
+                f"{message} (waited {int(waited)}s, spec.runPolicy.pendingDeadlineSeconds)",
+            )
         status.update(phase=Phase.PENDING, reason=Reason.NO_MATCHING_NODES, message=message, conditions=conditions)
         decision.status = status
         decision.requeue_after = policy.pending_deadline_seconds - waited + 0.5
         return decision
     counts = ", ".join(f"{s.name}: {len(obs.node_matches.get(s.name, []))}" for s in stages if s.name not in obs.jobs)
     if counts:
-        conditions = set_condition(conditions, "NodesAvailable", "True", Reason.NODES_AVAILABLE,
-                                   f"nodes that fit: {counts}", now, generation)
+        conditions = set_condition(
+            conditions, "NodesAvailable", "True", Reason.NODES_AVAILABLE, f"nodes that fit: {counts}", now, generation
+        )
 
     deadline = timedelta(seconds=policy.pending_deadline_seconds)
     records = {s.name: observe_stage(s, obs, deadline) for s in stages}
@@ -386,9 +435,14 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
         status["quality"] = quality.to_api()
         if quality.gate_passed is not None:
             conditions = set_condition(
-                conditions, "QualityGate", "True" if quality.gate_passed else "False",
+                conditions,
+                "QualityGate",
+                "True" if quality.gate_passed else "False",
                 Reason.QUALITY_GATE_PASSED if quality.gate_passed else Reason.QUALITY_GATE_FAILED,
-                f"{quality.metric}: baseline {quality.baseline}, quantized {quality.quantized}", now, generation)
+                f"{quality.metric}: baseline {quality.baseline}, quantized {quality.quantized}",
+                now,
+                generation,
+            )
     starts = [r.start_time for r in records.values() if r.start_time]
     status["startTime"] = fmt_time(min(starts)) if starts else old.get("startTime")
 
@@ -396,17 +450,26 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
     if failed:
         first = failed[0]
         # Stop what still runs (and a failed stage whose Job is still active, e.g. unschedulable).
-        decision.delete_jobs = [child_name(meta["name"], s) for s, job in obs.jobs.items()
-                                if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")]
-        return finish(Phase.FAILED, first.reason or Reason.RUNNER_FAILED, f"stage {first.name}: {first.message or first.reason}")
+        decision.delete_jobs = [
+            child_name(meta["name"], s)
+            for s, job in obs.jobs.items()
+            if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
+        ]
+        return finish(
+            Phase.FAILED, first.reason or Reason.RUNNER_FAILED, f"stage {first.name}: {first.message or first.reason}"
+        )
     if all(r.phase == Phase.SUCCEEDED for r in records.values()):
-        return finish(Phase.SUCCEEDED, Reason.SUCCEEDED,
-                      f"{len(artifacts)} artifact(s) written; {len(stages)} stage(s) succeeded")
+        return finish(
+            Phase.SUCCEEDED, Reason.SUCCEEDED, f"{len(artifacts)} artifact(s) written; {len(stages)} stage(s) succeeded"
+        )
 
     if not spec.scheduling.queue_name:  # with Kueue, Kueue owns Job.spec.suspend
-        decision.suspend_jobs = {child_name(meta["name"], s): policy.suspend for s, job in obs.jobs.items()
-                                 if bool((job.get("spec") or {}).get("suspend")) != policy.suspend
-                                 and records[s].phase not in TERMINAL_PHASES}
+        decision.suspend_jobs = {
+            child_name(meta["name"], s): policy.suspend
+            for s, job in obs.jobs.items()
+            if bool((job.get("spec") or {}).get("suspend")) != policy.suspend
+            and records[s].phase not in TERMINAL_PHASES
+        }
     running = [r for r in records.values() if r.phase == Phase.RUNNING]
     waiting = next((r for r in records.values() if r.reason in (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR)), None)
     if waiting:
@@ -418,13 +481,22 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
         # Once work has started the job stays Running between stages; the reason says if a
         # stage is stuck waiting for a node or an image.
         phase = Phase.RUNNING
-        reason, message = (waiting.reason, f"stage {waiting.name}: {waiting.message}") if waiting else (
-            Reason.RUNNING, f"running {', '.join(r.name for r in running)}" if running else "starting the next stage")
+        reason, message = (
+            (waiting.reason, f"stage {waiting.name}: {waiting.message}")
+            if waiting
+            else (
+                Reason.RUNNING,
+                f"running {', '.join(r.name for r in running)}" if running else "starting the next stage",
+            )
+        )
         conditions = set_condition(conditions, "Running", "True", Reason.RUNNING, message, now, generation)
     else:
         phase = Phase.PENDING
-        reason, message = (waiting.reason, f"stage {waiting.name}: {waiting.message}") if waiting else (
-            Reason.PENDING, "waiting for runner pods to start")
+        reason, message = (
+            (waiting.reason, f"stage {waiting.name}: {waiting.message}")
+            if waiting
+            else (Reason.PENDING, "waiting for runner pods to start")
+        )
     if phase != Phase.RUNNING:
         conditions = set_condition(conditions, "Running", "False", reason, message, now, generation)
     status.update(phase=phase, reason=reason, message=message, conditions=conditions)
@@ -442,7 +514,11 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     old_stages = {s["name"]: s for s in old.get("stages") or []}
     for stage in new.get("stages") or []:
         before = old_stages.get(stage["name"], {})
-        if stage.get("phase") == before.get("phase") or stage.get("phase") not in (Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED):
+        if stage.get("phase") == before.get("phase") or stage.get("phase") not in (
+            Phase.RUNNING,
+            Phase.SUCCEEDED,
+            Phase.FAILED,
+        ):
             continue
         where = f" on node {stage['node']} ({stage.get('gpuProduct') or 'unknown GPU'})" if stage.get("node") else ""
         text = f"stage {stage['name']} {stage['phase'].lower()}{where}"
@@ -455,5 +531,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     if phase == Phase.FAILED or reason in _WARNING_REASONS:
         events.append(Event("Warning", reason or phase, new.get("message") or phase))
     elif phase in (Phase.SUCCEEDED, Phase.SUSPENDED) or (phase == Phase.RUNNING and old.get("phase") != Phase.RUNNING):
-        events.append(Event("Normal", phase if phase != Phase.SUCCEEDED else Reason.SUCCEEDED, new.get("message") or phase))
+        events.append(
+            Event("Normal", phase if phase != Phase.SUCCEEDED else Reason.SUCCEEDED, new.get("message") or phase)
+        )
     return events

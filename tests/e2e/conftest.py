@@ -20,7 +20,9 @@ _spec.loader.exec_module(podrunner_module)
 @pytest.fixture(scope="session")
 def podrunner(cluster, tmp_path_factory):
     runner = podrunner_module.PodRunner(
-        cluster.kubeconfig, tmp_path_factory.mktemp("podrunner"), max_parallel=2,
+        cluster.kubeconfig,
+        tmp_path_factory.mktemp("podrunner"),
+        max_parallel=2,
         extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
         # Only the e2e tests' pods: other tests in the session use external pods of their own.
         label_selector="localcluster.qjob.dev/external=true,e2e.qjob.dev/podrunner=true",

@@ -27,9 +27,13 @@ EXTERNAL = {"localcluster.qjob.dev/external": "true", "e2e.qjob.dev/podrunner": 
 def e2e_ns(namespace, kube_api, operator, podrunner):
     make_artifacts_pvc(kube_api, namespace)
     texts = pydoc_paragraphs()
-    client.CoreV1Api(kube_api).create_namespaced_config_map(namespace, {
-        "metadata": {"name": "calibration"},
-        "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in texts[:200])}})
+    client.CoreV1Api(kube_api).create_namespaced_config_map(
+        namespace,
+        {
+            "metadata": {"name": "calibration"},
+            "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in texts[:200])},
+        },
+    )
     make_tiny_llama(pv_folder(kube_api, namespace) / "models" / "tiny-llama")
     return namespace
 
@@ -38,8 +42,12 @@ def spec(**overrides):
     base = {
         "model": {"pvc": {"claimName": "artifacts", "path": "models/tiny-llama"}},
         "quantization": {"format": "int8_smoothquant"},
-        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}},
-                        "samples": 16, "sequenceLength": 64, "batchSize": 4},
+        "calibration": {
+            "dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}},
+            "samples": 16,
+            "sequenceLength": 64,
+            "batchSize": 4,
+        },
         "evaluation": {"samples": 8, "gate": {"maxPerplexityIncrease": 0.5}},
         "output": {"pvc": {"claimName": "artifacts"}},
         "resources": {"cpu": "1", "memory": "4Gi"},
@@ -52,9 +60,24 @@ def spec(**overrides):
 
 def qjob_wait(cluster, namespace: str, name: str) -> subprocess.CompletedProcess:
     """What a CI pipeline does: block on the job, exit code says how it ended."""
-    return subprocess.run([str(Path(sys.executable).parent / "qjob"), "wait", name, "-n", namespace, "--timeout", "600",
-                           "--interval", "1", "--quiet"], env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
-                          capture_output=True, text=True, timeout=700)
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "qjob"),
+            "wait",
+            name,
+            "-n",
+            namespace,
+            "--timeout",
+            "600",
+            "--interval",
+            "1",
+            "--quiet",
+        ],
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=700,
+    )
 
 
 def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, cluster, e2e_ns, operator):

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client, config as kube_config
+from kubernetes import client
+from kubernetes import config as kube_config
 from kubernetes.client.rest import ApiException
-
 from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION, QuantizationJob
 from qjob_operator.config import OperatorConfig
+
 from tests.cluster_fixtures import localcluster, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -50,8 +51,17 @@ def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 
 def render(cluster, *args: str, namespace: str = "qjob-test") -> list[dict[str, Any]]:
-    out = helm(cluster, "template", "qjob-operator", str(CHART), "--namespace", namespace,
-               "--kube-version", cluster.version, *args).stdout
+    out = helm(
+        cluster,
+        "template",
+        "qjob-operator",
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        cluster.version,
+        *args,
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -82,8 +92,12 @@ def can_i(kube_api, user: str, verb: str, resource: str, *, group: str = "", nam
             user=user,
             groups=["system:serviceaccounts", "system:authenticated"],
             resource_attributes=client.V1ResourceAttributes(
-                verb=verb, group=group, resource=resource, namespace=namespace,
-                subresource=subresource, name=name,
+                verb=verb,
+                group=group,
+                resource=resource,
+                namespace=namespace,
+                subresource=subresource,
+                name=name,
             ),  # fmt: skip
         )
     )
@@ -94,8 +108,12 @@ def differences(small: Any, big: Any, path: str = "") -> list[str]:
     """Where ``small`` is not contained in ``big``, as paths. An empty list or map in ``small``
     matches an absent key (the apiserver leaves unset collections out)."""
     if isinstance(small, dict) and isinstance(big, dict):
-        return [d for k, v in small.items() if k in big or v not in ([], {})
-                for d in (differences(v, big[k], f"{path}.{k}") if k in big else [f"{path}.{k}: missing"])]
+        return [
+            d
+            for k, v in small.items()
+            if k in big or v not in ([], {})
+            for d in (differences(v, big[k], f"{path}.{k}") if k in big else [f"{path}.{k}: missing"])
+        ]
     if isinstance(small, list) and isinstance(big, list) and len(small) == len(big):
         return [d for i, (a, b) in enumerate(zip(small, big)) for d in differences(a, b, f"{path}[{i}]")]
     return [] if small == big else [f"{path}: {small!r} != {big!r}"]
@@ -141,20 +159,25 @@ def extra_namespace(kube_api, namespace):
 
 def test_helm_lint_strict(cluster, tmp_path):
     helm(cluster, "lint", "--strict", str(CHART))
-    namespaced = values_file(tmp_path, {"watchNamespaces": ["team-a", "team-b"],
-                                        "metrics": {"serviceMonitor": {"enabled": True}}})
+    namespaced = values_file(
+        tmp_path, {"watchNamespaces": ["team-a", "team-b"], "metrics": {"serviceMonitor": {"enabled": True}}}
+    )
     helm(cluster, "lint", "--strict", str(CHART), "-f", namespaced)
 
 
-@pytest.mark.parametrize("bad", [
-    ["--set", "imagee.tag=1"],                              # misspelt top-level key
-    ["--set", "runner.image.tagg=1"],                       # misspelt nested key
-    ["--set", "runner.shmSize=lots"],                       # not a quantity
-    ["--set", "image.pullPolicy=Sometimes"],                # not an enum value
-    ["--set", "architectures.volta[0]=7.0"],                # not an architecture the operator knows
-    ["--set", "watchNamespaces[0]=Not_A_Namespace"],        # not a DNS label
-    ["--set", "metrics.port=0"],
-], ids=lambda a: a[1].split("=")[0])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--set", "imagee.tag=1"],  # misspelt top-level key
+        ["--set", "runner.image.tagg=1"],  # misspelt nested key
+        ["--set", "runner.shmSize=lots"],  # not a quantity
+        ["--set", "image.pullPolicy=Sometimes"],  # not an enum value
+        ["--set", "architectures.volta[0]=7.0"],  # not an architecture the operator knows
+        ["--set", "watchNamespaces[0]=Not_A_Namespace"],  # not a DNS label
+        ["--set", "metrics.port=0"],
+    ],
+    ids=lambda a: a[1].split("=")[0],
+)
 def test_values_schema_refuses_mistakes(cluster, bad):
     proc = helm(cluster, "template", "x", str(CHART), "--kube-version", cluster.version, *bad, check=False)
     assert proc.returncode != 0, f"{bad} was accepted"
@@ -167,9 +190,14 @@ def test_config_is_what_the_operator_reads(cluster, tmp_path):
         "watchNamespaces": ["team-a", "team-b"],
         "nodeLabels": {"computeMajor": "gpu.example.com/cc-major"},
         "architectures": {"ampere": None, "hopper": ["9.0", "9.1"]},
-        "runner": {"image": {"repository": "registry.example/runner", "tag": "2.0"},
-                   "env": {"HF_HUB_OFFLINE": "1"}, "shmSize": "64Gi", "jobTtlSecondsAfterFinished": 3600,
-                   "podLabels": {"team": "ml"}, "podAnnotations": {"cost-center": "42"}},
+        "runner": {
+            "image": {"repository": "registry.example/runner", "tag": "2.0"},
+            "env": {"HF_HUB_OFFLINE": "1"},
+            "shmSize": "64Gi",
+            "jobTtlSecondsAfterFinished": 3600,
+            "podLabels": {"team": "ml"},
+            "podAnnotations": {"cost-center": "42"},
+        },
         "policy": {"allowTrustRemoteCode": True, "maxGpusPerPod": 4, "allowedOutputClaims": ["artifacts"]},
         "metrics": {"port": 9191},
         "healthPort": 8181,
@@ -208,7 +236,9 @@ def test_rbac_modes(cluster, tmp_path):
     roles = by_kind(namespaced, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(namespaced, "RoleBinding")) == ["team-a", "team-b"]
-    (cluster_reads,) = [o for o in by_kind(namespaced, "ClusterRole") if o["metadata"]["name"] == "qjob-operator-cluster"]
+    (cluster_reads,) = [
+        o for o in by_kind(namespaced, "ClusterRole") if o["metadata"]["name"] == "qjob-operator-cluster"
+    ]
     resources = {res for r in cluster_reads["rules"] for res in r["resources"]}
     assert resources == {"nodes", "customresourcedefinitions", "namespaces"}, "only cluster-scoped reads cluster-wide"
     for rule in cluster_reads["rules"]:
@@ -220,8 +250,16 @@ def test_rbac_modes(cluster, tmp_path):
 
 def test_service_monitor_is_optional(cluster):
     assert not by_kind(render(cluster), "ServiceMonitor")
-    (sm,) = by_kind(render(cluster, "--set", "metrics.serviceMonitor.enabled=true",
-                           "--set", "metrics.serviceMonitor.labels.release=prom"), "ServiceMonitor")
+    (sm,) = by_kind(
+        render(
+            cluster,
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.labels.release=prom",
+        ),
+        "ServiceMonitor",
+    )
     assert sm["metadata"]["labels"]["release"] == "prom"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
@@ -235,8 +273,17 @@ def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace
     rbac, ext = client.RbacAuthorizationV1Api(kube_api), client.ApiextensionsV1Api(kube_api)
     # The operator pod must pass the "restricted" Pod Security Standard: enforce it here, so a
     # violation leaves the ReplicaSet without a pod.
-    core.patch_namespace(namespace, {"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}}})
+    core.patch_namespace(
+        namespace,
+        {
+            "metadata": {
+                "labels": {
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/warn": "restricted",
+                }
+            }
+        },
+    )
     release = f"qjob-operator-{uuid.uuid4().hex[:6]}"  # also the object prefix (fullname)
 
     # ---- install (cluster-wide mode)
@@ -297,7 +344,11 @@ def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace
 def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
     """Act as the operator's ServiceAccount and do what the operator does for one job."""
     from qjob_operator.builders import (
-        JobRef, build_job, build_role, build_role_binding, build_service_account,
+        JobRef,
+        build_job,
+        build_role,
+        build_role_binding,
+        build_service_account,
     )
     from qjob_operator.plan import plan_stages, runner_service_account
 
@@ -307,10 +358,16 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         operator = service_account_user(namespace, release)
         # What the operator needs (the contract in the chart's README) ...
         needed = [
-            ("list", "quantizationjobs", GROUP, None), ("watch", "quantizationjobs", GROUP, None),
-            ("patch", "quantizationjobs", GROUP, None), ("delete", "quantizationjobs", GROUP, None),
-            ("list", "jobs", "batch", None), ("create", "jobs", "batch", None), ("delete", "jobs", "batch", None),
-            ("watch", "pods", "", None), ("create", "events", "", None), ("create", "events", "events.k8s.io", None),
+            ("list", "quantizationjobs", GROUP, None),
+            ("watch", "quantizationjobs", GROUP, None),
+            ("patch", "quantizationjobs", GROUP, None),
+            ("delete", "quantizationjobs", GROUP, None),
+            ("list", "jobs", "batch", None),
+            ("create", "jobs", "batch", None),
+            ("delete", "jobs", "batch", None),
+            ("watch", "pods", "", None),
+            ("create", "events", "", None),
+            ("create", "events", "events.k8s.io", None),
             ("create", "roles", "rbac.authorization.k8s.io", None),
             ("create", "rolebindings", "rbac.authorization.k8s.io", None),
             ("create", "serviceaccounts", "", None),
@@ -322,10 +379,17 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         assert can_i(kube_api, operator, "watch", "customresourcedefinitions", group="apiextensions.k8s.io")
         # ... and what it must not have.
         refused = [
-            ("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods", ""), ("delete", "pods", ""),
-            ("create", "quantizationjobs", GROUP), ("create", "configmaps", ""), ("list", "configmaps", ""),
-            ("escalate", "roles", "rbac.authorization.k8s.io"), ("bind", "roles", "rbac.authorization.k8s.io"),
-            ("create", "clusterroles", "rbac.authorization.k8s.io"), ("create", "deployments", "apps"),
+            ("get", "secrets", ""),
+            ("list", "secrets", ""),
+            ("create", "pods", ""),
+            ("delete", "pods", ""),
+            ("create", "quantizationjobs", GROUP),
+            ("create", "configmaps", ""),
+            ("list", "configmaps", ""),
+            ("escalate", "roles", "rbac.authorization.k8s.io"),
+            ("bind", "roles", "rbac.authorization.k8s.io"),
+            ("create", "clusterroles", "rbac.authorization.k8s.io"),
+            ("create", "deployments", "apps"),
         ]
         for verb, resource, group in refused:
             assert not can_i(kube_api, operator, verb, resource, group=group, namespace=namespace), (verb, resource)
@@ -333,8 +397,11 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         assert not can_i(kube_api, operator, "create", "customresourcedefinitions", group="apiextensions.k8s.io")
 
         # A real QuantizationJob (created by the user), then the operator's children, as the operator.
-        doc = next(d for d in yaml.safe_load_all((EXAMPLES / "fp8-hopper.yaml").read_text())
-                   if d and d["kind"] == "QuantizationJob")
+        doc = next(
+            d
+            for d in yaml.safe_load_all((EXAMPLES / "fp8-hopper.yaml").read_text())
+            if d and d["kind"] == "QuantizationJob"
+        )
         # Suspended, so an operator running in the same test session creates no children of its
         # own (this test creates them, as the operator's identity).
         doc["spec"].setdefault("runPolicy", {})["suspend"] = True
@@ -353,7 +420,8 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
             rbac.create_namespaced_role_binding(namespace, build_role_binding(ref))
             client.BatchV1Api(as_operator).create_namespaced_job(namespace, build_job(ref, spec, stages[0], cfg))
             client.CustomObjectsApi(as_operator).patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, ref.name, {"status": {"phase": "Pending"}})
+                GROUP, VERSION, namespace, PLURAL, ref.name, {"status": {"phase": "Pending"}}
+            )
             client.CoreV1Api(as_operator).list_node()
             with pytest.raises(ApiException) as denied:
                 core.read_namespaced_secret("anything", namespace)
@@ -364,8 +432,9 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         # The runner's identity: its own job and status, nothing else.
         runner = service_account_user(namespace, runner_service_account(ref.name))
         assert can_i(kube_api, runner, "get", PLURAL, group=GROUP, namespace=namespace, name=ref.name)
-        assert can_i(kube_api, runner, "patch", PLURAL, group=GROUP, namespace=namespace, name=ref.name,
-                     subresource="status")
+        assert can_i(
+            kube_api, runner, "patch", PLURAL, group=GROUP, namespace=namespace, name=ref.name, subresource="status"
+        )
         assert not can_i(kube_api, runner, "get", PLURAL, group=GROUP, namespace=namespace, name="another-job")
         assert not can_i(kube_api, runner, "list", PLURAL, group=GROUP, namespace=namespace)
         assert not can_i(kube_api, runner, "patch", PLURAL, group=GROUP, namespace=namespace, name=ref.name)
@@ -396,9 +465,15 @@ def test_namespaced_mode_rbac(cluster, kube_api, namespace, extra_namespace, tmp
 def service_account_kubeconfig(cluster, kube_api, namespace: str, name: str, path: Path) -> Path:
     """A kubeconfig that authenticates as a ServiceAccount (token from the TokenRequest API), as
     the operator's pod would: so the operator below runs with exactly the chart's RBAC."""
-    token = client.CoreV1Api(kube_api).create_namespaced_service_account_token(
-        name, namespace, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
-            audiences=[], expiration_seconds=3600))).status.token
+    token = (
+        client.CoreV1Api(kube_api)
+        .create_namespaced_service_account_token(
+            name,
+            namespace,
+            client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)),
+        )
+        .status.token
+    )
     return localcluster.token_kubeconfig(cluster.kubeconfig, token, path)
 
 
@@ -423,9 +498,12 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
 
     metrics_port, health_port = localcluster.free_ports(2)
     watched = extra_namespace if mode == "namespaced" else namespace
-    values = {"metrics": {"port": metrics_port}, "healthPort": health_port,
-              "watchNamespaces": [extra_namespace] if mode == "namespaced" else [],
-              "runner": {"image": {"repository": "registry.invalid/qjob-runner", "tag": "test"}}}
+    values = {
+        "metrics": {"port": metrics_port},
+        "healthPort": health_port,
+        "watchNamespaces": [extra_namespace] if mode == "namespaced" else [],
+        "runner": {"image": {"repository": "registry.invalid/qjob-runner", "tag": "test"}},
+    }
     release = f"qjob-operator-{uuid.uuid4().hex[:6]}"
     helm(cluster, "install", release, str(CHART), "--namespace", namespace, "-f", values_file(tmp_path, values))
     op = None
@@ -437,21 +515,39 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
         op = OperatorProcess(kubeconfig=kubeconfig, workdir=tmp_path, config=config)
         op.start()  # waits for GET /healthz on healthPort
 
-        doc = next(d for d in yaml.safe_load_all((EXAMPLES / "fp8-hopper.yaml").read_text())
-                   if d and d["kind"] == "QuantizationJob")
+        doc = next(
+            d
+            for d in yaml.safe_load_all((EXAMPLES / "fp8-hopper.yaml").read_text())
+            if d and d["kind"] == "QuantizationJob"
+        )
         client.CustomObjectsApi(kube_api).create_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, doc)
         name = doc["metadata"]["name"]
-        wait_for(lambda: metric(op.metrics(), "qjob_api_requests_total", verb="create") >= 1
-                 and metric(op.metrics(), "qjob_jobs") >= 1,
-                 timeout=60, what=f"the operator to handle {watched}/{name} (log: {op.log_path})")
+        wait_for(
+            lambda: (
+                metric(op.metrics(), "qjob_api_requests_total", verb="create") >= 1
+                and metric(op.metrics(), "qjob_jobs") >= 1
+            ),
+            timeout=60,
+            what=f"the operator to handle {watched}/{name} (log: {op.log_path})",
+        )
         from qjob_operator.plan import runner_service_account
 
         rbac = client.RbacAuthorizationV1Api(kube_api)
-        wait_for(lambda: rbac.read_namespaced_role(runner_service_account(name), watched), timeout=30,
-                 what="the runner Role the operator grants")
-        wait_for(lambda: (client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
-            GROUP, VERSION, watched, PLURAL, name).get("status") or {}).get("phase"), timeout=30,
-            what="a status written by the operator")
+        wait_for(
+            lambda: rbac.read_namespaced_role(runner_service_account(name), watched),
+            timeout=30,
+            what="the runner Role the operator grants",
+        )
+        wait_for(
+            lambda: (
+                client.CustomObjectsApi(kube_api)
+                .get_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, name)
+                .get("status")
+                or {}
+            ).get("phase"),
+            timeout=30,
+            what="a status written by the operator",
+        )
         text = op.metrics()
         assert metric(text, "qjob_reconcile_errors_total") == 0, op.log_tail()
         # RBAC denials only (other tests' namespaces being deleted also answer 403, for another reason).

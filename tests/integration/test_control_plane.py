@@ -63,9 +63,7 @@ def test_version_is_pinned(cluster, kube_api):
     out = json.loads(cluster.run_kubectl("version", "-o", "json").stdout)
     assert out["serverVersion"]["gitVersion"] == pinned_k8s_version()
     assert out["clientVersion"]["gitVersion"] == pinned_k8s_version()
-    helm = subprocess.run(
-        [str(cluster.helm), "version", "--short"], capture_output=True, text=True, check=True
-    )
+    helm = subprocess.run([str(cluster.helm), "version", "--short"], capture_output=True, text=True, check=True)
     assert helm.stdout.startswith("v3.")
     subprocess.run(
         [str(cluster.helm), "--kubeconfig", str(cluster.kubeconfig), "list", "-A"],
@@ -161,9 +159,7 @@ def test_too_many_gpus_is_unschedulable(kube_api, namespace):
     events = wait_for(
         lambda: [
             e
-            for e in core.list_namespaced_event(
-                namespace, field_selector="involvedObject.name=greedy"
-            ).items
+            for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=greedy").items
             if e.reason == "FailedScheduling"
         ],
         timeout=60,
@@ -220,9 +216,7 @@ def test_serviceaccount_without_binding_is_forbidden(cluster, kube_api, namespac
     cfg.api_key = {"authorization": token}
     cfg.api_key_prefix = {"authorization": "Bearer"}
     with client.ApiClient(cfg) as sa_api:
-        review = client.AuthenticationV1Api(sa_api).create_self_subject_review(
-            client.V1SelfSubjectReview()
-        )
+        review = client.AuthenticationV1Api(sa_api).create_self_subject_review(client.V1SelfSubjectReview())
         assert review.status.user_info.username == f"system:serviceaccount:{namespace}:nobody"
         with pytest.raises(ApiException) as e:
             client.CoreV1Api(sa_api).list_namespaced_pod(namespace)

@@ -6,7 +6,7 @@ hack/localcluster/stages/pods.yaml)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from kubernetes import client
@@ -14,8 +14,18 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.cluster_fixtures import wait_for
 from tests.operator_fixtures import (
-    GROUP, PLURAL, VERSION, basic_spec, create_qjob, custom_api, get_qjob, make_artifacts_pvc,
-    make_calibration_configmap, phase_is, qjob_manifest, wait_qjob,
+    GROUP,
+    PLURAL,
+    VERSION,
+    basic_spec,
+    create_qjob,
+    custom_api,
+    get_qjob,
+    make_artifacts_pvc,
+    make_calibration_configmap,
+    phase_is,
+    qjob_manifest,
+    wait_qjob,
 )
 
 pytestmark = pytest.mark.cluster
@@ -39,8 +49,11 @@ def jobs_of(kube_api, namespace, name):
 
 
 def pods_of(kube_api, namespace, name, stage):
-    return client.CoreV1Api(kube_api).list_namespaced_pod(
-        namespace, label_selector=f"qjob.dev/job-name={name},qjob.dev/stage={stage}").items
+    return (
+        client.CoreV1Api(kube_api)
+        .list_namespaced_pod(namespace, label_selector=f"qjob.dev/job-name={name},qjob.dev/stage={stage}")
+        .items
+    )
 
 
 def node_labels(kube_api, node):
@@ -49,8 +62,11 @@ def node_labels(kube_api, node):
 
 def runner_client(kube_api, namespace, service_account):
     """An API client authenticated as the runner pod's ServiceAccount (TokenRequest API)."""
-    token = client.CoreV1Api(kube_api).create_namespaced_service_account_token(
-        service_account, namespace, {"spec": {"expirationSeconds": 600}}).status.token
+    token = (
+        client.CoreV1Api(kube_api)
+        .create_namespaced_service_account_token(service_account, namespace, {"spec": {"expirationSeconds": 600}})
+        .status.token
+    )
     cfg = client.Configuration()
     cfg.host = kube_api.configuration.host
     cfg.ssl_ca_cert = kube_api.configuration.ssl_ca_cert
@@ -60,20 +76,25 @@ def runner_client(kube_api, namespace, service_account):
 
 def report(api, namespace, name, stage, body):
     custom_api(api).patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": {"runnerReports": {stage: body}}})
+        GROUP, VERSION, namespace, PLURAL, name, {"status": {"runnerReports": {stage: body}}}
+    )
 
 
 # ------------------------------------------------------------------------------- the happy path
 
 
 def test_fp8_job_runs_on_the_right_architectures_and_succeeds(kube_api, ns, operator):
-    spec = basic_spec(engines=[{"architecture": "hopper"}, {"architecture": "ada"}],
-                      scheduling={"podAnnotations": {HOLD: "true"}})
+    spec = basic_spec(
+        engines=[{"architecture": "hopper"}, {"architecture": "ada"}], scheduling={"podAnnotations": {HOLD: "true"}}
+    )
     name = create_qjob(kube_api, ns, spec)
 
     # quantize first, on any GPU node; the runner reports through its own ServiceAccount.
-    wait_for(lambda: [p for p in pods_of(kube_api, ns, name, "quantize") if p.status.phase == "Running"],
-             timeout=60, what="quantize pod running")
+    wait_for(
+        lambda: [p for p in pods_of(kube_api, ns, name, "quantize") if p.status.phase == "Running"],
+        timeout=60,
+        what="quantize pod running",
+    )
     [job] = jobs_of(kube_api, ns, name)
     assert job.metadata.owner_references[0].kind == "QuantizationJob"
     assert job.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
@@ -83,23 +104,44 @@ def test_fp8_job_runs_on_the_right_architectures_and_succeeds(kube_api, ns, oper
     assert obj["status"]["phase"] == "Running"
     assert obj["status"]["progress"]["stage"] == "quantize/calibrate"
 
-    artifact = {"kind": "checkpoint", "format": "hf", "uri": f"pvc://artifacts/{ns}/{name}/checkpoint-hf",
-                "sizeBytes": 1234, "sha256": "ab" * 32}
-    report(runner, ns, name, "quantize", {"step": "report", "percent": 100, "artifacts": [artifact],
-                                          "quality": {"metric": "perplexity", "baseline": 10.0, "quantized": 10.2,
-                                                      "degradation": 0.02}})
+    artifact = {
+        "kind": "checkpoint",
+        "format": "hf",
+        "uri": f"pvc://artifacts/{ns}/{name}/checkpoint-hf",
+        "sizeBytes": 1234,
+        "sha256": "ab" * 32,
+    }
+    report(
+        runner,
+        ns,
+        name,
+        "quantize",
+        {
+            "step": "report",
+            "percent": 100,
+            "artifacts": [artifact],
+            "quality": {"metric": "perplexity", "baseline": 10.0, "quantized": 10.2, "degradation": 0.02},
+        },
+    )
     # The runner is done: release the held pod so kwok completes it (exit 0).
     for pod in pods_of(kube_api, ns, name, "quantize"):
-        client.CoreV1Api(kube_api).patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
+        client.CoreV1Api(kube_api).patch_namespaced_pod(
+            pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}}
+        )
 
     # Then one build per architecture, each placed by the real scheduler on a node of that architecture.
     for stage, major, minor in (("build-hopper", "9", "0"), ("build-ada", "8", "9")):
-        pods = wait_for(lambda: [p for p in pods_of(kube_api, ns, name, stage) if p.spec.node_name],
-                        timeout=60, what=f"{stage} pod bound")
+        pods = wait_for(
+            lambda: [p for p in pods_of(kube_api, ns, name, stage) if p.spec.node_name],
+            timeout=60,
+            what=f"{stage} pod bound",
+        )
         labels = node_labels(kube_api, pods[0].spec.node_name)
         assert (labels["nvidia.com/gpu.compute.major"], labels["nvidia.com/gpu.compute.minor"]) == (major, minor)
         for pod in pods:
-            client.CoreV1Api(kube_api).patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
+            client.CoreV1Api(kube_api).patch_namespaced_pod(
+                pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}}
+            )
 
     obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded", "Failed"), timeout=90, operator=operator)
     status = obj["status"]
@@ -131,7 +173,9 @@ def test_runner_identity_is_limited_to_its_own_job(kube_api, ns, operator):
     spec = basic_spec(engines=[], scheduling={"podAnnotations": {HOLD: "true"}})
     mine = create_qjob(kube_api, ns, spec)
     other = create_qjob(kube_api, ns, spec)
-    client.CoreV1Api(kube_api).create_namespaced_secret(ns, {"metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}})
+    client.CoreV1Api(kube_api).create_namespaced_secret(
+        ns, {"metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}}
+    )
     wait_for(lambda: jobs_of(kube_api, ns, mine) and jobs_of(kube_api, ns, other), timeout=60, what="both jobs started")
     runner = runner_client(kube_api, ns, f"{mine}-runner")
 
@@ -146,7 +190,9 @@ def test_runner_identity_is_limited_to_its_own_job(kube_api, ns, operator):
         custom_api(runner).list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
     assert denied.value.status == 403
     with pytest.raises(ApiException) as denied:  # may not touch its spec either
-        custom_api(runner).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, mine, {"spec": {"runPolicy": {"suspend": True}}})
+        custom_api(runner).patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, mine, {"spec": {"runPolicy": {"suspend": True}}}
+        )
     assert denied.value.status == 403
 
 
@@ -176,13 +222,35 @@ def test_unschedulable_fails_after_pending_deadline(kube_api, ns, operator):
     wait_for(lambda: not jobs_of(kube_api, ns, name), timeout=30, what="unschedulable Job deleted")
 
 
-@pytest.mark.parametrize("annotations, backoff, reason, fragment", [
-    ({FAIL: "2", MESSAGE: json.dumps({"outcome": "Failed", "stage": "quantize", "exitCode": 2,
-                                      "message": "nvfp4 needs a CUDA GPU: run on a Blackwell node"})},
-     3, "InvalidConfig", "run on a Blackwell node"),
-    ({FAIL: "137", TERMINATED_REASON: "OOMKilled"}, 0, "OOMKilled", "raise spec.resources.memory"),
-    ({FAIL: "1", MESSAGE: "Traceback (most recent call last): RuntimeError: boom"}, 1, "RunnerFailed", "RuntimeError: boom"),
-], ids=["InvalidConfig-not-retried", "OOMKilled", "RunnerFailed-after-retries"])
+@pytest.mark.parametrize(
+    "annotations, backoff, reason, fragment",
+    [
+        (
+            {
+                FAIL: "2",
+                MESSAGE: json.dumps(
+                    {
+                        "outcome": "Failed",
+                        "stage": "quantize",
+                        "exitCode": 2,
+                        "message": "nvfp4 needs a CUDA GPU: run on a Blackwell node",
+                    }
+                ),
+            },
+            3,
+            "InvalidConfig",
+            "run on a Blackwell node",
+        ),
+        ({FAIL: "137", TERMINATED_REASON: "OOMKilled"}, 0, "OOMKilled", "raise spec.resources.memory"),
+        (
+            {FAIL: "1", MESSAGE: "Traceback (most recent call last): RuntimeError: boom"},
+            1,
+            "RunnerFailed",
+            "RuntimeError: boom",
+        ),
+    ],
+    ids=["InvalidConfig-not-retried", "OOMKilled", "RunnerFailed-after-retries"],
+)
 def test_runner_failures_are_classified(kube_api, ns, operator, annotations, backoff, reason, fragment):
     spec = basic_spec(engines=[], scheduling={"podAnnotations": annotations}, runPolicy={"backoffLimit": backoff})
     name = create_qjob(kube_api, ns, spec)
@@ -193,9 +261,13 @@ def test_runner_failures_are_classified(kube_api, ns, operator, annotations, bac
     attempts = status["stages"][0]["attempts"]
     # Exit code 2 is "do not retry": the Job's podFailurePolicy stops at the first pod.
     assert attempts == (1 if reason == "InvalidConfig" else backoff + 1)
+
     def warning_posted():  # kopf posts Events in the background
-        events = client.CoreV1Api(kube_api).list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        events = (
+            client.CoreV1Api(kube_api).list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+        )
         return [e for e in events if e.reason == reason and e.type == "Warning"]
+
     wait_for(warning_posted, timeout=20, what=f"Warning Event {reason}")
 
 
@@ -216,20 +288,37 @@ def _kubelet_patch(kube_api, ns, name, status):
 def test_image_pull_error_fails_fast(kube_api, ns, operator):
     spec = basic_spec(engines=[], scheduling={"podLabels": {"localcluster.qjob.dev/external": "true"}})
     name = create_qjob(kube_api, ns, spec)
-    _kubelet_patch(kube_api, ns, name, {"phase": "Pending", "containerStatuses": [{
-        "name": "runner", "image": "registry.example/qjob-runner:test", "imageID": "", "ready": False, "restartCount": 0,
-        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}}}]})
+    _kubelet_patch(
+        kube_api,
+        ns,
+        name,
+        {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "runner",
+                    "image": "registry.example/qjob-runner:test",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}},
+                }
+            ],
+        },
+    )
     obj = wait_qjob(kube_api, ns, name, phase_is("Failed"), timeout=30, operator=operator)
     assert obj["status"]["reason"] == "ImagePullError"
     assert "registry.example/qjob-runner:test" in obj["status"]["message"]
 
 
 def test_evicted(kube_api, ns, operator):
-    spec = basic_spec(engines=[], scheduling={"podLabels": {"localcluster.qjob.dev/external": "true"}},
-                      runPolicy={"backoffLimit": 0})
+    spec = basic_spec(
+        engines=[], scheduling={"podLabels": {"localcluster.qjob.dev/external": "true"}}, runPolicy={"backoffLimit": 0}
+    )
     name = create_qjob(kube_api, ns, spec)
-    _kubelet_patch(kube_api, ns, name, {"phase": "Failed", "reason": "Evicted",
-                                        "message": "The node was low on resource: memory."})
+    _kubelet_patch(
+        kube_api, ns, name, {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+    )
     obj = wait_qjob(kube_api, ns, name, phase_is("Failed"), timeout=60, operator=operator)
     assert obj["status"]["reason"] == "Evicted"
     assert "low on resource" in obj["status"]["message"]
@@ -247,30 +336,55 @@ def test_trust_remote_code_is_refused_by_policy(kube_api, ns, operator):
 # ------------------------------------------------------------------------- validation by the apiserver
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda s: s.update(quantization={"format": "nvfp4"}), "NVFP4 needs Blackwell"),
-    (lambda s: s.update(quantization={"format": "fp8", "kvCache": "nvfp4"}), "An NVFP4 KV cache needs Blackwell"),
-    (lambda s: s.update(quantization={"format": "w4a8_awq"}, engines=[{"architecture": "blackwell"}]), "W4A8 AWQ needs Ada or Hopper"),
-    (lambda s: s["model"].update(pvc={"claimName": "models"}), "set exactly one model source"),
-    (lambda s: s.update(quantization={}), "set exactly one of spec.quantization.format or spec.quantization.autoQuantize"),
-    (lambda s: s.update(export={"formats": ["onnx"]}), "ONNX export is for encoder models"),
-    (lambda s: s["output"]["pvc"].update(path="/abs"), "path must be relative to the volume root"),
-    (lambda s: s.update(engines=[{"architecture": "hopper"}, {"architecture": "hopper"}]), "Duplicate value"),
-], ids=["nvfp4-hopper", "nvfp4-kv-hopper", "w4a8-blackwell", "two-sources", "no-format", "onnx-llm", "abs-path", "dup-engine"])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.update(quantization={"format": "nvfp4"}), "NVFP4 needs Blackwell"),
+        (lambda s: s.update(quantization={"format": "fp8", "kvCache": "nvfp4"}), "An NVFP4 KV cache needs Blackwell"),
+        (
+            lambda s: s.update(quantization={"format": "w4a8_awq"}, engines=[{"architecture": "blackwell"}]),
+            "W4A8 AWQ needs Ada or Hopper",
+        ),
+        (lambda s: s["model"].update(pvc={"claimName": "models"}), "set exactly one model source"),
+        (
+            lambda s: s.update(quantization={}),
+            "set exactly one of spec.quantization.format or spec.quantization.autoQuantize",
+        ),
+        (lambda s: s.update(export={"formats": ["onnx"]}), "ONNX export is for encoder models"),
+        (lambda s: s["output"]["pvc"].update(path="/abs"), "path must be relative to the volume root"),
+        (lambda s: s.update(engines=[{"architecture": "hopper"}, {"architecture": "hopper"}]), "Duplicate value"),
+    ],
+    ids=[
+        "nvfp4-hopper",
+        "nvfp4-kv-hopper",
+        "w4a8-blackwell",
+        "two-sources",
+        "no-format",
+        "onnx-llm",
+        "abs-path",
+        "dup-engine",
+    ],
+)
 def test_invalid_objects_are_refused_with_a_clear_message(kube_api, namespace, crds, mutate, message):
     spec = basic_spec()
     mutate(spec)
     with pytest.raises(ApiException) as refused:
-        custom_api(kube_api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, qjob_manifest("bad", spec))
+        custom_api(kube_api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, qjob_manifest("bad", spec)
+        )
     assert refused.value.status == 422
     assert message in json.loads(refused.value.body)["message"]
 
 
 def test_spec_is_immutable_except_run_policy(kube_api, ns, operator):
-    name = create_qjob(kube_api, ns, basic_spec(runPolicy={"suspend": True}, scheduling={"podAnnotations": {HOLD: "true"}}))
+    name = create_qjob(
+        kube_api, ns, basic_spec(runPolicy={"suspend": True}, scheduling={"podAnnotations": {HOLD: "true"}})
+    )
     api = custom_api(kube_api)
     with pytest.raises(ApiException) as refused:
-        api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"quantization": {"format": "int8_smoothquant"}}})
+        api.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, name, {"spec": {"quantization": {"format": "int8_smoothquant"}}}
+        )
     assert "only spec.runPolicy can change" in json.loads(refused.value.body)["message"]
     obj = wait_qjob(kube_api, ns, name, phase_is("Suspended"), timeout=20, operator=operator)
     assert jobs_of(kube_api, ns, name) == []
@@ -281,8 +395,11 @@ def test_spec_is_immutable_except_run_policy(kube_api, ns, operator):
 
     # Suspending a running job suspends its Job: the Job controller removes the pod.
     api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"runPolicy": {"suspend": True}}})
-    wait_for(lambda: jobs_of(kube_api, ns, name)[0].spec.suspend and not pods_of(kube_api, ns, name, "quantize"),
-             timeout=60, what="Job suspended and its pod gone")
+    wait_for(
+        lambda: jobs_of(kube_api, ns, name)[0].spec.suspend and not pods_of(kube_api, ns, name, "quantize"),
+        timeout=60,
+        what="Job suspended and its pod gone",
+    )
     wait_qjob(kube_api, ns, name, phase_is("Suspended"), timeout=30, operator=operator)
     api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": {"runPolicy": {"suspend": False}}})
     wait_for(lambda: not jobs_of(kube_api, ns, name)[0].spec.suspend, timeout=30, what="Job resumed")
@@ -297,24 +414,39 @@ def test_restart_mid_job_creates_no_duplicates_and_loses_no_status(kube_api, ns,
     wait_for(lambda: [p for p in pods_of(kube_api, ns, name, "quantize") if p.status.phase == "Running"], timeout=60)
     runner = runner_client(kube_api, ns, f"{name}-runner")
     report(runner, ns, name, "quantize", {"step": "quantize", "percent": 80})
-    before = wait_qjob(kube_api, ns, name, lambda s: s.get("phase") == "Running" and s["progress"]["percent"] == 48,
-                       timeout=30, operator=operator)["status"]
+    before = wait_qjob(
+        kube_api,
+        ns,
+        name,
+        lambda s: s.get("phase") == "Running" and s["progress"]["percent"] == 48,
+        timeout=30,
+        operator=operator,
+    )["status"]
 
     operator.kill()
     # While it is down, the runner finishes and the Job completes.
     for pod in pods_of(kube_api, ns, name, "quantize"):
-        client.CoreV1Api(kube_api).patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
-    wait_for(lambda: any(c.type == "Complete" for c in (jobs_of(kube_api, ns, name)[0].status.conditions or [])),
-             timeout=60, what="quantize Job complete while the operator is down")
+        client.CoreV1Api(kube_api).patch_namespaced_pod(
+            pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}}
+        )
+    wait_for(
+        lambda: any(c.type == "Complete" for c in (jobs_of(kube_api, ns, name)[0].status.conditions or [])),
+        timeout=60,
+        what="quantize Job complete while the operator is down",
+    )
     after_kill = get_qjob(kube_api, ns, name)["status"]
     assert after_kill["stages"] == before["stages"] and after_kill["phase"] == "Running"
 
     operator.start()
-    wait_for(lambda: [p for p in pods_of(kube_api, ns, name, "build-hopper") if p.status.phase == "Running"], timeout=60)
+    wait_for(
+        lambda: [p for p in pods_of(kube_api, ns, name, "build-hopper") if p.status.phase == "Running"], timeout=60
+    )
     operator.kill()
     operator.start()  # a second restart while the build runs
     for pod in pods_of(kube_api, ns, name, "build-hopper"):
-        client.CoreV1Api(kube_api).patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
+        client.CoreV1Api(kube_api).patch_namespaced_pod(
+            pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}}
+        )
     obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded", "Failed"), timeout=60, operator=operator)
     assert obj["status"]["phase"] == "Succeeded"
     assert sorted(j.metadata.name for j in jobs_of(kube_api, ns, name)) == [f"{name}-build-hopper", f"{name}-quantize"]
@@ -328,11 +460,17 @@ def test_delete_garbage_collects_children(kube_api, ns, operator):
     obj = get_qjob(kube_api, ns, name)
     assert "qjob.dev/finalizer" in obj["metadata"]["finalizers"]
     custom_api(kube_api).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-    wait_for(lambda: not jobs_of(kube_api, ns, name) and not pods_of(kube_api, ns, name, "quantize"),
-             timeout=60, what="children garbage-collected")
+    wait_for(
+        lambda: not jobs_of(kube_api, ns, name) and not pods_of(kube_api, ns, name, "quantize"),
+        timeout=60,
+        what="children garbage-collected",
+    )
     rbac = client.RbacAuthorizationV1Api(kube_api)
-    wait_for(lambda: not [r for r in rbac.list_namespaced_role(ns).items if r.metadata.name == f"{name}-runner"],
-             timeout=30, what="runner Role garbage-collected")
+    wait_for(
+        lambda: not [r for r in rbac.list_namespaced_role(ns).items if r.metadata.name == f"{name}-runner"],
+        timeout=30,
+        what="runner Role garbage-collected",
+    )
 
 
 def test_ttl_after_finished_deletes_the_job(kube_api, ns, operator):
@@ -345,6 +483,7 @@ def test_ttl_after_finished_deletes_the_job(kube_api, ns, operator):
             return False
         except ApiException as exc:
             return exc.status == 404
+
     wait_for(gone, timeout=30, what="QuantizationJob deleted after its TTL")
     wait_for(lambda: not jobs_of(kube_api, ns, name), timeout=30, what="its Jobs garbage-collected")
 
@@ -358,4 +497,4 @@ def test_kueue_queue_name_creates_suspended_labelled_jobs(kube_api, ns, operator
     client.BatchV1Api(kube_api).patch_namespaced_job(job.metadata.name, ns, {"spec": {"suspend": False}})
     obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded"), timeout=60, operator=operator)
     assert obj["status"]["stages"][0]["phase"] == "Succeeded"
-    assert datetime.fromisoformat(obj["status"]["completionTime"].replace("Z", "+00:00")) <= datetime.now(timezone.utc)
+    assert datetime.fromisoformat(obj["status"]["completionTime"].replace("Z", "+00:00")) <= datetime.now(UTC)

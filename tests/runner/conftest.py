@@ -28,7 +28,10 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_llama(tmp_path_factory) -> Path:
     """The same shape trained for a few hundred steps on pydoc text (perplexity means something)."""
-    return make_tiny_llama(tmp_path_factory.mktemp("models") / "trained-llama", train_steps=int(os.environ.get("QJOB_TEST_TRAIN_STEPS", "200")))
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("models") / "trained-llama",
+        train_steps=int(os.environ.get("QJOB_TEST_TRAIN_STEPS", "200")),
+    )
 
 
 @pytest.fixture(scope="session")

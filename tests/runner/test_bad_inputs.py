@@ -7,7 +7,6 @@ import shutil
 from unittest import mock
 
 import pytest
-
 from qjob_api.runner import ExitCode, RunnerConfig
 from qjob_runner import run
 
@@ -16,8 +15,11 @@ from .helpers import runner_config
 
 def _run(tmp_path, model_path, calib, **over):
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(model={"path": str(model_path)},
-                                                    calibration={"dataset": {"path": str(calib)}}, outputDir=str(out), **over))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(model_path)}, calibration={"dataset": {"path": str(calib)}}, outputDir=str(out), **over
+        )
+    )
     result = run(cfg)
     assert result.outcome == "Failed"
     assert "Fix:" in (result.message or ""), result.message
@@ -100,8 +102,13 @@ def test_hub_offline_not_cached(tmp_path, calib_jsonl, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(model={"hfRepo": "qjob-test/does-not-exist"},
-                                                    calibration={"dataset": {"path": str(calib_jsonl)}}, outputDir=str(out)))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"hfRepo": "qjob-test/does-not-exist"},
+            calibration={"dataset": {"path": str(calib_jsonl)}},
+            outputDir=str(out),
+        )
+    )
     r = run(cfg)
     assert r.exit_code == ExitCode.INVALID_INPUT
     assert "HF_HUB_OFFLINE" in r.message and "spec.model.pvc" in r.message

@@ -25,10 +25,17 @@ def _finished_quantize_output(tmp_path, kind="onnx"):
 
 
 def _build_cfg(out, arch="hopper", task="encoder"):
-    return RunnerConfig.model_validate(runner_config(
-        stage=f"build-{arch}", model={"path": "/unused", "task": task}, quantization={"format": "fp8"},
-        calibration={"dataset": {"path": "/unused"}}, export={"formats": ["onnx"] if task == "encoder" else ["hf"]},
-        engine={"architecture": arch}, outputDir=str(out)))
+    return RunnerConfig.model_validate(
+        runner_config(
+            stage=f"build-{arch}",
+            model={"path": "/unused", "task": task},
+            quantization={"format": "fp8"},
+            calibration={"dataset": {"path": "/unused"}},
+            export={"formats": ["onnx"] if task == "encoder" else ["hf"]},
+            engine={"architecture": arch},
+            outputDir=str(out),
+        )
+    )
 
 
 def test_build_without_gpu_is_retryable(tmp_path):
@@ -40,8 +47,10 @@ def test_build_without_gpu_is_retryable(tmp_path):
 
 
 def _fake_gpu(major, minor):
-    return [mock.patch("torch.cuda.is_available", return_value=True),
-            mock.patch("torch.cuda.get_device_capability", return_value=(major, minor))]
+    return [
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.get_device_capability", return_value=(major, minor)),
+    ]
 
 
 def test_build_on_wrong_architecture(tmp_path):
@@ -87,9 +96,15 @@ def test_build_before_quantize_finished(tmp_path):
 
 
 def test_batch_size_zero_on_cpu_uses_small_fixed_batch(tiny_llama, calib_jsonl, tmp_path):
-    cfg = RunnerConfig.model_validate(runner_config(model={"path": str(tiny_llama)}, quantization={"format": "int8"},
-                                                    calibration={"dataset": {"path": str(calib_jsonl)}, "batchSize": 0},
-                                                    evaluation={"enabled": False}, outputDir=str(tmp_path / "out")))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(tiny_llama)},
+            quantization={"format": "int8"},
+            calibration={"dataset": {"path": str(calib_jsonl)}, "batchSize": 0},
+            evaluation={"enabled": False},
+            outputDir=str(tmp_path / "out"),
+        )
+    )
     r = run(cfg)
     assert r.outcome == "Succeeded", r.message
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -97,10 +112,19 @@ def test_batch_size_zero_on_cpu_uses_small_fixed_batch(tiny_llama, calib_jsonl, 
 
 
 def test_artifact_uris_use_output_uri(tiny_llama, calib_jsonl, tmp_path):
-    cfg = RunnerConfig.model_validate(runner_config(model={"path": str(tiny_llama)}, quantization={"format": "int8"},
-                                                    calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 8},
-                                                    evaluation={"enabled": False}, outputDir=str(tmp_path / "out"),
-                                                    outputUri="pvc://models/team-a/llama-int8"))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(tiny_llama)},
+            quantization={"format": "int8"},
+            calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 8},
+            evaluation={"enabled": False},
+            outputDir=str(tmp_path / "out"),
+            outputUri="pvc://models/team-a/llama-int8",
+        )
+    )
     r = run(cfg)
     assert r.outcome == "Succeeded", r.message
-    assert {a.uri for a in r.artifacts} == {"pvc://models/team-a/llama-int8/hf", "pvc://models/team-a/llama-int8/manifest.json"}
+    assert {a.uri for a in r.artifacts} == {
+        "pvc://models/team-a/llama-int8/hf",
+        "pvc://models/team-a/llama-int8/manifest.json",
+    }

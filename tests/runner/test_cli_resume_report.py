@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-
 from qjob_api.runner import RunnerConfig, RunnerResult
 from qjob_api.v1alpha1 import RunnerReport
 from qjob_runner import run
@@ -27,16 +26,38 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_cli_end_to_end(tmp_path, tiny_llama, calib_jsonl):
     out = tmp_path / "out"
     config = tmp_path / "runner.json"
-    config.write_text(json.dumps(runner_config(model={"path": str(tiny_llama)}, quantization={"format": "int8_smoothquant"},
-                                               calibration={"dataset": {"path": str(calib_jsonl)}}, outputDir=str(out))))
+    config.write_text(
+        json.dumps(
+            runner_config(
+                model={"path": str(tiny_llama)},
+                quantization={"format": "int8_smoothquant"},
+                calibration={"dataset": {"path": str(calib_jsonl)}},
+                outputDir=str(out),
+            )
+        )
+    )
     term = tmp_path / "termination-log"
     env = {**os.environ, "QJOB_TERMINATION_LOG": str(term), "QJOB_TORCH_THREADS": "2", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "qjob_runner", "--config", str(config), "--result", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "qjob_runner", "--config", str(config), "--result", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     result = RunnerResult.model_validate_json((tmp_path / "r.json").read_text())
     assert result.outcome == "Succeeded" and result.quality.metric == "perplexity"
-    assert set(result.step_seconds) == {"resolve", "load", "data", "baseline", "quantize", "evaluate", "export", "report"}
+    assert set(result.step_seconds) == {
+        "resolve",
+        "load",
+        "data",
+        "baseline",
+        "quantize",
+        "evaluate",
+        "export",
+        "report",
+    }
     msg = json.loads(term.read_text())
     assert msg["outcome"] == "Succeeded" and len(term.read_bytes()) <= 4096
     manifest = json.loads((out / "manifest.json").read_text())
@@ -50,8 +71,13 @@ def test_cli_bad_config_exit_2(tmp_path):
     cfg = tmp_path / "bad.json"
     cfg.write_text(json.dumps({"job": "x"}))
     term = tmp_path / "term"
-    p = subprocess.run([sys.executable, "-m", "qjob_runner", "--config", str(cfg)], capture_output=True, text=True,
-                       env={**os.environ, "QJOB_TERMINATION_LOG": str(term)}, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "qjob_runner", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QJOB_TERMINATION_LOG": str(term)},
+        timeout=120,
+    )
     assert p.returncode == 2
     assert json.loads(term.read_text())["reason"] == "InvalidConfig"
 
@@ -61,8 +87,14 @@ def test_resume_skips_calibration(tmp_path, tiny_llama, calib_jsonl):
     from unittest import mock
 
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(model={"path": str(tiny_llama)}, quantization={"format": "int4_awq"},
-                                                    calibration={"dataset": {"path": str(calib_jsonl)}}, outputDir=str(out)))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(tiny_llama)},
+            quantization={"format": "int4_awq"},
+            calibration={"dataset": {"path": str(calib_jsonl)}},
+            outputDir=str(out),
+        )
+    )
     # First attempt: calibrates, then the pod "dies" during export.
     with mock.patch("qjob_runner.stages.export.export_hf", side_effect=ConnectionResetError("node drained")):
         first = run(cfg)
@@ -85,7 +117,15 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_PATCH(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).calls.append((self.path, self.headers["Content-Type"], self.headers.get("Authorization"), json.loads(body), time.monotonic()))
+        type(self).calls.append(
+            (
+                self.path,
+                self.headers["Content-Type"],
+                self.headers.get("Authorization"),
+                json.loads(body),
+                time.monotonic(),
+            )
+        )
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -99,15 +139,24 @@ def test_kubernetes_reporter_patches_status_throttled(tmp_path, monkeypatch):
     server = HTTPServer(("127.0.0.1", 0), _Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "u", "user": {"token": "secret-token"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}]}))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "t",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+                "users": [{"name": "u", "user": {"token": "secret-token"}}],
+                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}],
+            }
+        )
+    )
     monkeypatch.setenv("QJOB_KUBECONFIG", str(kubeconfig))
     from qjob_api.runner import Reporting
 
-    rep = make_reporter(Reporting(kind="kubernetes", namespace="team-a", name="llama-fp8"), "quantize", min_interval=0.5)
+    rep = make_reporter(
+        Reporting(kind="kubernetes", namespace="team-a", name="llama-fp8"), "quantize", min_interval=0.5
+    )
     assert isinstance(rep.sinks[0], KubernetesSink)
     for i in range(50):  # a burst of updates ...
         rep.update(step="calibrate", percent=i, message=f"batch {i}")
@@ -125,8 +174,16 @@ def test_kubernetes_reporter_patches_status_throttled(tmp_path, monkeypatch):
 
 def test_reporter_never_raises_when_api_unreachable(monkeypatch, tmp_path):
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({"current-context": "t", "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
-                                      "users": [{"name": "u", "user": {}}], "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "current-context": "t",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
     monkeypatch.setenv("QJOB_KUBECONFIG", str(kubeconfig))
     from qjob_api.runner import Reporting
 

@@ -6,7 +6,6 @@ import json
 
 import onnx
 import pytest
-
 from qjob_api.runner import RunnerConfig
 from qjob_runner import run
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "fmt,min_cos",
     [
-        ("fp8", 0.99),   # BRIEF: 0.995 mean
+        ("fp8", 0.99),  # BRIEF: 0.995 mean
         # INT8 per-tensor activations: 0.71 with ModelOpt's preset as is; the runner leaves
         # LayerNorm inputs unquantized (they carry the residual stream's outliers): ~0.98.
         ("int8", 0.95),
@@ -26,10 +25,16 @@ pytestmark = pytest.mark.slow
 )
 def test_minilm_quantize_onnx(fmt, min_cos, calib_jsonl, tmp_path):
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(
-        model={"path": str(minilm_folder()), "task": "encoder"}, quantization={"format": fmt},
-        export={"formats": ["onnx"]}, calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 32, "batchSize": 8},
-        evaluation={"samples": 16, "gate": {"minCosineSimilarity": min_cos}}, outputDir=str(out)))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(minilm_folder()), "task": "encoder"},
+            quantization={"format": fmt},
+            export={"formats": ["onnx"]},
+            calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 32, "batchSize": 8},
+            evaluation={"samples": 16, "gate": {"minCosineSimilarity": min_cos}},
+            outputDir=str(out),
+        )
+    )
     result = run(cfg)
     assert result.outcome == "Succeeded", result.message
     q = result.quality
@@ -54,10 +59,16 @@ def test_minilm_quantize_onnx(fmt, min_cos, calib_jsonl, tmp_path):
 
 def test_int8_quality_gate_fails_with_exit_4(calib_jsonl, tmp_path):
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(
-        model={"path": str(minilm_folder()), "task": "encoder"}, quantization={"format": "int8"},
-        export={"formats": ["onnx"]}, calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 16, "batchSize": 8},
-        evaluation={"samples": 8, "gate": {"minCosineSimilarity": 0.9999}}, outputDir=str(out)))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(minilm_folder()), "task": "encoder"},
+            quantization={"format": "int8"},
+            export={"formats": ["onnx"]},
+            calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 16, "batchSize": 8},
+            evaluation={"samples": 8, "gate": {"minCosineSimilarity": 0.9999}},
+            outputDir=str(out),
+        )
+    )
     result = run(cfg)
     assert result.exit_code == 4 and result.reason == "QualityGateFailed"
     assert "minCosineSimilarity" in result.message and "Fix:" in result.message

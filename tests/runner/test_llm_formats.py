@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from qjob_api.runner import RunnerConfig
 from qjob_runner import run
 from qjob_runner.checkpoint import load_dequantized
@@ -29,9 +28,14 @@ def test_format_exports_a_checkpoint_that_reloads(fmt, tiny_llama, calib_jsonl, 
 
     monkeypatch.setenv("QJOB_VERIFY_EXPORT", "1")
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(
-        model={"path": str(tiny_llama)}, quantization={"format": fmt, "kvCache": "fp8"},
-        calibration={"dataset": {"path": str(calib_jsonl)}}, outputDir=str(out)))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(tiny_llama)},
+            quantization={"format": fmt, "kvCache": "fp8"},
+            calibration={"dataset": {"path": str(calib_jsonl)}},
+            outputDir=str(out),
+        )
+    )
     result = run(cfg)
     assert result.outcome == "Succeeded", result.message
     assert {a.kind for a in result.artifacts} == {"checkpoint", "manifest"}
@@ -46,9 +50,17 @@ def test_format_exports_a_checkpoint_that_reloads(fmt, tiny_llama, calib_jsonl, 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     texts = [json.loads(x)["text"] for x in calib_jsonl.read_text().splitlines()[:16]]
     tok.padding_side = "left"
-    batches = [tok(texts[i:i + 4], return_tensors="pt", padding=True, truncation=True, max_length=64) for i in range(0, 16, 4)]
-    preset = {"int8": "INT8_DEFAULT_CFG", "int8_smoothquant": "INT8_SMOOTHQUANT_CFG", "fp8": "FP8_DEFAULT_CFG",
-              "int4_awq": "INT4_AWQ_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG"}[fmt]
+    batches = [
+        tok(texts[i : i + 4], return_tensors="pt", padding=True, truncation=True, max_length=64)
+        for i in range(0, 16, 4)
+    ]
+    preset = {
+        "int8": "INT8_DEFAULT_CFG",
+        "int8_smoothquant": "INT8_SMOOTHQUANT_CFG",
+        "fp8": "FP8_DEFAULT_CFG",
+        "int4_awq": "INT4_AWQ_CFG",
+        "w4a8_awq": "W4A8_AWQ_BETA_CFG",
+    }[fmt]
     mtq.quantize(model, getattr(mtq, preset), lambda m: [m(**b) for b in batches])
     x = tok(texts[:2], return_tensors="pt", padding=True, truncation=True, max_length=64)
     with torch.no_grad():
@@ -67,10 +79,14 @@ def test_format_exports_a_checkpoint_that_reloads(fmt, tiny_llama, calib_jsonl, 
 
 def test_auto_quantize_effective_bits(tiny_llama, calib_jsonl, tmp_path):
     out = tmp_path / "out"
-    cfg = RunnerConfig.model_validate(runner_config(
-        model={"path": str(tiny_llama)},
-        quantization={"format": None, "autoQuantize": {"effectiveBits": 6.0, "formats": ["fp8", "int4_awq"]}},
-        calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 8}, outputDir=str(out)))
+    cfg = RunnerConfig.model_validate(
+        runner_config(
+            model={"path": str(tiny_llama)},
+            quantization={"format": None, "autoQuantize": {"effectiveBits": 6.0, "formats": ["fp8", "int4_awq"]}},
+            calibration={"dataset": {"path": str(calib_jsonl)}, "samples": 8},
+            outputDir=str(out),
+        )
+    )
     result = run(cfg)
     assert result.outcome == "Succeeded", result.message
     manifest = json.loads((out / "manifest.json").read_text())

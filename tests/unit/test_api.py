@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
-
 from qjob_api import crd
 from qjob_api.capabilities import (
-    FORMAT_ARCHITECTURES, GPUArchitecture, KVCacheFormat, QuantFormat, architecture_of, unsupported_reasons,
+    FORMAT_ARCHITECTURES,
+    GPUArchitecture,
+    KVCacheFormat,
+    QuantFormat,
+    architecture_of,
+    unsupported_reasons,
 )
 from qjob_api.runner import ExitCode, RunnerResult
 from qjob_api.v1alpha1 import Artifact, PVCLocation, QuantizationJobSpec, quantity_to_mib
@@ -39,8 +43,14 @@ def _walk(schema, path=""):
 
 def test_every_field_has_a_description_for_kubectl_explain():
     # Scalar list items and map values are described by their field.
-    missing = [p for p, s in _walk(_schema()) if p and not p.startswith(".metadata") and not s.get("description")
-               and not (p.endswith(("[]", "{}")) and s.get("type") != "object")]
+    missing = [
+        p
+        for p, s in _walk(_schema())
+        if p
+        and not p.startswith(".metadata")
+        and not s.get("description")
+        and not (p.endswith(("[]", "{}")) and s.get("type") != "object")
+    ]
     assert missing == []
 
 
@@ -65,14 +75,17 @@ def test_defaults_are_filled_in(spec):
     assert spec.quantization.kv_cache == KVCacheFormat.NONE
 
 
-@pytest.mark.parametrize("fmt, arch, ok", [
-    (QuantFormat.NVFP4, GPUArchitecture.HOPPER, False),
-    (QuantFormat.NVFP4, GPUArchitecture.BLACKWELL, True),
-    (QuantFormat.W4A8_AWQ, GPUArchitecture.BLACKWELL, False),
-    (QuantFormat.INT4_AWQ, GPUArchitecture.ADA, True),
-    (QuantFormat.FP8, GPUArchitecture.AMPERE, False),
-    (QuantFormat.FP8, GPUArchitecture.ADA, True),
-])
+@pytest.mark.parametrize(
+    "fmt, arch, ok",
+    [
+        (QuantFormat.NVFP4, GPUArchitecture.HOPPER, False),
+        (QuantFormat.NVFP4, GPUArchitecture.BLACKWELL, True),
+        (QuantFormat.W4A8_AWQ, GPUArchitecture.BLACKWELL, False),
+        (QuantFormat.INT4_AWQ, GPUArchitecture.ADA, True),
+        (QuantFormat.FP8, GPUArchitecture.AMPERE, False),
+        (QuantFormat.FP8, GPUArchitecture.ADA, True),
+    ],
+)
 def test_capability_matrix(fmt, arch, ok):
     assert (arch in FORMAT_ARCHITECTURES[fmt]) is ok
     assert (unsupported_reasons(fmt, KVCacheFormat.NONE, [arch]) == []) is ok
@@ -105,9 +118,17 @@ def test_pvc_path_must_stay_inside_the_volume():
 
 
 def test_termination_message_fits_the_kubernetes_limit():
-    artifacts = [Artifact(kind="engine", format="tensorrt", uri=f"pvc://out/{'x' * 200}/{i}", sha256="a" * 64) for i in range(40)]
-    result = RunnerResult(outcome="Failed", stage="quantize", exit_code=ExitCode.INVALID_INPUT, message="m" * 9000,
-                          artifacts=artifacts, versions={f"lib{i}": "1.0" for i in range(50)})
+    artifacts = [
+        Artifact(kind="engine", format="tensorrt", uri=f"pvc://out/{'x' * 200}/{i}", sha256="a" * 64) for i in range(40)
+    ]
+    result = RunnerResult(
+        outcome="Failed",
+        stage="quantize",
+        exit_code=ExitCode.INVALID_INPUT,
+        message="m" * 9000,
+        artifacts=artifacts,
+        versions={f"lib{i}": "1.0" for i in range(50)},
+    )
     text = result.termination_message()
     assert len(text.encode()) <= 4096
     assert '"exitCode":3' in text

@@ -5,7 +5,11 @@ from __future__ import annotations
 from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.builders import (
-    JobRef, build_job, build_role, build_runner_config, node_affinity,
+    JobRef,
+    build_job,
+    build_role,
+    build_runner_config,
+    node_affinity,
 )
 from qjob_operator.config import NodeLabelKeys, OperatorConfig
 from qjob_operator.plan import QUANTIZE_STAGE, child_name, plan_stages
@@ -54,13 +58,20 @@ def test_blackwell_affinity_has_one_term_per_compute_capability(spec_dict, confi
     spec = QuantizationJobSpec.model_validate(spec_dict)
     affinity = node_affinity(_stage(spec, config, "build-blackwell").requirement, config)
     terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert [t["matchExpressions"][0]["values"][0] + "." + t["matchExpressions"][1]["values"][0] for t in terms] == \
-        ["10.0", "10.3", "12.0", "12.1"]
+    assert [t["matchExpressions"][0]["values"][0] + "." + t["matchExpressions"][1]["values"][0] for t in terms] == [
+        "10.0",
+        "10.3",
+        "12.0",
+        "12.1",
+    ]
 
 
 def test_label_keys_come_from_config(spec, config):
-    relabeled = OperatorConfig(node_labels=NodeLabelKeys(compute_major="example.com/cc-major",
-                                                         compute_minor="example.com/cc-minor", gpu_resource="example.com/gpu"))
+    relabeled = OperatorConfig(
+        node_labels=NodeLabelKeys(
+            compute_major="example.com/cc-major", compute_minor="example.com/cc-minor", gpu_resource="example.com/gpu"
+        )
+    )
     job = build_job(REF, spec, _stage(spec, relabeled, "build-hopper"), relabeled)
     pod = job["spec"]["template"]["spec"]
     term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
@@ -116,9 +127,13 @@ def test_child_names_are_deterministic_and_short():
 
 
 def test_pod_labels_merge_config_then_spec_and_ours_win(spec_dict):
-    spec_dict["scheduling"] = {"podLabels": {"team": "nlp", "qjob.dev/job-name": "spoofed"}, "podAnnotations": {"a": "spec"}}
-    config = OperatorConfig.model_validate({"runner": {"podLabels": {"team": "platform", "cost": "gpu"},
-                                                       "podAnnotations": {"a": "config", "b": "config"}}})
+    spec_dict["scheduling"] = {
+        "podLabels": {"team": "nlp", "qjob.dev/job-name": "spoofed"},
+        "podAnnotations": {"a": "spec"},
+    }
+    config = OperatorConfig.model_validate(
+        {"runner": {"podLabels": {"team": "platform", "cost": "gpu"}, "podAnnotations": {"a": "config", "b": "config"}}}
+    )
     spec = QuantizationJobSpec.model_validate(spec_dict)
     meta = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)["spec"]["template"]["metadata"]
     assert meta["labels"]["team"] == "nlp" and meta["labels"]["cost"] == "gpu"

@@ -6,20 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from qjob_api.v1alpha1 import QuantizationJob
 from qjob_operator.cli import format_status, local_runner_config
 
 
 def _job(spec_dict):
-    return QuantizationJob.model_validate({"apiVersion": "qjob.dev/v1alpha1", "kind": "QuantizationJob",
-                                           "metadata": {"name": "llama", "namespace": "ml"}, "spec": spec_dict})
+    return QuantizationJob.model_validate(
+        {
+            "apiVersion": "qjob.dev/v1alpha1",
+            "kind": "QuantizationJob",
+            "metadata": {"name": "llama", "namespace": "ml"},
+            "spec": spec_dict,
+        }
+    )
 
 
 def test_local_config_maps_claims_and_configmaps_to_local_paths(spec_dict, tmp_path):
     spec_dict["model"] = {"pvc": {"claimName": "models", "path": "tiny-llama"}}
-    config = local_runner_config(_job(spec_dict), "quantize", {"models": tmp_path / "m"},
-                                 {"calib": {"text.jsonl": '{"text": "hello"}\n'}}, tmp_path / "work")
+    config = local_runner_config(
+        _job(spec_dict),
+        "quantize",
+        {"models": tmp_path / "m"},
+        {"calib": {"text.jsonl": '{"text": "hello"}\n'}},
+        tmp_path / "work",
+    )
     assert config.model.path == str(tmp_path / "m" / "tiny-llama")
     assert config.output_dir == str(tmp_path / "work" / "pvc" / "artifacts" / "ml" / "llama")
     assert Path(config.calibration.dataset.path).read_text() == '{"text": "hello"}\n'
@@ -37,10 +47,24 @@ def test_local_config_rejects_unknown_stage(spec_dict, tmp_path):
 
 
 def test_format_status_reads_well():
-    obj = {"metadata": {"name": "llama", "namespace": "ml"}, "status": {
-        "phase": "Running", "reason": "Running", "progress": {"percent": 42, "stage": "quantize/calibrate", "etaSeconds": 90},
-        "stages": [{"name": "quantize", "phase": "Running", "node": "h100-0", "gpuProduct": "NVIDIA-H100-80GB-HBM3", "attempts": 1}],
-        "artifacts": [{"kind": "engine", "format": "tensorrt", "architecture": "hopper", "uri": "pvc://a/b"}]}}
+    obj = {
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "status": {
+            "phase": "Running",
+            "reason": "Running",
+            "progress": {"percent": 42, "stage": "quantize/calibrate", "etaSeconds": 90},
+            "stages": [
+                {
+                    "name": "quantize",
+                    "phase": "Running",
+                    "node": "h100-0",
+                    "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+                    "attempts": 1,
+                }
+            ],
+            "artifacts": [{"kind": "engine", "format": "tensorrt", "architecture": "hopper", "uri": "pvc://a/b"}],
+        },
+    }
     text = format_status(obj)
     assert "ml/llama: Running (Running)" in text
     assert "progress: 42% in quantize/calibrate, about 90s left" in text

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from qjob_api.capabilities import (
     CUDA_ONLY_FORMATS,
     ExportFormat,
@@ -190,11 +189,15 @@ def test_examples_cover_the_issue():
 
     assert has(lambda s: s.quantization.format == F.FP8 and s.target_architectures() == [A.HOPPER])
     assert has(lambda s: s.quantization.format == F.INT4_AWQ and s.target_architectures() == [A.ADA])
-    assert has(lambda s: s.quantization.format == F.NVFP4 and s.quantization.kv_cache == KVCacheFormat.NVFP4
-               and s.target_architectures() == [A.BLACKWELL])
+    assert has(
+        lambda s: (
+            s.quantization.format == F.NVFP4
+            and s.quantization.kv_cache == KVCacheFormat.NVFP4
+            and s.target_architectures() == [A.BLACKWELL]
+        )
+    )
     assert has(lambda s: len(set(s.target_architectures())) >= 2)
-    assert has(lambda s: s.model.task == ModelTask.ENCODER and ExportFormat.ONNX in s.export.formats
-               and s.engines)
+    assert has(lambda s: s.model.task == ModelTask.ENCODER and ExportFormat.ONNX in s.export.formats and s.engines)
     assert has(lambda s: s.model.pvc is not None and s.calibration.dataset.pvc is not None)
     assert has(lambda s: s.calibration.dataset.config_map is not None)
 
@@ -275,7 +278,6 @@ def test_chart_exposes_every_operator_setting():
     """Every OperatorConfig field (and sub-field) appears in the chart's rendered config, so a
     setting added to the operator without a chart value fails here (run deploy/render.sh)."""
     from pydantic import BaseModel
-
     from qjob_operator.config import OperatorConfig
 
     (cm,) = [o for o in deploy_objects() if o["kind"] == "ConfigMap"]
@@ -290,8 +292,9 @@ def test_chart_exposes_every_operator_setting():
         if key not in rendered:
             missing.append(key)
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            missing += [f"{key}.{sub}" for sub in aliases(annotation)
-                        if sub not in rendered[key] and sub not in optional_absent]
+            missing += [
+                f"{key}.{sub}" for sub in aliases(annotation) if sub not in rendered[key] and sub not in optional_absent
+            ]
     assert missing == [], f"chart values/config template lack: {missing}"
 
 

@@ -6,7 +6,6 @@ import json
 from datetime import timedelta
 
 import pytest
-
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.nodes import matching_nodes
 from qjob_operator.plan import plan_stages
@@ -19,29 +18,59 @@ HOPPER = gpu_node("h100-0", "9", "0")
 ADA = gpu_node("l40s-0", "8", "9", memory=46068, product="NVIDIA-L40S")
 
 
-def job(stage: str, condition: str | None = None, reason: str = "", created: str = "2026-11-22T11:59:30Z", suspend=False):
-    status = {"conditions": [{"type": condition, "status": "True", "reason": reason, "message": "m",
-                              "lastTransitionTime": "2026-11-22T11:59:50Z"}]} if condition else {"active": 1}
-    return {"metadata": {"name": f"llama-{stage}", "creationTimestamp": created}, "spec": {"suspend": suspend}, "status": status}
+def job(
+    stage: str, condition: str | None = None, reason: str = "", created: str = "2026-11-22T11:59:30Z", suspend=False
+):
+    status = (
+        {
+            "conditions": [
+                {
+                    "type": condition,
+                    "status": "True",
+                    "reason": reason,
+                    "message": "m",
+                    "lastTransitionTime": "2026-11-22T11:59:50Z",
+                }
+            ]
+        }
+        if condition
+        else {"active": 1}
+    )
+    return {
+        "metadata": {"name": f"llama-{stage}", "creationTimestamp": created},
+        "spec": {"suspend": suspend},
+        "status": status,
+    }
 
 
 def pod(phase="Running", node="h100-0", terminated=None, waiting=None, reason=None, conditions=None):
     state = {"terminated": terminated} if terminated else {"waiting": waiting} if waiting else {"running": {}}
-    status = {"phase": phase, "startTime": "2026-11-22T11:59:40Z" if node else None,
-              "containerStatuses": [{"name": "runner", "state": state}], "conditions": conditions or []}
+    status = {
+        "phase": phase,
+        "startTime": "2026-11-22T11:59:40Z" if node else None,
+        "containerStatuses": [{"name": "runner", "state": state}],
+        "conditions": conditions or [],
+    }
     if reason:
         status["reason"] = reason
-    return {"metadata": {"name": "p", "creationTimestamp": "2026-11-22T11:59:35Z"},
-            "spec": {"nodeName": node, "containers": [{"name": "runner", "image": "runner:1"}]}, "status": status}
+    return {
+        "metadata": {"name": "p", "creationTimestamp": "2026-11-22T11:59:35Z"},
+        "spec": {"nodeName": node, "containers": [{"name": "runner", "image": "runner:1"}]},
+        "status": status,
+    }
 
 
-def run(spec_dict, config, jobs=None, pods=None, nodes=(HOPPER, ADA), status=None, now=NOW, created="2026-11-22T11:59:00Z"):
+def run(
+    spec_dict, config, jobs=None, pods=None, nodes=(HOPPER, ADA), status=None, now=NOW, created="2026-11-22T11:59:00Z"
+):
     spec = QuantizationJobSpec.model_validate(spec_dict)
     stages = plan_stages(spec, config)
     tolerations = [*config.runner.tolerations]
     matches = {s.name: matching_nodes(nodes, s.requirement, tolerations, config) for s in stages}
     body = cr_body(spec_dict, status, created)
-    return decide(Observed(body, jobs or {}, pods or {}, matches, {"h100-0": "NVIDIA-H100-80GB-HBM3"}, now), spec, stages, config)
+    return decide(
+        Observed(body, jobs or {}, pods or {}, matches, {"h100-0": "NVIDIA-H100-80GB-HBM3"}, now), spec, stages, config
+    )
 
 
 def test_new_job_creates_quantize_stage_only(spec_dict, config):
@@ -78,8 +107,11 @@ def test_too_many_gpus_or_too_little_memory_has_no_node(spec_dict, config):
 
 
 def test_build_starts_after_quantize_succeeds_with_artifacts(spec_dict, config):
-    result = {"outcome": "Succeeded", "stage": "quantize", "artifacts": [
-        {"kind": "checkpoint", "format": "hf", "uri": "pvc://artifacts/ml/llama/checkpoint-hf"}]}
+    result = {
+        "outcome": "Succeeded",
+        "stage": "quantize",
+        "artifacts": [{"kind": "checkpoint", "format": "hf", "uri": "pvc://artifacts/ml/llama/checkpoint-hf"}],
+    }
     done = pod("Succeeded", terminated={"exitCode": 0, "message": json.dumps(result)})
     d = run(spec_dict, config, jobs={"quantize": job("quantize", "Complete")}, pods={"quantize": [done]})
     assert [s.name for s in d.create] == ["build-hopper"]
@@ -98,23 +130,49 @@ def test_all_stages_succeeded(spec_dict, config):
 
 
 def test_running_progress_comes_from_runner_report(spec_dict, config):
-    status = {"runnerReports": {"quantize": {"step": "calibrate", "percent": 50, "etaSeconds": 120, "message": "batch 4/8"}}}
+    status = {
+        "runnerReports": {"quantize": {"step": "calibrate", "percent": 50, "etaSeconds": 120, "message": "batch 4/8"}}
+    }
     d = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [pod()]}, status=status)
     assert d.status["phase"] == "Running"
-    assert d.status["progress"] == {"stage": "quantize/calibrate", "percent": 30, "etaSeconds": 120, "message": "batch 4/8"}
+    assert d.status["progress"] == {
+        "stage": "quantize/calibrate",
+        "percent": 30,
+        "etaSeconds": 120,
+        "message": "batch 4/8",
+    }
     stage = d.status["stages"][0]
     assert stage["node"] == "h100-0" and stage["gpuProduct"] == "NVIDIA-H100-80GB-HBM3"
 
 
-@pytest.mark.parametrize("terminated, pod_reason, reason, fragment", [
-    ({"exitCode": 137, "reason": "OOMKilled"}, None, "OOMKilled", "raise spec.resources.memory"),
-    ({"exitCode": 76, "message": json.dumps({"outcome": "Failed", "stage": "quantize", "message": "CUDA out of memory"})},
-     None, "OOMKilled", "CUDA out of memory"),
-    ({"exitCode": 2, "message": json.dumps({"outcome": "Failed", "stage": "quantize", "exitCode": 2,
-                                            "message": "nvfp4 needs CUDA"})}, None, "InvalidConfig", "nvfp4 needs CUDA"),
-    ({"exitCode": 1, "message": "Traceback: boom"}, None, "RunnerFailed", "Traceback: boom"),
-    (None, "Evicted", "Evicted", "evicted"),
-])
+@pytest.mark.parametrize(
+    "terminated, pod_reason, reason, fragment",
+    [
+        ({"exitCode": 137, "reason": "OOMKilled"}, None, "OOMKilled", "raise spec.resources.memory"),
+        (
+            {
+                "exitCode": 76,
+                "message": json.dumps({"outcome": "Failed", "stage": "quantize", "message": "CUDA out of memory"}),
+            },
+            None,
+            "OOMKilled",
+            "CUDA out of memory",
+        ),
+        (
+            {
+                "exitCode": 2,
+                "message": json.dumps(
+                    {"outcome": "Failed", "stage": "quantize", "exitCode": 2, "message": "nvfp4 needs CUDA"}
+                ),
+            },
+            None,
+            "InvalidConfig",
+            "nvfp4 needs CUDA",
+        ),
+        ({"exitCode": 1, "message": "Traceback: boom"}, None, "RunnerFailed", "Traceback: boom"),
+        (None, "Evicted", "Evicted", "evicted"),
+    ],
+)
 def test_failed_stage_reasons(spec_dict, config, terminated, pod_reason, reason, fragment):
     failed = pod("Failed", terminated=terminated, reason=pod_reason)
     jobs = {"quantize": job("quantize", "Failed", "BackoffLimitExceeded")}
@@ -137,12 +195,28 @@ def test_image_pull_error_fails_fast_and_stops_the_job(spec_dict, config):
 
 
 def test_unschedulable_waits_then_fails_after_pending_deadline(spec_dict, config):
-    unsched = pod("Pending", node=None, conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                                      "message": "0/5 nodes are available: 5 Insufficient nvidia.com/gpu."}])
+    unsched = pod(
+        "Pending",
+        node=None,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/5 nodes are available: 5 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
     early = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [unsched]})
     assert early.status["phase"] == "Pending" and early.status["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in early.status["message"]
-    late = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [unsched]}, now=NOW + timedelta(hours=1))
+    late = run(
+        spec_dict,
+        config,
+        jobs={"quantize": job("quantize")},
+        pods={"quantize": [unsched]},
+        now=NOW + timedelta(hours=1),
+    )
     assert late.status["phase"] == "Failed" and late.status["reason"] == "Unschedulable"
     assert "pendingDeadlineSeconds" in late.status["message"]
     assert late.delete_jobs == ["llama-quantize"]
@@ -170,7 +244,10 @@ def test_suspending_a_running_job_suspends_its_jobs_and_resuming_undoes_it(spec_
     d = run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []})
     assert d.suspend_jobs == {"llama-quantize": False}
     spec_dict["scheduling"] = {"queueName": "gpus"}  # Kueue's to decide
-    assert run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []}).suspend_jobs == {}
+    assert (
+        run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []}).suspend_jobs
+        == {}
+    )
 
 
 def test_ttl_deletes_finished_job(spec_dict, config):
@@ -191,8 +268,12 @@ def test_merge_patch_sends_nulls_for_removed_keys_and_skips_unchanged():
 
 def test_events_on_transitions_only():
     old = {"phase": "Pending", "reason": "Pending", "stages": [{"name": "quantize", "phase": "Pending"}]}
-    new = {"phase": "Running", "reason": "Running", "message": "running quantize",
-           "stages": [{"name": "quantize", "phase": "Running", "node": "h100-0", "gpuProduct": "H100"}]}
+    new = {
+        "phase": "Running",
+        "reason": "Running",
+        "message": "running quantize",
+        "stages": [{"name": "quantize", "phase": "Running", "node": "h100-0", "gpuProduct": "H100"}],
+    }
     events = transition_events(old, new)
     assert [(e.type, e.reason) for e in events] == [("Normal", "StageRunning"), ("Normal", "Running")]
     assert "on node h100-0 (H100)" in events[0].message

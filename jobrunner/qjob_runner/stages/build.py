@@ -61,10 +61,16 @@ def build_tensorrt(ctx: RunContext, onnx_path: Path, out_dir: Path, cc: tuple[in
     try:
         import tensorrt as trt
     except ImportError:
-        raise ToolMissing("TensorRT is not installed in this image (import tensorrt failed)",
-                          "use the qjob jobrunner image (it pins tensorrt), or remove spec.engines to export ONNX only") from None
+        raise ToolMissing(
+            "TensorRT is not installed in this image (import tensorrt failed)",
+            "use the qjob jobrunner image (it pins tensorrt), or remove spec.engines to export ONNX only",
+        ) from None
     engine = ctx.config.engine
-    io = json.loads((onnx_path.parent / "onnx_io.json").read_text()) if (onnx_path.parent / "onnx_io.json").exists() else {}
+    io = (
+        json.loads((onnx_path.parent / "onnx_io.json").read_text())
+        if (onnx_path.parent / "onnx_io.json").exists()
+        else {}
+    )
     max_seq = min(engine.max_sequence_length, int(io.get("max_position_embeddings") or engine.max_sequence_length))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -72,8 +78,10 @@ def build_tensorrt(ctx: RunContext, onnx_path: Path, out_dir: Path, cc: tuple[in
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InvalidInput(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors[:800]}",
-                           "re-run the quantize stage with this image's ModelOpt, or report the unsupported operator")
+        raise InvalidInput(
+            f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors[:800]}",
+            "re-run the quantize stage with this image's ModelOpt, or report the unsupported operator",
+        )
     config = builder.create_builder_config()
     config.builder_optimization_level = engine.optimization_level
     cache_file = ctx.paths.work_dir / f"timing-sm{cc[0]}{cc[1]}-trt{trt.__version__}.cache"
@@ -88,15 +96,24 @@ def build_tensorrt(ctx: RunContext, onnx_path: Path, out_dir: Path, cc: tuple[in
     t0 = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise InvalidInput(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} (see the log above)",
-                           "lower spec.engines[].maxSequenceLength/maxBatchSize, or check the ONNX Q/DQ placement")
+        raise InvalidInput(
+            f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} (see the log above)",
+            "lower spec.engines[].maxSequenceLength/maxBatchSize, or check the ONNX Q/DQ placement",
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.plan").write_bytes(bytes(serialized))
     ctx.paths.work_dir.mkdir(parents=True, exist_ok=True)
     cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"engine": "tensorrt", "tensorrt_version": trt.__version__, "build_seconds": round(time.monotonic() - t0, 3),
-            "max_batch_size": engine.max_batch_size, "max_sequence_length": max_seq,
-            "optimization_level": engine.optimization_level, "strongly_typed": True, "timing_cache": str(cache_file)}
+    return {
+        "engine": "tensorrt",
+        "tensorrt_version": trt.__version__,
+        "build_seconds": round(time.monotonic() - t0, 3),
+        "max_batch_size": engine.max_batch_size,
+        "max_sequence_length": max_seq,
+        "optimization_level": engine.optimization_level,
+        "strongly_typed": True,
+        "timing_cache": str(cache_file),
+    }
 
 
 TRTLLM_SCRIPT = r"""
@@ -131,31 +148,54 @@ def trtllm_python() -> str | None:
 def build_trtllm(ctx: RunContext, out_dir: Path) -> dict:
     py = trtllm_python()
     if py is None:
-        raise ToolMissing("TensorRT-LLM is not installed in this image",
-                          f"use the qjob jobrunner image (it carries TensorRT-LLM; {TRTLLM_PYTHON_ENV} points at its Python), "
-                          "or remove spec.engines to export the checkpoint only")
+        raise ToolMissing(
+            "TensorRT-LLM is not installed in this image",
+            f"use the qjob jobrunner image (it carries TensorRT-LLM; {TRTLLM_PYTHON_ENV} points at its Python), "
+            "or remove spec.engines to export the checkpoint only",
+        )
     engine = ctx.config.engine
     legacy = ctx.paths.output_dir / "tensorrt_llm"
     out_dir.mkdir(parents=True, exist_ok=True)
     trtllm_build = shutil.which("trtllm-build", path=str(Path(py).parent) + os.pathsep + os.environ.get("PATH", ""))
     if legacy.is_dir() and trtllm_build:
-        cmd = [trtllm_build, "--checkpoint_dir", str(legacy), "--output_dir", str(out_dir / "engine"),
-               "--max_batch_size", str(engine.max_batch_size), "--max_seq_len", str(engine.max_sequence_length)]
+        cmd = [
+            trtllm_build,
+            "--checkpoint_dir",
+            str(legacy),
+            "--output_dir",
+            str(out_dir / "engine"),
+            "--max_batch_size",
+            str(engine.max_batch_size),
+            "--max_seq_len",
+            str(engine.max_sequence_length),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise InvalidInput(f"trtllm-build failed: {proc.stderr[-800:]}", "check that this TensorRT-LLM version supports the format")
+            raise InvalidInput(
+                f"trtllm-build failed: {proc.stderr[-800:]}", "check that this TensorRT-LLM version supports the format"
+            )
         info = {"engine": "tensorrt_llm", "mode": "trtllm-build"}
     else:
-        args = json.dumps({"model": str(ctx.paths.output_dir / "hf"), "max_batch_size": engine.max_batch_size,
-                           "max_seq_len": engine.max_sequence_length, "max_tokens": 32})
+        args = json.dumps(
+            {
+                "model": str(ctx.paths.output_dir / "hf"),
+                "max_batch_size": engine.max_batch_size,
+                "max_seq_len": engine.max_sequence_length,
+                "max_tokens": 32,
+            }
+        )
         proc = subprocess.run([py, "-c", TRTLLM_SCRIPT, args], capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("QJOB_RESULT ")), None)
         if proc.returncode != 0 or line is None:
             tail = (proc.stderr or proc.stdout)[-1200:]
             if "out of memory" in tail.lower():
-                raise TransientError(f"TensorRT-LLM ran out of GPU memory: {tail[-300:]}", "lower maxBatchSize/maxSequenceLength")
-            raise InvalidInput(f"TensorRT-LLM could not load the exported checkpoint: {tail}",
-                               "check the format is supported on this architecture by this TensorRT-LLM version")
+                raise TransientError(
+                    f"TensorRT-LLM ran out of GPU memory: {tail[-300:]}", "lower maxBatchSize/maxSequenceLength"
+                )
+            raise InvalidInput(
+                f"TensorRT-LLM could not load the exported checkpoint: {tail}",
+                "check the format is supported on this architecture by this TensorRT-LLM version",
+            )
         info = json.loads(line.removeprefix("QJOB_RESULT "))
     (out_dir / "validation.json").write_text(json.dumps(info, indent=2))
     return info
@@ -168,8 +208,10 @@ def run(ctx: RunContext) -> None:
     onnx_path = ctx.paths.output_dir / "onnx" / "model.onnx"
     hf_dir = ctx.paths.output_dir / "hf"
     if not (ctx.paths.output_dir / "manifest.json").exists():
-        raise InvalidInput(f"{ctx.paths.output_dir} holds no finished quantize stage (no manifest.json)",
-                           "run the quantize stage first; the build reads its artifacts from the same output folder")
+        raise InvalidInput(
+            f"{ctx.paths.output_dir} holds no finished quantize stage (no manifest.json)",
+            "run the quantize stage first; the build reads its artifacts from the same output folder",
+        )
     out = ctx.staging.path
     ctx.reporter.update(step="build", message=f"building for {arch} (sm{cc[0]}{cc[1]})")
     if onnx_path.exists():
@@ -179,12 +221,23 @@ def run(ctx: RunContext) -> None:
         info = build_trtllm(ctx, out)
         version = info.get("tensorrt_llm_version", "")
     else:
-        raise InvalidInput(f"{ctx.paths.output_dir} has neither onnx/model.onnx nor hf/", "export onnx (encoders) or hf (LLMs)")
+        raise InvalidInput(
+            f"{ctx.paths.output_dir} has neither onnx/model.onnx nor hf/", "export onnx (encoders) or hf (LLMs)"
+        )
     info.update({"architecture": arch, "compute_capability": f"{cc[0]}.{cc[1]}"})
     (out / "build_info.json").write_text(json.dumps(info, indent=2))
     ctx.metrics["build"] = info
     relative = f"engines/{arch}"
     kind_format = "tensorrt" if info["engine"] == "tensorrt" else "tensorrt_llm"
-    entry = register(ctx, kind_format, out, relative, kind="engine", format=kind_format, architecture=arch,
-                     compute_capability=f"{cc[0]}.{cc[1]}", tensorrt_version=version)
+    entry = register(
+        ctx,
+        kind_format,
+        out,
+        relative,
+        kind="engine",
+        format=kind_format,
+        architecture=arch,
+        compute_capability=f"{cc[0]}.{cc[1]}",
+        tensorrt_version=version,
+    )
     ctx.metrics["_engine_entry"] = entry

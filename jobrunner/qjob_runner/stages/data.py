@@ -30,8 +30,10 @@ def read_texts(ctx: RunContext, needed: int) -> tuple[list[str], str]:
     if ds.path:
         path = Path(ds.path)
         if not path.is_file():
-            raise InvalidInput(f"calibration file {path} does not exist",
-                               "check spec.calibration.dataset (pvc path or configMap key); it must be a .jsonl or .txt file")
+            raise InvalidInput(
+                f"calibration file {path} does not exist",
+                "check spec.calibration.dataset (pvc path or configMap key); it must be a .jsonl or .txt file",
+            )
         field = ds.hugging_face.text_field if ds.hugging_face else "text"
         raw = path.read_text(errors="replace")
         texts: list[str] = []
@@ -42,11 +44,14 @@ def read_texts(ctx: RunContext, needed: int) -> tuple[list[str], str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError:
-                    raise InvalidInput(f"{path} line {n} is not JSON",
-                                       'write one JSON object per line, e.g. {"text": "..."}') from None
+                    raise InvalidInput(
+                        f"{path} line {n} is not JSON", 'write one JSON object per line, e.g. {"text": "..."}'
+                    ) from None
                 if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    raise InvalidInput(f"{path} line {n} has no string field {field!r}",
-                                       f'write one JSON object per line with a "{field}" field')
+                    raise InvalidInput(
+                        f"{path} line {n} has no string field {field!r}",
+                        f'write one JSON object per line with a "{field}" field',
+                    )
                 texts.append(obj[field])
         else:
             texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
@@ -56,12 +61,16 @@ def read_texts(ctx: RunContext, needed: int) -> tuple[list[str], str]:
         try:
             import datasets  # noqa: F401
         except ImportError:
-            raise InvalidConfig("a Hugging Face calibration dataset needs the `datasets` library, which this image lacks",
-                                "use a .jsonl/.txt file (spec.calibration.dataset.pvc or configMap)") from None
+            raise InvalidConfig(
+                "a Hugging Face calibration dataset needs the `datasets` library, which this image lacks",
+                "use a .jsonl/.txt file (spec.calibration.dataset.pvc or configMap)",
+            ) from None
         from datasets import load_dataset
 
         try:
-            d = load_dataset(hf.name, hf.config, split=hf.split, streaming=True, token=os.environ.get("HF_TOKEN") or None)
+            d = load_dataset(
+                hf.name, hf.config, split=hf.split, streaming=True, token=os.environ.get("HF_TOKEN") or None
+            )
             texts = []
             for row in d:
                 if isinstance(row.get(hf.text_field), str) and row[hf.text_field].strip():
@@ -71,8 +80,10 @@ def read_texts(ctx: RunContext, needed: int) -> tuple[list[str], str]:
         except (ConnectionError, TimeoutError) as exc:
             raise TransientError(f"cannot reach dataset {hf.name}: {exc}", "retried; or use a file on a PVC") from None
         except Exception as exc:  # noqa: BLE001 - datasets raises many types
-            raise InvalidInput(f"cannot read dataset {hf.name} split {hf.split}: {exc}",
-                               "check spec.calibration.dataset.huggingFace (name, config, split, textField)") from None
+            raise InvalidInput(
+                f"cannot read dataset {hf.name} split {hf.split}: {exc}",
+                "check spec.calibration.dataset.huggingFace (name, config, split, textField)",
+            ) from None
         return texts, f"hf://{hf.name}/{hf.config or ''}:{hf.split}"
     raise InvalidConfig("no calibration dataset", "set spec.calibration.dataset")
 
@@ -82,16 +93,18 @@ def split_texts(texts: list[str], calib_n: int, eval_n: int, evaluate: bool) -> 
     if not evaluate or eval_n == 0:
         return texts, []
     hold = eval_n if len(texts) >= calib_n + eval_n else min(eval_n, max(1, len(texts) // 4))
-    return texts[: len(texts) - hold], texts[len(texts) - hold:]
+    return texts[: len(texts) - hold], texts[len(texts) - hold :]
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int, batch_size: int, device: str) -> list[dict]:
     batches = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
-            texts[i: i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=seq_len
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=seq_len
         )
-        batches.append({k: v.to(device) for k, v in enc.items() if k in {"input_ids", "attention_mask", "token_type_ids"}})
+        batches.append(
+            {k: v.to(device) for k, v in enc.items() if k in {"input_ids", "attention_mask", "token_type_ids"}}
+        )
     return batches
 
 
@@ -135,7 +148,9 @@ def run(ctx: RunContext) -> None:
     calib, held_out = split_texts(texts[:needed], cal.samples, ev.samples, ev.enabled)
     calib = calib[: cal.samples]
     if len(calib) < cal.samples:
-        log.warning("calibration source %s has %d samples, fewer than the %d asked for", source, len(calib), cal.samples)
+        log.warning(
+            "calibration source %s has %d samples, fewer than the %d asked for", source, len(calib), cal.samples
+        )
         ctx.notes.append(f"calibration used {len(calib)} samples (source has fewer than {cal.samples})")
     seq_len = cal.sequence_length
     max_pos = getattr(ctx.model.config, "max_position_embeddings", None)
@@ -152,6 +167,11 @@ def run(ctx: RunContext) -> None:
         eval_texts=held_out,
         source=source,
     )
-    ctx.metrics["calibration"] = {"samples": len(calib), "batch_size": bs, "sequence_length": seq_len,
-                                  "held_out": len(held_out), "source": source}
+    ctx.metrics["calibration"] = {
+        "samples": len(calib),
+        "batch_size": bs,
+        "sequence_length": seq_len,
+        "held_out": len(held_out),
+        "source": source,
+    }
     ctx.reporter.update(message=f"{len(calib)} calibration samples in batches of {bs}; {len(held_out)} held out")

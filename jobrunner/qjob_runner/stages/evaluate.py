@@ -36,8 +36,10 @@ def perplexity_windows(ctx: RunContext) -> list:
     n = min(len(ids) // window, ctx.config.evaluation.samples)
     if n == 0:
         window, n = len(ids), 1
-    return [torch.stack([ids[(i + j) * window:(i + j + 1) * window] for j in range(min(EVAL_BATCH, n - i))])
-            for i in range(0, n, EVAL_BATCH)]
+    return [
+        torch.stack([ids[(i + j) * window : (i + j + 1) * window] for j in range(min(EVAL_BATCH, n - i))])
+        for i in range(0, n, EVAL_BATCH)
+    ]
 
 
 def perplexity(model, windows, device: str) -> float:
@@ -62,7 +64,9 @@ def embeddings(model, tokenizer, texts: list[str], seq_len: int, device: str):
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), EVAL_BATCH * 4):
-            enc = tokenizer(texts[i:i + EVAL_BATCH * 4], return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
+            enc = tokenizer(
+                texts[i : i + EVAL_BATCH * 4], return_tensors="pt", padding=True, truncation=True, max_length=seq_len
+            )
             enc = {k: v.to(device) for k, v in enc.items() if k in {"input_ids", "attention_mask", "token_type_ids"}}
             h = model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -88,11 +92,19 @@ def check_gate(ctx: RunContext, quality: Quality) -> None:
     failures = []
     if gate.max_perplexity_increase is not None and quality.metric == "perplexity" and quality.degradation is not None:
         if quality.degradation > gate.max_perplexity_increase:
-            failures.append(f"perplexity rose {quality.degradation:.2%} ({quality.baseline:.3f} -> {quality.quantized:.3f}), "
-                            f"more than maxPerplexityIncrease {gate.max_perplexity_increase:.2%}")
-    if gate.min_cosine_similarity is not None and quality.metric == "cosine_similarity" and quality.quantized is not None:
+            failures.append(
+                f"perplexity rose {quality.degradation:.2%} ({quality.baseline:.3f} -> {quality.quantized:.3f}), "
+                f"more than maxPerplexityIncrease {gate.max_perplexity_increase:.2%}"
+            )
+    if (
+        gate.min_cosine_similarity is not None
+        and quality.metric == "cosine_similarity"
+        and quality.quantized is not None
+    ):
         if quality.quantized < gate.min_cosine_similarity:
-            failures.append(f"mean cosine similarity {quality.quantized:.4f} is below minCosineSimilarity {gate.min_cosine_similarity}")
+            failures.append(
+                f"mean cosine similarity {quality.quantized:.4f} is below minCosineSimilarity {gate.min_cosine_similarity}"
+            )
     quality.gate_passed = not failures
     if failures:
         raise QualityGateFailed(
@@ -112,15 +124,23 @@ def run(ctx: RunContext) -> None:
     if ctx.task == ModelTask.CAUSAL_LM:
         windows = ctx.metrics.pop("_windows")
         q = perplexity(ctx.model, windows, ctx.device)
-        quality = Quality(metric="perplexity", baseline=round(ctx.baseline, 6), quantized=round(q, 6),
-                          degradation=round(q / ctx.baseline - 1.0, 6))
+        quality = Quality(
+            metric="perplexity",
+            baseline=round(ctx.baseline, 6),
+            quantized=round(q, 6),
+            degradation=round(q / ctx.baseline - 1.0, 6),
+        )
         ctx.metrics["eval_tokens"] = int(sum(w.numel() for w in windows))
         ctx.metrics["_eval_windows"] = windows  # reused to check the exported checkpoint
     else:
         emb = embeddings(ctx.model, ctx.tokenizer, ctx.data.eval_texts, ctx.data.sequence_length, ctx.device)
         cos = torch.nn.functional.cosine_similarity(emb, ctx.baseline)
-        quality = Quality(metric="cosine_similarity", baseline=1.0, quantized=round(cos.mean().item(), 6),
-                          degradation=round(1.0 - cos.mean().item(), 6))
+        quality = Quality(
+            metric="cosine_similarity",
+            baseline=1.0,
+            quantized=round(cos.mean().item(), 6),
+            degradation=round(1.0 - cos.mean().item(), 6),
+        )
         ctx.metrics["cosine_min"] = round(cos.min().item(), 6)
         ctx.metrics["_quantized_embeddings"] = emb
     ctx.quality = quality

@@ -71,13 +71,18 @@ def export_trtllm(ctx: RunContext, dest: Path) -> None:
 
     decoder = get_model_type(ctx.model)
     if decoder is None:
-        raise InvalidConfig(f"ModelOpt cannot write a TensorRT-LLM checkpoint for {type(ctx.model).__name__}",
-                            "export the hf checkpoint only (remove tensorrt_llm from spec.export.formats)")
+        raise InvalidConfig(
+            f"ModelOpt cannot write a TensorRT-LLM checkpoint for {type(ctx.model).__name__}",
+            "export the hf checkpoint only (remove tensorrt_llm from spec.export.formats)",
+        )
     dtype = next(p.dtype for p in ctx.model.parameters() if p.is_floating_point())
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_tensorrt_llm_checkpoint(
-            ctx.model, decoder, dtype=dtype, export_dir=str(dest),
+            ctx.model,
+            decoder,
+            dtype=dtype,
+            export_dir=str(dest),
             inference_tensor_parallel=ctx.config.export.tensor_parallel_size,
             inference_pipeline_parallel=ctx.config.export.pipeline_parallel_size,
         )
@@ -151,11 +156,19 @@ def export_onnx(ctx: RunContext, dest: Path) -> dict[str, int]:
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (ids, mask), str(tmp), opset_version=opset, dynamo=False,
+            wrapper,
+            (ids, mask),
+            str(tmp),
+            opset_version=opset,
+            dynamo=False,
             input_names=["input_ids", "attention_mask"],
             output_names=["last_hidden_state", "sentence_embedding"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                          "last_hidden_state": {0: "batch", 1: "sequence"}, "sentence_embedding": {0: "batch"}},
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "last_hidden_state": {0: "batch", 1: "sequence"},
+                "sentence_embedding": {0: "batch"},
+            },
         )
     proto = onnx.load(str(tmp))
     rewritten = rewrite_trt_fp8_ops(proto)
@@ -163,21 +176,37 @@ def export_onnx(ctx: RunContext, dest: Path) -> dict[str, int]:
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     big = proto.ByteSize() > ONNX_EXTERNAL_DATA_BYTES
-    onnx.save(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-              location=f"{ONNX_FILE}.data" if big else None)
+    onnx.save(
+        proto,
+        str(path),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location=f"{ONNX_FILE}.data" if big else None,
+    )
     for f in dest.glob(".export.onnx*"):
         f.unlink()
     for f in dest.parent.glob("*.data"):  # stray external data of the temporary file
         if f.parent == dest and f.name != f"{ONNX_FILE}.data":
             f.unlink()
-    (dest / "onnx_io.json").write_text(json.dumps({
-        "inputs": ["input_ids", "attention_mask"], "outputs": ["last_hidden_state", "sentence_embedding"],
-        "opset": opset, "tokenizer": "tokenizer/",
-        "max_position_embeddings": getattr(ctx.model.config, "max_position_embeddings", None),
-    }, indent=2))
+    (dest / "onnx_io.json").write_text(
+        json.dumps(
+            {
+                "inputs": ["input_ids", "attention_mask"],
+                "outputs": ["last_hidden_state", "sentence_embedding"],
+                "opset": opset,
+                "tokenizer": "tokenizer/",
+                "max_position_embeddings": getattr(ctx.model.config, "max_position_embeddings", None),
+            },
+            indent=2,
+        )
+    )
     ctx.tokenizer.save_pretrained(str(dest / "tokenizer"))
-    return {"QuantizeLinear": ops.get("QuantizeLinear", 0), "DequantizeLinear": ops.get("DequantizeLinear", 0),
-            "rewritten_trt_fp8_ops": rewritten, "opset": opset}
+    return {
+        "QuantizeLinear": ops.get("QuantizeLinear", 0),
+        "DequantizeLinear": ops.get("DequantizeLinear", 0),
+        "rewritten_trt_fp8_ops": rewritten,
+        "opset": opset,
+    }
 
 
 def run(ctx: RunContext) -> None:

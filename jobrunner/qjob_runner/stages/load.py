@@ -35,9 +35,7 @@ def device_map_for(on_cuda: bool):
     if not on_cuda:
         return None, None
     n = torch.cuda.device_count()
-    max_memory = {
-        i: int(torch.cuda.get_device_properties(i).total_memory * WEIGHT_MEMORY_FRACTION) for i in range(n)
-    }
+    max_memory = {i: int(torch.cuda.get_device_properties(i).total_memory * WEIGHT_MEMORY_FRACTION) for i in range(n)}
     return "auto", max_memory
 
 
@@ -80,10 +78,14 @@ def load_model(ctx: RunContext):
     except (OSError, ValueError, KeyError) as exc:
         text = str(exc)
         if "safetensor" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
-            raise InvalidInput(f"cannot read the weights in {folder}: {text[:400]}",
-                               "re-upload the model's safetensors files; they are corrupt or incomplete") from None
-        raise InvalidInput(f"cannot load the model from {folder}: {text[:400]}",
-                           f"check that {folder} is a complete Hugging Face model folder for task {ctx.task.value}") from None
+            raise InvalidInput(
+                f"cannot read the weights in {folder}: {text[:400]}",
+                "re-upload the model's safetensors files; they are corrupt or incomplete",
+            ) from None
+        raise InvalidInput(
+            f"cannot load the model from {folder}: {text[:400]}",
+            f"check that {folder} is a complete Hugging Face model folder for task {ctx.task.value}",
+        ) from None
     model.eval()
     # A model built from a config has config.architectures None; export needs it (BRIEF §4).
     if not getattr(model.config, "architectures", None):

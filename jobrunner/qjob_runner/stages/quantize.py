@@ -36,8 +36,10 @@ def _mtq():
     try:
         import modelopt.torch.quantization as mtq
     except ImportError as exc:
-        raise ToolMissing(f"nvidia-modelopt is not importable in this image ({exc})",
-                          "use the qjob jobrunner image, or pip install nvidia-modelopt") from None
+        raise ToolMissing(
+            f"nvidia-modelopt is not importable in this image ({exc})",
+            "use the qjob jobrunner image, or pip install nvidia-modelopt",
+        ) from None
     return mtq
 
 
@@ -76,7 +78,9 @@ def state_key(ctx: RunContext, quant_config: dict[str, Any]) -> str:
         "model_config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest() if folder else None,
         "dtype": m.dtype,
         "quant": quant_config,
-        "auto_quantize": ctx.config.quantization.auto_quantize.model_dump(mode="json") if ctx.config.quantization.auto_quantize else None,
+        "auto_quantize": ctx.config.quantization.auto_quantize.model_dump(mode="json")
+        if ctx.config.quantization.auto_quantize
+        else None,
         "calibration": {"source": ctx.data.source, "samples": ctx.data.num_samples, "seq": ctx.data.sequence_length},
         "modelopt": importlib.metadata.version("nvidia-modelopt"),
         "format": STATE_FORMAT,
@@ -167,8 +171,9 @@ def forward_loop_factory(ctx: RunContext):
                 model(**batch)
                 elapsed = time.monotonic() - start
                 # AWQ/SmoothQuant call the loop more than once; progress is per pass.
-                reporter.update(step="calibrate", message=f"calibration batch {i}/{total}",
-                                eta_seconds=elapsed / i * (total - i))
+                reporter.update(
+                    step="calibrate", message=f"calibration batch {i}/{total}", eta_seconds=elapsed / i * (total - i)
+                )
 
     return forward_loop
 
@@ -177,8 +182,10 @@ def auto_quantize(ctx: RunContext) -> dict[str, Any]:
     mtq = _mtq()
     aq = ctx.config.quantization.auto_quantize
     if ctx.task != ModelTask.CAUSAL_LM:
-        raise InvalidConfig("autoQuantize scores layers by the language-model loss and needs a causal LM",
-                            "use spec.quantization.format for encoders")
+        raise InvalidConfig(
+            "autoQuantize scores layers by the language-model loss and needs a causal LM",
+            "use spec.quantization.format for encoders",
+        )
     formats = [MODELOPT_PRESETS[f] for f in aq.formats]
     batches = ctx.data.batches
 
@@ -255,11 +262,17 @@ def run(ctx: RunContext) -> None:
         ctx.metrics["calibration_seconds"] = time.monotonic() - t0
         ctx.background.append(save_state(ctx, state_path, before))
     else:
-        ctx.reporter.update(step="calibrate", message=f"AutoQuantize to {q.auto_quantize.effective_bits} effective bits")
+        ctx.reporter.update(
+            step="calibrate", message=f"AutoQuantize to {q.auto_quantize.effective_bits} effective bits"
+        )
         ctx.quant_config = auto_quantize(ctx)
         ctx.metrics["calibration_seconds"] = time.monotonic() - t0
-    enabled = sum(1 for n, m in ctx.model.named_modules() if n.endswith("_quantizer") and getattr(m, "is_enabled", False))
+    enabled = sum(
+        1 for n, m in ctx.model.named_modules() if n.endswith("_quantizer") and getattr(m, "is_enabled", False)
+    )
     ctx.metrics["enabled_quantizers"] = enabled
     if enabled == 0:
-        raise InvalidConfig("quantization enabled no quantizer in this model",
-                            "check spec.quantization.excludeModules: the patterns exclude every layer")
+        raise InvalidConfig(
+            "quantization enabled no quantizer in this model",
+            "check spec.quantization.excludeModules: the patterns exclude every layer",
+        )

@@ -59,12 +59,26 @@ def manifest(ctx: RunContext, entries: list[dict[str, Any]]) -> dict[str, Any]:
 def register(ctx: RunContext, name: str, path: Path, relative: str, **extra) -> dict[str, Any]:
     size, digest, files = describe(path)
     kind, fmt = KINDS.get(name, ("engine", name))
-    art = Artifact(kind=extra.pop("kind", kind), format=extra.pop("format", fmt), uri=artifact_uri(ctx, relative),
-                   size_bytes=size, sha256=digest, **extra)
+    art = Artifact(
+        kind=extra.pop("kind", kind),
+        format=extra.pop("format", fmt),
+        uri=artifact_uri(ctx, relative),
+        size_bytes=size,
+        sha256=digest,
+        **extra,
+    )
     ctx.artifacts.append(art)
     ctx.reporter.add_artifact(art)
-    return {"name": name, "path": relative, "kind": art.kind, "format": art.format, "sizeBytes": size,
-            "sha256": digest, "files": files, **{k: v for k, v in art.to_api().items() if k in {"architecture", "computeCapability", "tensorrtVersion"}}}
+    return {
+        "name": name,
+        "path": relative,
+        "kind": art.kind,
+        "format": art.format,
+        "sizeBytes": size,
+        "sha256": digest,
+        "files": files,
+        **{k: v for k, v in art.to_api().items() if k in {"architecture", "computeCapability", "tensorrtVersion"}},
+    }
 
 
 def run(ctx: RunContext) -> None:

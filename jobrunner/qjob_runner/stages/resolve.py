@@ -28,10 +28,24 @@ from ..errors import InvalidConfig, InvalidInput, TransientError, UnsupportedFor
 
 log = logging.getLogger("qjob_runner.resolve")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "pytorch_model.bin.index.json")
 DOWNLOAD_PATTERNS = [
-    "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "tokenizer*", "1_Pooling/*",
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "*.py",
+    "tokenizer*",
+    "1_Pooling/*",
 ]
 
 
@@ -48,7 +62,9 @@ def check_config(ctx: RunContext) -> None:
     cfg = ctx.config
     q = cfg.quantization
     if q.format is None and q.auto_quantize is None:
-        raise InvalidConfig("quantization has neither format nor autoQuantize", "set spec.quantization.format (e.g. fp8)")
+        raise InvalidConfig(
+            "quantization has neither format nor autoQuantize", "set spec.quantization.format (e.g. fp8)"
+        )
     if q.format is not None and q.auto_quantize is not None:
         raise InvalidConfig("quantization sets both format and autoQuantize", "set only one of them")
     formats = [q.format] if q.format else list(q.auto_quantize.formats)  # type: ignore[union-attr]
@@ -66,11 +82,18 @@ def check_config(ctx: RunContext) -> None:
         )
     task = cfg.model.task
     if task == ModelTask.ENCODER and q.kv_cache != KVCacheFormat.NONE:
-        raise InvalidConfig("a KV cache exists only in causal LMs", "set spec.quantization.kvCache to none for an encoder")
+        raise InvalidConfig(
+            "a KV cache exists only in causal LMs", "set spec.quantization.kvCache to none for an encoder"
+        )
     if ExportFormat.ONNX in cfg.export.formats and task != ModelTask.ENCODER:
-        raise InvalidConfig("ONNX export is for encoder models", "set spec.model.task to encoder or remove onnx from spec.export.formats")
+        raise InvalidConfig(
+            "ONNX export is for encoder models",
+            "set spec.model.task to encoder or remove onnx from spec.export.formats",
+        )
     if ExportFormat.TENSORRT_LLM in cfg.export.formats and task != ModelTask.CAUSAL_LM:
-        raise InvalidConfig("the tensorrt_llm checkpoint is for causal LMs", "remove tensorrt_llm from spec.export.formats")
+        raise InvalidConfig(
+            "the tensorrt_llm checkpoint is for causal LMs", "remove tensorrt_llm from spec.export.formats"
+        )
     gate = cfg.evaluation.gate
     if gate and gate.max_perplexity_increase is not None and task != ModelTask.CAUSAL_LM:
         raise InvalidConfig("maxPerplexityIncrease applies to causal LMs", "use minCosineSimilarity for an encoder")
@@ -101,7 +124,9 @@ def check_safetensors(path: Path) -> None:
                 raise InvalidInput(f"{path} is truncated ({size} bytes)", fix)
             (n,) = struct.unpack("<Q", head)
             if n <= 0 or 8 + n > size:
-                raise InvalidInput(f"{path} is not a safetensors file (header length {n} exceeds file size {size})", fix)
+                raise InvalidInput(
+                    f"{path} is not a safetensors file (header length {n} exceeds file size {size})", fix
+                )
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InvalidInput(f"{path} is corrupt: its safetensors header is not valid JSON", fix) from None
@@ -155,34 +180,51 @@ def check_model_folder(folder: Path, ctx: RunContext) -> None:
 
 def download(ctx: RunContext) -> Path:
     m = ctx.config.model
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     token = os.environ.get("HF_TOKEN") or None
     ctx.reporter.update(message=f"resolving {m.hf_repo}@{m.revision}{' (offline)' if offline else ''}")
     try:
         path = snapshot_download(
-            repo_id=m.hf_repo, revision=m.revision, token=token, local_files_only=offline,
+            repo_id=m.hf_repo,
+            revision=m.revision,
+            token=token,
+            local_files_only=offline,
             allow_patterns=DOWNLOAD_PATTERNS,
         )
     except hf_errors.GatedRepoError:
-        raise InvalidInput(f"{m.hf_repo} is gated and the token cannot read it",
-                           "accept the model's licence on the Hub with the token's account and set spec.model.huggingFace.tokenSecretRef") from None
+        raise InvalidInput(
+            f"{m.hf_repo} is gated and the token cannot read it",
+            "accept the model's licence on the Hub with the token's account and set spec.model.huggingFace.tokenSecretRef",
+        ) from None
     except hf_errors.RepositoryNotFoundError:
-        raise InvalidInput(f"{m.hf_repo} does not exist or is private",
-                           "check the repository id, or set spec.model.huggingFace.tokenSecretRef to a token that can read it") from None
+        raise InvalidInput(
+            f"{m.hf_repo} does not exist or is private",
+            "check the repository id, or set spec.model.huggingFace.tokenSecretRef to a token that can read it",
+        ) from None
     except hf_errors.RevisionNotFoundError:
-        raise InvalidInput(f"revision {m.revision} of {m.hf_repo} does not exist", "fix spec.model.huggingFace.revision") from None
+        raise InvalidInput(
+            f"revision {m.revision} of {m.hf_repo} does not exist", "fix spec.model.huggingFace.revision"
+        ) from None
     except hf_errors.LocalEntryNotFoundError:
         if offline:
-            raise InvalidInput(f"{m.hf_repo}@{m.revision} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
-                               "pre-load the model into HF_HOME, unset HF_HUB_OFFLINE, or use spec.model.pvc") from None
-        raise TransientError(f"cannot reach the Hugging Face Hub for {m.hf_repo}", "retried; check the cluster's egress or use spec.model.pvc") from None
+            raise InvalidInput(
+                f"{m.hf_repo}@{m.revision} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                "pre-load the model into HF_HOME, unset HF_HUB_OFFLINE, or use spec.model.pvc",
+            ) from None
+        raise TransientError(
+            f"cannot reach the Hugging Face Hub for {m.hf_repo}",
+            "retried; check the cluster's egress or use spec.model.pvc",
+        ) from None
     except hf_errors.HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in {401, 403}:
-            raise InvalidInput(f"the Hub refused {m.hf_repo} (HTTP {status})", "set spec.model.huggingFace.tokenSecretRef to a token with read access") from None
+            raise InvalidInput(
+                f"the Hub refused {m.hf_repo} (HTTP {status})",
+                "set spec.model.huggingFace.tokenSecretRef to a token with read access",
+            ) from None
         raise TransientError(f"Hugging Face Hub error for {m.hf_repo}: {exc}", "retried automatically") from None
     return Path(path)
 
