@@ -1,4 +1,4 @@
-"""The one typed context every stage reads and writes."""
+"""The one typed context every step reads and writes."""
 
 from __future__ import annotations
 
@@ -58,11 +58,18 @@ class RunContext:
     #: True when the calibrated state was restored from work_dir instead of recomputed.
     resumed: bool = False
     baseline: Any = None  # perplexity (float) or reference embeddings (tensor)
+    #: held-out token windows (causal LMs): measured by baseline and evaluate, re-used by the export check
+    eval_windows: list[Any] | None = None
+    #: the fake-quantized encoder's embeddings of the held-out texts, compared with the exported model's
+    quantized_embeddings: Any = None
     quality: Quality | None = None
+    #: JSON-able figures for the manifest (no tensors: those have their own fields)
     metrics: dict[str, Any] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
     #: staged path of each artifact, keyed by artifact uri-relative name (e.g. "hf", "onnx/model.onnx")
     staged: dict[str, Path] = field(default_factory=dict)
+    #: manifest entry of the engine a build step registered (it registers its folder itself)
+    engine_entry: dict[str, Any] | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: background work (e.g. writing resume state) joined before the run reports success

@@ -1,4 +1,4 @@
-"""The runner: named, timed stages over one RunContext; failures mapped to exit codes.
+"""The runner: named, timed steps over one RunContext; failures mapped to exit codes.
 
 ``run(config) -> RunnerResult`` is the Python entry point (``qjob run --local`` calls it);
 ``qjob_runner.cli`` wraps it for the container.
@@ -31,8 +31,8 @@ class Step:
     weight: float  # share of the stage's progress bar
 
 
-def _stages():
-    from .stages import build, data, evaluate, export, load, quantize, report, resolve
+def _plans():
+    from .steps import build, data, evaluate, export, load, quantize, report, resolve
 
     def preflight(ctx: RunContext) -> None:
         resolve.run(ctx)
@@ -54,7 +54,7 @@ def _stages():
 
 
 def plan_for(config: RunnerConfig) -> list[Step]:
-    quantize_plan, build_plan = _stages()
+    quantize_plan, build_plan = _plans()
     return build_plan if config.is_build else quantize_plan
 
 

@@ -20,7 +20,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from qjob_api.runner import Reporting
 from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION, Artifact, Quality, RunnerReport
@@ -287,7 +286,3 @@ def make_reporter(reporting: Reporting, stage: str, min_interval: float = 2.0) -
         if sink:
             sinks.append(sink)
     return Reporter(stage, sinks, min_interval=min_interval)
-
-
-def to_jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

@@ -129,12 +129,12 @@ def check_hf(ctx: RunContext, folder: Path) -> dict[str, float]:
     from transformers import AutoModel
 
     from .checkpoint import load_dequantized
-    from .stages.evaluate import embeddings, perplexity
+    from .quality import embeddings, perplexity
 
     dtype = torch.float32  # dequantized weights in float32: the check must not add its own rounding
     device = ctx.device if ctx.device.startswith("cuda") else "cpu"
     if ctx.task == ModelTask.CAUSAL_LM:
-        windows = ctx.metrics.get("_eval_windows")
+        windows = ctx.eval_windows
         if not windows or ctx.quality is None:
             return {}
         model = load_dequantized(folder, dtype=dtype, device=device)
@@ -144,7 +144,7 @@ def check_hf(ctx: RunContext, folder: Path) -> dict[str, float]:
             "reloaded_perplexity": round(ppl, 6),
             "reloaded_vs_quantized_perplexity_ratio": round(ppl / ctx.quality.quantized, 6),
         }
-    emb = ctx.metrics.get("_quantized_embeddings")
+    emb = ctx.quantized_embeddings
     if emb is None:
         return {}
     model = load_dequantized(folder, dtype=dtype, device=device, auto_class=AutoModel)

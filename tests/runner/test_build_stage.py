@@ -8,7 +8,7 @@ from unittest import mock
 
 from qjob_api.runner import ExitCode, RunnerConfig
 from qjob_runner import run
-from qjob_runner.stages.data import CPU_BATCH_SIZE
+from qjob_runner.steps.data import CPU_BATCH_SIZE
 
 from .helpers import runner_config
 
@@ -81,7 +81,7 @@ def test_llm_build_without_tensorrt_llm(tmp_path, monkeypatch):
     monkeypatch.delenv("QJOB_TRTLLM_PYTHON", raising=False)
     out = _finished_quantize_output(tmp_path, kind="hf")
     p1, p2 = _fake_gpu(9, 0)
-    with p1, p2, mock.patch("qjob_runner.stages.build.trtllm_python", return_value=None):
+    with p1, p2, mock.patch("qjob_runner.steps.build.trtllm_python", return_value=None):
         r = run(_build_cfg(out, "hopper", task="causal-lm"))
     assert r.exit_code == ExitCode.INVALID_CONFIG and "TensorRT-LLM is not installed" in r.message
 

@@ -96,7 +96,7 @@ def test_resume_skips_calibration(tmp_path, tiny_llama, calib_jsonl):
         )
     )
     # First attempt: calibrates, then the pod "dies" during export.
-    with mock.patch("qjob_runner.stages.export.export_hf", side_effect=ConnectionResetError("node drained")):
+    with mock.patch("qjob_runner.steps.export.export_hf", side_effect=ConnectionResetError("node drained")):
         first = run(cfg)
     assert first.exit_code == 75 and first.failed_step == "export"
     assert not (out / "manifest.json").exists() and list((out / ".qjob-work").glob("calibrated-*.pt"))

@@ -10,68 +10,15 @@ replaces weights with packed integers, after which the in-memory model no longer
 from __future__ import annotations
 
 import logging
-import math
 
 from qjob_api.capabilities import ModelTask
 from qjob_api.v1alpha1 import Quality
 
 from ..context import RunContext
 from ..errors import QualityGateFailed
+from ..quality import embeddings, perplexity, perplexity_windows
 
 log = logging.getLogger("qjob_runner.evaluate")
-
-EVAL_BATCH = 4
-
-
-def perplexity_windows(ctx: RunContext) -> list:
-    import torch
-
-    texts = ctx.data.eval_texts
-    if not texts:
-        return []
-    tok = ctx.tokenizer
-    sep = tok.eos_token or "\n\n"
-    ids = tok(sep.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    window = ctx.data.sequence_length
-    n = min(len(ids) // window, ctx.config.evaluation.samples)
-    if n == 0:
-        window, n = len(ids), 1
-    return [
-        torch.stack([ids[(i + j) * window : (i + j + 1) * window] for j in range(min(EVAL_BATCH, n - i))])
-        for i in range(0, n, EVAL_BATCH)
-    ]
-
-
-def perplexity(model, windows, device: str) -> float:
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for batch in windows:
-            batch = batch.to(device)
-            logits = model(input_ids=batch).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            nll += loss.item()
-            count += batch[:, 1:].numel()
-    return math.exp(nll / max(1, count))
-
-
-def embeddings(model, tokenizer, texts: list[str], seq_len: int, device: str):
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), EVAL_BATCH * 4):
-            enc = tokenizer(
-                texts[i : i + EVAL_BATCH * 4], return_tensors="pt", padding=True, truncation=True, max_length=seq_len
-            )
-            enc = {k: v.to(device) for k, v in enc.items() if k in {"input_ids", "attention_mask", "token_type_ids"}}
-            h = model(**enc).last_hidden_state.float()
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(((h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).cpu())
-    return torch.cat(out) if out else None
 
 
 def run_baseline(ctx: RunContext) -> None:
@@ -79,8 +26,8 @@ def run_baseline(ctx: RunContext) -> None:
         return
     ctx.reporter.update(step="evaluate", message="measuring the unquantized model on held-out text")
     if ctx.task == ModelTask.CAUSAL_LM:
-        ctx.metrics["_windows"] = perplexity_windows(ctx)
-        ctx.baseline = perplexity(ctx.model, ctx.metrics["_windows"], ctx.device)
+        ctx.eval_windows = perplexity_windows(ctx)
+        ctx.baseline = perplexity(ctx.model, ctx.eval_windows, ctx.device)
     else:
         ctx.baseline = embeddings(ctx.model, ctx.tokenizer, ctx.data.eval_texts, ctx.data.sequence_length, ctx.device)
 
@@ -122,7 +69,7 @@ def run(ctx: RunContext) -> None:
         return
     ctx.reporter.update(step="evaluate", message="measuring the quantized model on held-out text")
     if ctx.task == ModelTask.CAUSAL_LM:
-        windows = ctx.metrics.pop("_windows")
+        windows = ctx.eval_windows
         q = perplexity(ctx.model, windows, ctx.device)
         quality = Quality(
             metric="perplexity",
@@ -131,7 +78,6 @@ def run(ctx: RunContext) -> None:
             degradation=round(q / ctx.baseline - 1.0, 6),
         )
         ctx.metrics["eval_tokens"] = int(sum(w.numel() for w in windows))
-        ctx.metrics["_eval_windows"] = windows  # reused to check the exported checkpoint
     else:
         emb = embeddings(ctx.model, ctx.tokenizer, ctx.data.eval_texts, ctx.data.sequence_length, ctx.device)
         cos = torch.nn.functional.cosine_similarity(emb, ctx.baseline)
@@ -142,7 +88,7 @@ def run(ctx: RunContext) -> None:
             degradation=round(1.0 - cos.mean().item(), 6),
         )
         ctx.metrics["cosine_min"] = round(cos.min().item(), 6)
-        ctx.metrics["_quantized_embeddings"] = emb
+        ctx.quantized_embeddings = emb
     ctx.quality = quality
     ctx.reporter.set_quality(quality)
     ctx.reporter.update(message=f"{quality.metric}: {quality.baseline} -> {quality.quantized}")

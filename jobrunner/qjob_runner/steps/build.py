@@ -30,7 +30,7 @@ from qjob_api.capabilities import architecture_of
 
 from ..context import RunContext
 from ..errors import InvalidConfig, InvalidInput, ToolMissing, TransientError
-from .report import register
+from ..registration import register
 
 log = logging.getLogger("qjob_runner.build")
 
@@ -229,7 +229,7 @@ def run(ctx: RunContext) -> None:
     ctx.metrics["build"] = info
     relative = f"engines/{arch}"
     kind_format = "tensorrt" if info["engine"] == "tensorrt" else "tensorrt_llm"
-    entry = register(
+    ctx.engine_entry = register(
         ctx,
         kind_format,
         out,
@@ -240,4 +240,3 @@ def run(ctx: RunContext) -> None:
         compute_capability=f"{cc[0]}.{cc[1]}",
         tensorrt_version=version,
     )
-    ctx.metrics["_engine_entry"] = entry

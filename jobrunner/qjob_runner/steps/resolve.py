@@ -233,7 +233,7 @@ def run(ctx: RunContext) -> None:
     check_config(ctx)
     m = ctx.config.model
     if ctx.config.is_build:
-        return  # build stages read the quantize stage's artifacts; see stages/build.py
+        return  # build stages read the quantize stage's artifacts; see steps/build.py
     if m.path:
         folder = Path(m.path)
     elif m.hf_repo:

@@ -5,31 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from qjob_api.v1alpha1 import Artifact
 
-from ..artifacts import MANIFEST, describe
+from ..artifacts import MANIFEST
 from ..context import RunContext
+from ..registration import artifact_uri, register
 from ..versions import gpu_info, library_versions
 
 log = logging.getLogger("qjob_runner.report")
-
-
-KINDS = {"hf": ("checkpoint", "hf"), "tensorrt_llm": ("checkpoint", "tensorrt_llm"), "onnx": ("onnx", "onnx")}
-
-
-def artifact_uri(ctx: RunContext, relative: str) -> str:
-    base = ctx.config.output_uri  # the operator sets pvc://<claim>/<path>; local runs use file://
-    if base:
-        return f"{base.rstrip('/')}/{relative}"
-    return (ctx.paths.output_dir / relative).as_uri()
-
-
-def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics without internal objects (tensors, windows) - the JSON-able part."""
-    return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
 
 def manifest(ctx: RunContext, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -49,35 +34,10 @@ def manifest(ctx: RunContext, entries: list[dict[str, Any]]) -> dict[str, Any]:
             "resolvedModelDir": str(ctx.paths.model_dir) if ctx.paths.model_dir else None,
         },
         "quality": ctx.quality.to_api() if ctx.quality else None,
-        "metrics": public_metrics(ctx.metrics),
+        "metrics": ctx.metrics,
         "stepSeconds": {k: round(v, 3) for k, v in ctx.step_seconds.items()},
         "resumedFromCalibrationState": ctx.resumed,
         "notes": ctx.notes,
-    }
-
-
-def register(ctx: RunContext, name: str, path: Path, relative: str, **extra) -> dict[str, Any]:
-    size, digest, files = describe(path)
-    kind, fmt = KINDS.get(name, ("engine", name))
-    art = Artifact(
-        kind=extra.pop("kind", kind),
-        format=extra.pop("format", fmt),
-        uri=artifact_uri(ctx, relative),
-        size_bytes=size,
-        sha256=digest,
-        **extra,
-    )
-    ctx.artifacts.append(art)
-    ctx.reporter.add_artifact(art)
-    return {
-        "name": name,
-        "path": relative,
-        "kind": art.kind,
-        "format": art.format,
-        "sizeBytes": size,
-        "sha256": digest,
-        "files": files,
-        **{k: v for k, v in art.to_api().items() if k in {"architecture", "computeCapability", "tensorrtVersion"}},
     }
 
 
@@ -88,8 +48,8 @@ def run(ctx: RunContext) -> None:
     assert staging is not None
     ctx.reporter.update(step="report", message="hashing artifacts and writing the manifest")
     entries = [register(ctx, name, path, name) for name, path in ctx.staged.items()]
-    if "_engine_entry" in ctx.metrics:  # build stages register their engine folder themselves
-        entries.append(ctx.metrics.pop("_engine_entry"))
+    if ctx.engine_entry is not None:  # the build step registers its engine folder itself
+        entries.append(ctx.engine_entry)
     (staging.path / MANIFEST).write_text(json.dumps(manifest(ctx, entries), indent=2, default=str))
     staging.publish(last=MANIFEST)
     ctx.staging = None

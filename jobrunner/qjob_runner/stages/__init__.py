@@ -1,1 +1,0 @@
-"""Pipeline stages. Each module exposes ``run(ctx)``; ``qjob_runner.pipeline`` orders them."""
