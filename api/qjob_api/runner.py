@@ -49,15 +49,6 @@ class ExitCode(IntEnum):
 #: Exit codes that make the operator fail the QuantizationJob without retrying.
 NON_RETRYABLE_EXIT_CODES = (ExitCode.INVALID_CONFIG, ExitCode.INVALID_INPUT, ExitCode.QUALITY_GATE_FAILED)
 
-#: Stable failure reasons for each runner exit code (used in status conditions).
-EXIT_CODE_REASONS: dict[int, str] = {
-    ExitCode.INVALID_CONFIG: "InvalidConfig",
-    ExitCode.INVALID_INPUT: "InvalidInput",
-    ExitCode.QUALITY_GATE_FAILED: "QualityGateFailed",
-    ExitCode.TRANSIENT: "RunnerFailed",
-    ExitCode.OUT_OF_MEMORY: "OOMKilled",
-}
-
 
 class RunnerModel(APIModel):
     """The model, resolved to a local folder or a hub repository."""

@@ -6,17 +6,18 @@ the termination message), where the person who applied the manifest reads it.
 
 from __future__ import annotations
 
-from qjob_api.runner import EXIT_CODE_REASONS, ExitCode
+from qjob_api.reasons import EXIT_CODE_REASONS, Reason
+from qjob_api.runner import ExitCode
 
 
 class RunnerError(Exception):
     """Base class: a failure the runner understood. ``exit_code`` decides retry or not, and the
-    status reason (one table for runner and operator: ``EXIT_CODE_REASONS``)."""
+    status reason (one table for runner and operator: ``qjob_api.reasons``)."""
 
     exit_code: ExitCode = ExitCode.TRANSIENT
 
     @property
-    def reason(self) -> str:
+    def reason(self) -> Reason:
         return EXIT_CODE_REASONS[self.exit_code]
 
     def __init__(self, problem: str, fix: str | None = None):

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import kopf
+from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
 
 from .config import load_config
@@ -15,7 +16,6 @@ from .kube import Kube, connect
 from .metrics import Metrics
 from .plan import LABEL_JOB, LABEL_PREFIX, LABEL_STAGE
 from .reconciler import Reconciler
-from .status import Reason
 
 QJOB = (GROUP, VERSION, PLURAL)
 OWNED = {LABEL_JOB: kopf.PRESENT, LABEL_STAGE: kopf.PRESENT}

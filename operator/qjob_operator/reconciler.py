@@ -18,6 +18,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 from qjob_api.capabilities import architecture_of
+from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
 
 from .builders import JobRef, build_job, build_role, build_role_binding, build_service_account
@@ -26,7 +27,7 @@ from .kube import Kube
 from .metrics import Metrics
 from .nodes import matching_nodes
 from .plan import QUANTIZE_STAGE, Stage, plan_stages
-from .status import Observed, Reason, decide, fmt_time, parse_time, transition_events
+from .status import Observed, decide, fmt_time, parse_time, transition_events
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from qjob_api.runner import EXIT_CODE_REASONS, ExitCode, RunnerResult
+from qjob_api.reasons import EXIT_CODE_REASONS, Reason
+from qjob_api.runner import ExitCode, RunnerResult
 from qjob_api.v1alpha1 import (
     TERMINAL_PHASES,
     Artifact,
@@ -28,30 +29,6 @@ from qjob_api.v1alpha1 import (
 from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
 from .plan import QUANTIZE_STAGE, Stage, child_name
-
-
-class Reason:
-    """Stable reasons used in conditions, status.reason and Events."""
-
-    ACCEPTED = "Accepted"
-    NO_MATCHING_NODES = "NoMatchingNodes"
-    NODES_AVAILABLE = "NodesAvailable"
-    POLICY_VIOLATION = "PolicyViolation"
-    INVALID_SPEC = "InvalidSpec"
-    WAITING = "WaitingForDependencies"
-    SUSPENDED = "Suspended"
-    PENDING = "Pending"
-    UNSCHEDULABLE = "Unschedulable"
-    IMAGE_PULL_ERROR = "ImagePullError"
-    RUNNING = "Running"
-    OOM_KILLED = "OOMKilled"
-    EVICTED = "Evicted"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    RUNNER_FAILED = "RunnerFailed"
-    SUCCEEDED = "Succeeded"
-    QUALITY_GATE_PASSED = "QualityGatePassed"
-    QUALITY_GATE_FAILED = "QualityGateFailed"
-
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 

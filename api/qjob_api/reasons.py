@@ -1,0 +1,42 @@
+"""Stable reasons: the one table of words the operator writes to conditions, ``status.reason``
+and Events, and the runner writes to its result. Users and automation match on them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .runner import ExitCode
+
+
+class Reason(StrEnum):
+    ACCEPTED = "Accepted"
+    NO_MATCHING_NODES = "NoMatchingNodes"
+    NODES_AVAILABLE = "NodesAvailable"
+    POLICY_VIOLATION = "PolicyViolation"
+    INVALID_SPEC = "InvalidSpec"
+    WAITING = "WaitingForDependencies"
+    SUSPENDED = "Suspended"
+    PENDING = "Pending"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_ERROR = "ImagePullError"
+    RUNNING = "Running"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    RUNNER_FAILED = "RunnerFailed"
+    INVALID_CONFIG = "InvalidConfig"
+    INVALID_INPUT = "InvalidInput"
+    SUCCEEDED = "Succeeded"
+    QUALITY_GATE_PASSED = "QualityGatePassed"
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+
+
+#: The reason for each runner exit code: the runner reports it, the operator reads it back from
+#: the exit code when the runner could not say.
+EXIT_CODE_REASONS: dict[ExitCode, Reason] = {
+    ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
+    ExitCode.INVALID_INPUT: Reason.INVALID_INPUT,
+    ExitCode.QUALITY_GATE_FAILED: Reason.QUALITY_GATE_FAILED,
+    ExitCode.TRANSIENT: Reason.RUNNER_FAILED,
+    ExitCode.OUT_OF_MEMORY: Reason.OOM_KILLED,
+}
