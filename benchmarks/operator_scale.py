@@ -37,7 +37,7 @@ import yaml  # noqa: E402
 from kubernetes import client  # noqa: E402
 from kubernetes import config as kconfig
 from qjob_api.v1alpha1 import QuantizationJobSpec  # noqa: E402
-from qjob_operator.builders import JobRef, build_job  # noqa: E402
+from qjob_operator.builders import QuantizationJobRef, build_job  # noqa: E402
 from qjob_operator.config import OperatorConfig  # noqa: E402
 from qjob_operator.plan import plan_stages  # noqa: E402
 
@@ -223,7 +223,7 @@ def main() -> None:
         cpu0 = cpu_snapshot(cluster, operator)
         t0 = time.monotonic()
         for i in range(args.jobs):
-            job = build_job(JobRef(f"direct-{i}", direct_ns, "0" * 8), parsed, stage, OperatorConfig())
+            job = build_job(QuantizationJobRef(f"direct-{i}", direct_ns, "0" * 8), parsed, stage, OperatorConfig())
             # The same Job, minus what makes it the operator's (owner, qjob.dev labels): the
             # operator must not see these at all.
             job["metadata"].pop("ownerReferences")

@@ -21,7 +21,7 @@ from qjob_api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, PVCLocation, Qua
 
 from .config import OperatorConfig
 from .plan import (
-    LABEL_JOB,
+    LABEL_QUANTIZATION_JOB,
     LABEL_STAGE,
     MANAGED_BY,
     NodeRequirement,
@@ -37,19 +37,19 @@ CACHE_ROOT = "/var/cache/qjob"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
-class JobRef:
+class QuantizationJobRef:
     """The identity of the QuantizationJob that children are built for."""
 
     def __init__(self, name: str, namespace: str, uid: str):
         self.name, self.namespace, self.uid = name, namespace, uid
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> JobRef:
+    def from_body(cls, body: dict[str, Any]) -> QuantizationJobRef:
         meta = body["metadata"]
         return cls(meta["name"], meta["namespace"], meta["uid"])
 
 
-def owner_reference(ref: JobRef) -> dict[str, Any]:
+def owner_reference(ref: QuantizationJobRef) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -60,8 +60,8 @@ def owner_reference(ref: JobRef) -> dict[str, Any]:
     }
 
 
-def _metadata(ref: JobRef, name: str, stage: str | None = None) -> dict[str, Any]:
-    labels = {**MANAGED_BY, LABEL_JOB: ref.name, "app.kubernetes.io/name": "qjob-runner"}
+def _metadata(ref: QuantizationJobRef, name: str, stage: str | None = None) -> dict[str, Any]:
+    labels = {**MANAGED_BY, LABEL_QUANTIZATION_JOB: ref.name, "app.kubernetes.io/name": "qjob-runner"}
     if stage:
         labels[LABEL_STAGE] = stage
     return {"name": name, "namespace": ref.namespace, "labels": labels, "ownerReferences": [owner_reference(ref)]}
@@ -75,17 +75,17 @@ def pvc_path(location: PVCLocation) -> str:
     return "/".join(p for p in (PVC_ROOT, location.claim_name, location.path.strip("/")) if p)
 
 
-def output_location(ref: JobRef, spec: QuantizationJobSpec) -> PVCLocation:
+def output_location(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> PVCLocation:
     out = spec.output.pvc
     return out if out.path else out.model_copy(update={"path": f"{ref.namespace}/{ref.name}"})
 
 
-def output_uri(ref: JobRef, spec: QuantizationJobSpec) -> str:
+def output_uri(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> str:
     loc = output_location(ref, spec)
     return f"pvc://{loc.claim_name}/{loc.path}"
 
 
-def build_runner_config(ref: JobRef, spec: QuantizationJobSpec, stage: Stage) -> RunnerConfig:
+def build_runner_config(ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage) -> RunnerConfig:
     """The runner's whole input for one stage: no Kubernetes objects, only paths and settings."""
     source = spec.model
     model = RunnerModel(
@@ -128,14 +128,14 @@ def build_runner_config(ref: JobRef, spec: QuantizationJobSpec, stage: Stage) ->
 # -------------------------------------------------------------------------------------------- RBAC
 
 
-def build_service_account(ref: JobRef, config: OperatorConfig) -> dict[str, Any]:
+def build_service_account(ref: QuantizationJobRef, config: OperatorConfig) -> dict[str, Any]:
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(ref, runner_service_account(ref.name))}
     if config.runner.image_pull_secrets:
         sa["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
     return sa
 
 
-def build_role(ref: JobRef) -> dict[str, Any]:
+def build_role(ref: QuantizationJobRef) -> dict[str, Any]:
     """The runner may read its own QuantizationJob and patch its status: nothing else (no
     Secrets: the token Secret reaches the pod as an env var resolved by the kubelet)."""
     return {
@@ -154,7 +154,7 @@ def build_role(ref: JobRef) -> dict[str, Any]:
     }
 
 
-def build_role_binding(ref: JobRef) -> dict[str, Any]:
+def build_role_binding(ref: QuantizationJobRef) -> dict[str, Any]:
     name = runner_service_account(ref.name)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -194,7 +194,7 @@ def node_affinity(req: NodeRequirement, config: OperatorConfig) -> dict[str, Any
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
-def _volumes(ref: JobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[dict]]:
+def _volumes(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[dict]]:
     out_claim = spec.output.pvc.claim_name
     claims: dict[str, bool] = {out_claim: False}  # claim -> read-only
     if spec.model.pvc:
@@ -220,7 +220,9 @@ def _volumes(ref: JobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[d
     return volumes, mounts
 
 
-def _env(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
+def _env(
+    ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig
+) -> list[dict[str, Any]]:
     # The RunnerConfig travels inline in the Job (one object fewer per job than a ConfigMap,
     # nothing to mount, and `kubectl get job -o yaml` shows exactly what the runner ran).
     runner_config = build_runner_config(ref, spec, stage).model_dump_json(by_alias=True, exclude_none=True)
@@ -243,7 +245,9 @@ def _env(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorC
     return env
 
 
-def build_job(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> dict[str, Any]:
+def build_job(
+    ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig
+) -> dict[str, Any]:
     """The batch/v1 Job of one stage."""
     volumes, mounts = _volumes(ref, spec)
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.runner.shm_size}})
@@ -278,7 +282,7 @@ def build_job(ref: JobRef, spec: QuantizationJobSpec, stage: Stage, config: Oper
         },
         "containers": [container],
         "volumes": volumes,
-        "tolerations": [*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations)],
+        "tolerations": list(stage.requirement.tolerations),
     }
     if spec.scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)

@@ -24,7 +24,7 @@ import yaml
 from qjob_api.runner import RunnerConfig
 from qjob_api.v1alpha1 import GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, QuantizationJob
 
-from .builders import CALIBRATION_ROOT, PVC_ROOT, JobRef, build_runner_config
+from .builders import CALIBRATION_ROOT, PVC_ROOT, QuantizationJobRef, build_runner_config
 from .config import OperatorConfig
 from .plan import plan_stages
 
@@ -48,7 +48,7 @@ def local_runner_config(
     """The RunnerConfig the operator would mount, with in-pod paths mapped to this machine:
     PVC claims to ``volumes[claim]`` (default ``workdir/pvc/<claim>``), calibration ConfigMaps
     (from the same manifest file) to files under ``workdir``, reporting to a local file."""
-    ref = JobRef(job.metadata.get("name", "local"), job.metadata.get("namespace", "default"), "local")
+    ref = QuantizationJobRef(job.metadata.get("name", "local"), job.metadata.get("namespace", "default"), "local")
     stages = {s.name: s for s in plan_stages(job.spec, OperatorConfig())}
     if stage_name not in stages:
         raise SystemExit(f"qjob: no stage {stage_name!r} in this job; it has: {', '.join(stages)}")

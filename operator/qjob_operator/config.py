@@ -91,6 +91,11 @@ class OperatorConfig(_Settings):
     def compute_capabilities(self, arch: GPUArchitecture) -> list[tuple[str, str]]:
         return [tuple(cc.split(".", 1)) for cc in self.architectures.get(arch, [])]
 
+    def architecture_of(self, major: str | int, minor: str | int) -> GPUArchitecture | None:
+        """The configured architecture of a compute capability (the one the scheduling uses)."""
+        cc = f"{int(major)}.{int(minor)}"
+        return next((arch for arch, ccs in self.architectures.items() if cc in ccs), None)
+
 
 def load_config(path: str | os.PathLike | None = None) -> OperatorConfig:
     """Reads the config file (``$QJOB_OPERATOR_CONFIG``, else the default path if present).

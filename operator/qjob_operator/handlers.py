@@ -14,11 +14,11 @@ from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
 from .config import load_config
 from .kube import Kube, connect
 from .metrics import Metrics
-from .plan import LABEL_JOB, LABEL_PREFIX, LABEL_STAGE
+from .plan import LABEL_PREFIX, LABEL_QUANTIZATION_JOB, LABEL_STAGE
 from .reconciler import Reconciler
 
 QJOB = (GROUP, VERSION, PLURAL)
-OWNED = {LABEL_JOB: kopf.PRESENT, LABEL_STAGE: kopf.PRESENT}
+OWNED = {LABEL_QUANTIZATION_JOB: kopf.PRESENT, LABEL_STAGE: kopf.PRESENT}
 
 
 @kopf.on.startup()
@@ -73,10 +73,10 @@ def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
-def qjob_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+def qjob_stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     trimmed = _trim(body, ("conditions", "active", "failed", "succeeded", "startTime", "completionTime"))
     trimmed["spec"] = {"suspend": body["spec"].get("suspend")}
-    return {(namespace, labels[LABEL_JOB], labels[LABEL_STAGE]): trimmed}
+    return {(namespace, labels[LABEL_QUANTIZATION_JOB], labels[LABEL_STAGE]): trimmed}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED)
@@ -87,7 +87,7 @@ def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) ->
         "nodeName": spec.get("nodeName"),
         "containers": [{"name": c.get("name"), "image": c.get("image")} for c in spec.get("containers", [])],
     }
-    return {(namespace, labels[LABEL_JOB], labels[LABEL_STAGE]): trimmed}
+    return {(namespace, labels[LABEL_QUANTIZATION_JOB], labels[LABEL_STAGE]): trimmed}
 
 
 @kopf.index("", "v1", "nodes")
@@ -109,17 +109,17 @@ async def quantizationjob_event(
     namespace: str,
     name: str,
     memo: kopf.Memo,
-    qjob_jobs: kopf.Index,
+    qjob_stage_jobs: kopf.Index,
     qjob_pods: kopf.Index,
     qjob_nodes: kopf.Index,
     **_: Any,
 ) -> None:
     reconciler: Reconciler = memo.reconciler
-    reconciler.indexes.bind(qjob_jobs, qjob_pods, qjob_nodes)
+    reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_nodes)
     if event.get("type") == "DELETED":
         reconciler.forget((namespace, name))
     else:
-        reconciler.observe((namespace, name), body)
+        reconciler.track((namespace, name), body)
 
 
 @kopf.on.delete(*QJOB)
@@ -133,7 +133,7 @@ async def quantizationjob_deleted(namespace: str, name: str, memo: kopf.Memo, lo
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("", "v1", "pods", labels=OWNED)
 async def child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.schedule((namespace, labels[LABEL_JOB]))
+    memo.reconciler.schedule((namespace, labels[LABEL_QUANTIZATION_JOB]))
 
 
 @kopf.on.event("", "v1", "nodes")

@@ -84,7 +84,8 @@ class Kube:
                 return False
             raise
 
-    async def delete_job(self, namespace: str, name: str) -> None:
+    async def delete_batch_job(self, namespace: str, name: str) -> None:
+        """Deletes a stage's batch/v1 Job (its pods go with it)."""
         self._count.labels("delete").inc()
         try:
             await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
@@ -92,7 +93,7 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+    async def set_batch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         self._count.labels("patch").inc()
         try:
             await self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
@@ -113,7 +114,7 @@ class Kube:
                 raise
             return None
 
-    async def delete_job_resource(self, namespace: str, name: str) -> None:
+    async def delete_quantization_job(self, namespace: str, name: str) -> None:
         """Deletes the QuantizationJob itself (TTL after finishing); children follow by GC."""
         self._count.labels("delete").inc()
         try:

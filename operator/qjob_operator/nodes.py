@@ -31,9 +31,7 @@ def _tolerated(taint: Mapping[str, Any], tolerations: Iterable[Mapping[str, Any]
     return False
 
 
-def node_fits(
-    node: Mapping[str, Any], req: NodeRequirement, tolerations: list[Mapping[str, Any]], config: OperatorConfig
-) -> bool:
+def node_fits(node: Mapping[str, Any], req: NodeRequirement, config: OperatorConfig) -> bool:
     """Whether a node (as the API returns it) can ever host the stage: labels, GPU count and
     taints. Current load is the scheduler's business; this only rules out impossible jobs."""
     labels = node.get("metadata", {}).get("labels") or {}
@@ -52,13 +50,8 @@ def node_fits(
     if _quantity_int((node.get("status", {}).get("allocatable") or {}).get(keys.gpu_resource, 0)) < req.gpus:
         return False
     hard = [t for t in node.get("spec", {}).get("taints") or [] if t.get("effect") in ("NoSchedule", "NoExecute")]
-    return all(_tolerated(t, tolerations) for t in hard)
+    return all(_tolerated(t, req.tolerations) for t in hard)
 
 
-def matching_nodes(
-    nodes: Iterable[Mapping[str, Any]],
-    req: NodeRequirement,
-    tolerations: list[Mapping[str, Any]],
-    config: OperatorConfig,
-) -> list[str]:
-    return sorted(n["metadata"]["name"] for n in nodes if node_fits(n, req, tolerations, config))
+def matching_nodes(nodes: Iterable[Mapping[str, Any]], req: NodeRequirement, config: OperatorConfig) -> list[str]:
+    return sorted(n["metadata"]["name"] for n in nodes if node_fits(n, req, config))

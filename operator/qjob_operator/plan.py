@@ -1,4 +1,4 @@
-"""Stages of a QuantizationJob and what each needs from a node.
+"""Stages of a QuantizationJob (each one a batch/v1 Job) and what each needs from a node.
 
 ``quantize`` (calibrate, quantize, export, evaluate) runs first on any GPU node that fits;
 ``build-<arch>`` stages then run in parallel, one per engine target, each on a node of that
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from qjob_api.capabilities import GPUArchitecture
 from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
@@ -17,7 +18,7 @@ from .config import OperatorConfig
 
 QUANTIZE_STAGE = "quantize"
 LABEL_PREFIX = "qjob.dev"
-LABEL_JOB = f"{LABEL_PREFIX}/job-name"
+LABEL_QUANTIZATION_JOB = f"{LABEL_PREFIX}/job-name"
 LABEL_STAGE = f"{LABEL_PREFIX}/stage"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "qjob-operator"}
 
@@ -36,6 +37,8 @@ class NodeRequirement:
     gpus: int
     min_gpu_memory_mib: int | None
     node_selector: dict[str, str] = field(default_factory=dict)
+    #: the operator's runner tolerations, then the spec's (pod tolerations and the fit check)
+    tolerations: tuple[dict[str, Any], ...] = ()
 
     def describe(self, config: OperatorConfig) -> str:
         parts = [f"{self.gpus} allocatable {config.node_labels.gpu_resource}"]
@@ -59,6 +62,7 @@ class Stage:
 def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage]:
     """The stages of a job, in order; build stages depend on ``quantize``."""
     memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
+    tolerations = (*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations))
 
     def requirement(arch: GPUArchitecture | None) -> NodeRequirement:
         return NodeRequirement(
@@ -67,6 +71,7 @@ def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage
             gpus=spec.resources.gpus,
             min_gpu_memory_mib=memory,
             node_selector=dict(spec.scheduling.node_selector),
+            tolerations=tolerations,
         )
 
     stages = [Stage(QUANTIZE_STAGE, requirement(spec.scheduling.calibration_architecture))]

@@ -1,4 +1,5 @@
-"""Runs ``status.decide`` for one QuantizationJob at a time and carries out its decision.
+"""Runs ``status.observe`` and ``status.decide`` for one QuantizationJob at a time and carries
+out the decision.
 
 Reconciles are level-based and idempotent: any event (the job, one of its Jobs or Pods, a node)
 schedules a reconcile of the job; a job already being reconciled is marked dirty and runs once
@@ -17,17 +18,15 @@ from typing import Any
 
 import kopf
 from pydantic import ValidationError
-from qjob_api.capabilities import architecture_of
 from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
 
-from .builders import JobRef, build_job, build_role, build_role_binding, build_service_account
+from .builders import QuantizationJobRef, build_job, build_role, build_role_binding, build_service_account
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import Metrics
-from .nodes import matching_nodes
 from .plan import QUANTIZE_STAGE, Stage, plan_stages
-from .status import Observed, decide, fmt_time, parse_time, transition_events
+from .status import decide, fmt_time, observe, parse_time, transition_events
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +71,21 @@ def _revision(body: Mapping[str, Any]) -> int:
 
 
 class Indexes:
-    """kopf's indexes of the operator's Jobs, Pods and the cluster's nodes."""
+    """kopf's indexes of the operator's stage Jobs and their Pods (keyed by namespace,
+    QuantizationJob name, stage) and of the cluster's nodes."""
 
     def __init__(self) -> None:
-        self.jobs: kopf.Index | None = None
+        self.stage_jobs: kopf.Index | None = None
         self.pods: kopf.Index | None = None
         self.nodes: kopf.Index | None = None
 
-    def bind(self, jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index) -> None:
-        self.jobs, self.pods, self.nodes = jobs, pods, nodes
+    def bind(self, stage_jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index) -> None:
+        self.stage_jobs, self.pods, self.nodes = stage_jobs, pods, nodes
 
-    def job(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
-        return next(iter(self.jobs.get(key, ())), None) if self.jobs is not None else None
+    def stage_job(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        return next(iter(self.stage_jobs.get(key, ())), None) if self.stage_jobs is not None else None
 
-    def pods_of(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
+    def stage_pods(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
         return list(self.pods.get(key, ())) if self.pods is not None else []
 
     def all_nodes(self) -> list[dict[str, Any]]:
@@ -110,7 +110,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------ scheduling
 
-    def observe(self, key: Key, body: Mapping[str, Any]) -> None:
+    def track(self, key: Key, body: Mapping[str, Any]) -> None:
         known = self.bodies.get(key)
         # An event older than our own last status write would roll our view back and repeat its
         # events and metrics: keep the newer one (etcd revisions only grow).
@@ -174,20 +174,6 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------- reconcile
 
-    def _node_facts(self, nodes: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
-        keys = self.config.node_labels
-        products, archs = {}, {}
-        for node in nodes:
-            labels = node["metadata"].get("labels") or {}
-            name = node["metadata"]["name"]
-            products[name] = labels.get(keys.product, "")
-            try:
-                arch = architecture_of(int(labels.get(keys.compute_major)), int(labels.get(keys.compute_minor)))
-            except (TypeError, ValueError):
-                arch = None
-            archs[name] = arch.value if arch else labels.get(keys.family, "unknown")
-        return products, archs
-
     async def reconcile(self, key: Key) -> None:
         body = self.bodies.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -215,31 +201,31 @@ class Reconciler:
                 )
             return
         stages = plan_stages(spec, self.config)
-        jobs, pods = {}, {}
-        for stage in stages:
-            if job := self.indexes.job((namespace, name, stage.name)):
-                jobs[stage.name] = job
-            pods[stage.name] = self.indexes.pods_of((namespace, name, stage.name))
-        nodes = self.indexes.all_nodes()
-        products, archs = self._node_facts(nodes)
-        tolerations = [*self.config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations)]
-        matches = {s.name: matching_nodes(nodes, s.requirement, tolerations, self.config) for s in stages}
-        decision = decide(Observed(body, jobs, pods, matches, products, self.clock()), spec, stages, self.config)
+        obs = observe(
+            body,
+            stages,
+            {s.name: self.indexes.stage_job((namespace, name, s.name)) for s in stages},
+            {s.name: self.indexes.stage_pods((namespace, name, s.name)) for s in stages},
+            self.indexes.all_nodes(),
+            self.config,
+            self.clock(),
+        )
+        decision = decide(obs, spec, stages, self.config)
 
         if decision.delete_self:
             log.info("deleting %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed", namespace, name)
-            await self.kube.delete_job_resource(namespace, name)
+            await self.kube.delete_quantization_job(namespace, name)
             return
-        ref = JobRef.from_body(body)
+        ref = QuantizationJobRef.from_body(body)
         if decision.create:
             await self._create(ref, spec, decision.create)
-        for job_name in decision.delete_jobs:
-            await self.kube.delete_job(namespace, job_name)
-        for job_name, suspend in decision.suspend_jobs.items():
-            await self.kube.set_job_suspend(namespace, job_name, suspend)
+        for job_name in decision.delete_stage_jobs:
+            await self.kube.delete_batch_job(namespace, job_name)
+        for job_name, suspend in decision.suspend_stage_jobs.items():
+            await self.kube.set_batch_job_suspend(namespace, job_name, suspend)
         if decision.status is not None:
             fmt = spec.quantization.format.value if spec.quantization.format else "auto"
-            job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in jobs.items()}
+            job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in obs.stage_jobs.items()}
             await self._write(
                 key,
                 body,
@@ -248,12 +234,12 @@ class Reconciler:
                 gpus=spec.resources.gpus,
                 stages=stages,
                 job_created=job_created,
-                archs=archs,
+                archs=obs.node_architectures,
             )
         if decision.requeue_after:
             self.schedule(key, decision.requeue_after)
 
-    async def _create(self, ref: JobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
+    async def _create(self, ref: QuantizationJobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
         todo = [s for s in create if (ref.uid, s.name) not in self._created]
         if not todo:
             return

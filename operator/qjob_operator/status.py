@@ -1,13 +1,14 @@
-"""Pure functions from observed state (child Jobs, their Pods, nodes, runner reports) to the
+"""Pure functions from observed state (stage Jobs, their Pods, nodes, runner reports) to the
 QuantizationJob's status and the actions that move it forward.
 
-``decide()`` is the whole reconcile decision; the kopf handlers only gather its inputs from
-in-memory indexes and carry out what it returns.
+``observe()`` turns what the in-memory indexes hold into an ``Observed``; ``decide()`` is the
+whole reconcile decision on it; the reconciler carries out what it returns.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from qjob_api.v1alpha1 import (
 
 from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
+from .nodes import matching_nodes
 from .plan import QUANTIZE_STAGE, Stage, child_name
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -35,14 +37,53 @@ _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPul
 
 @dataclass
 class Observed:
-    """Everything ``decide`` looks at, gathered by the handler from its indexes."""
+    """Everything ``decide`` looks at (built by ``observe``)."""
 
     body: dict[str, Any]
-    jobs: dict[str, dict[str, Any]]  # stage name -> batch/v1 Job
-    pods: dict[str, list[dict[str, Any]]]  # stage name -> pods of that Job
+    stage_jobs: dict[str, dict[str, Any]]  # stage name -> its batch/v1 Job
+    stage_pods: dict[str, list[dict[str, Any]]]  # stage name -> pods of that Job
     node_matches: dict[str, list[str]]  # stage name -> nodes that could ever run it
     node_products: dict[str, str]  # node name -> nvidia.com/gpu.product
+    node_architectures: dict[str, str]  # node name -> architecture (the configured mapping)
     now: datetime
+
+
+def node_architecture(labels: Mapping[str, str], config: OperatorConfig) -> str:
+    """A node's GPU architecture from its compute capability labels, by the operator's configured
+    mapping (the one scheduling uses); else its family label; else ``unknown``."""
+    keys = config.node_labels
+    try:
+        arch = config.architecture_of(labels[keys.compute_major], labels[keys.compute_minor])
+    except (KeyError, TypeError, ValueError):
+        arch = None
+    return arch.value if arch else labels.get(keys.family, "unknown")
+
+
+def observe(
+    body: dict[str, Any],
+    stages: list[Stage],
+    stage_jobs: Mapping[str, dict[str, Any]],
+    stage_pods: Mapping[str, list[dict[str, Any]]],
+    nodes: list[dict[str, Any]],
+    config: OperatorConfig,
+    now: datetime,
+) -> Observed:
+    """What ``decide`` needs from the objects a QuantizationJob owns and the cluster's nodes."""
+    products, archs = {}, {}
+    for node in nodes:
+        labels = node["metadata"].get("labels") or {}
+        name = node["metadata"]["name"]
+        products[name] = labels.get(config.node_labels.product, "")
+        archs[name] = node_architecture(labels, config)
+    return Observed(
+        body=body,
+        stage_jobs={s.name: stage_jobs[s.name] for s in stages if stage_jobs.get(s.name)},
+        stage_pods={s.name: list(stage_pods.get(s.name, [])) for s in stages},
+        node_matches={s.name: matching_nodes(nodes, s.requirement, config) for s in stages},
+        node_products=products,
+        node_architectures=archs,
+        now=now,
+    )
 
 
 @dataclass
@@ -56,9 +97,9 @@ class Event:
 class Decision:
     status: dict[str, Any] | None = None  # merge patch for .status (None: nothing to write)
     create: list[Stage] = field(default_factory=list)
-    delete_jobs: list[str] = field(default_factory=list)
-    suspend_jobs: dict[str, bool] = field(default_factory=dict)  # Job name -> spec.suspend to set
-    delete_self: bool = False
+    delete_stage_jobs: list[str] = field(default_factory=list)  # batch Job names
+    suspend_stage_jobs: dict[str, bool] = field(default_factory=dict)  # batch Job name -> spec.suspend to set
+    delete_self: bool = False  # the QuantizationJob itself (TTL after finishing)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -158,8 +199,8 @@ def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
 def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStatus:
     """The record of one stage, with the reason it waits or failed."""
     ref_name = obs.body["metadata"]["name"]
-    job = obs.jobs.get(stage.name)
-    pods = obs.pods.get(stage.name, [])
+    job = obs.stage_jobs.get(stage.name)
+    pods = obs.stage_pods.get(stage.name, [])
     record = StageStatus(
         name=stage.name,
         architecture=stage.architecture.value if stage.architecture else None,
@@ -253,7 +294,9 @@ def _collect(
     artifacts: dict[str, Artifact] = {}
     quality = None
     for stage in stages:
-        results = [r for p in obs.pods.get(stage.name, []) if (r := runner_result(p)) and r.outcome == "Succeeded"]
+        results = [
+            r for p in obs.stage_pods.get(stage.name, []) if (r := runner_result(p)) and r.outcome == "Succeeded"
+        ]
         sources = [reports[stage.name]] if stage.name in reports else []
         for source in [*sources, *results]:
             for artifact in source.artifacts:
@@ -288,6 +331,73 @@ def set_condition(
     return [c for c in conditions if c["type"] != type_] + [new]
 
 
+@dataclass
+class _Draft:
+    """The status ``decide`` is writing, with the time and generation its conditions carry."""
+
+    now: datetime
+    generation: int | None
+    conditions: list[dict[str, Any]]
+    status: dict[str, Any]
+    decision: Decision = field(default_factory=Decision)
+
+    def condition(self, type_: str, status: str, reason: str, message: str) -> None:
+        self.conditions = set_condition(self.conditions, type_, status, reason, message, self.now, self.generation)
+
+    def write(self, phase: str, reason: str, message: str, **extra: Any) -> Decision:
+        self.status.update(phase=phase, reason=reason, message=message, conditions=self.conditions, **extra)
+        self.decision.status = self.status
+        return self.decision
+
+
+# Condition helpers, one per condition type (in the style of Kubeflow Trainer's
+# setSuspendedCondition, pkg/controller/trainjob_controller.go): each states when its condition
+# is True or False and with which reason.
+
+
+def set_accepted_condition(draft: _Draft, stages: list[Stage], problems: list[str]) -> None:
+    if problems:
+        draft.condition("Accepted", "False", Reason.POLICY_VIOLATION, "; ".join(problems))
+    else:
+        draft.condition(
+            "Accepted", "True", Reason.ACCEPTED, f"{len(stages)} stage(s): {', '.join(s.name for s in stages)}"
+        )
+
+
+def set_nodes_available_condition(draft: _Draft, unplaceable: str | None, counts: str) -> None:
+    if unplaceable:
+        draft.condition("NodesAvailable", "False", Reason.NO_MATCHING_NODES, unplaceable)
+    elif counts:  # nothing to say once every stage has its Job
+        draft.condition("NodesAvailable", "True", Reason.NODES_AVAILABLE, f"nodes that fit: {counts}")
+
+
+def set_quality_gate_condition(draft: _Draft, quality: Quality) -> None:
+    if quality.gate_passed is None:
+        return
+    draft.condition(
+        "QualityGate",
+        "True" if quality.gate_passed else "False",
+        Reason.QUALITY_GATE_PASSED if quality.gate_passed else Reason.QUALITY_GATE_FAILED,
+        f"{quality.metric}: baseline {quality.baseline}, quantized {quality.quantized}",
+    )
+
+
+def set_finished_conditions(draft: _Draft, phase: str, reason: str, message: str) -> None:
+    if phase == Phase.FAILED:
+        draft.condition("Failed", "True", reason, message)
+        draft.condition("Complete", "False", reason, message)
+    else:
+        draft.condition("Complete", "True", reason, message)
+    draft.condition("Running", "False", reason, message)
+
+
+def set_running_condition(draft: _Draft, phase: str, reason: str, message: str) -> None:
+    if phase == Phase.RUNNING:
+        draft.condition("Running", "True", Reason.RUNNING, message)
+    else:
+        draft.condition("Running", "False", reason, message)
+
+
 # ---------------------------------------------------------------------------------------- decide
 
 
@@ -313,137 +423,140 @@ def policy_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list
 
 
 def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config: OperatorConfig) -> Decision:
-    body, now = obs.body, obs.now
-    meta = body["metadata"]
-    old = body.get("status") or {}
-    generation = meta.get("generation")
-    created = parse_time(meta.get("creationTimestamp")) or now
-    policy = spec.run_policy
-
+    """The reconcile decision, in phases: a finished job only waits for its TTL; an unfinished
+    one is admitted (policy) and placed (a node can run each stage), then its stage records say
+    which Jobs to create, and the phase follows from them."""
+    old = obs.body.get("status") or {}
     if old.get("phase") in TERMINAL_PHASES:
-        decision = Decision()
-        done = parse_time(old.get("completionTime"))
-        if policy.ttl_seconds_after_finished is not None and done:
-            left = (done + timedelta(seconds=policy.ttl_seconds_after_finished) - now).total_seconds()
-            decision.delete_self = left <= 0
-            decision.requeue_after = None if left <= 0 else left
-        return decision
-
-    conditions = list(old.get("conditions") or [])
-    reports = {k: RunnerReport.model_validate(v) for k, v in (old.get("runnerReports") or {}).items()}
-    decision = Decision()
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "targetArchitectures": ",".join(a.value for a in spec.target_architectures()) or "none",
-    }
-
-    def finish(phase: str, reason: str, message: str) -> Decision:
-        status.update(phase=phase, reason=reason, message=message, completionTime=fmt_time(now))
-        nonlocal conditions
-        if phase == Phase.FAILED:
-            conditions = set_condition(conditions, "Failed", "True", reason, message, now, generation)
-            conditions = set_condition(conditions, "Complete", "False", reason, message, now, generation)
-        else:
-            conditions = set_condition(conditions, "Complete", "True", reason, message, now, generation)
-        conditions = set_condition(conditions, "Running", "False", reason, message, now, generation)
-        status["conditions"] = conditions
-        decision.status = status
-        return decision
-
-    if problems := policy_violations(spec, config):
-        conditions = set_condition(
-            conditions, "Accepted", "False", Reason.POLICY_VIOLATION, "; ".join(problems), now, generation
-        )
-        return finish(Phase.FAILED, Reason.POLICY_VIOLATION, "; ".join(problems))
-    conditions = set_condition(
-        conditions,
-        "Accepted",
-        "True",
-        Reason.ACCEPTED,
-        f"{len(stages)} stage(s): {', '.join(s.name for s in stages)}",
-        now,
-        generation,
+        return decide_ttl(obs, spec)
+    draft = _Draft(
+        now=obs.now,
+        generation=obs.body["metadata"].get("generation"),
+        conditions=list(old.get("conditions") or []),
+        status={
+            "observedGeneration": obs.body["metadata"].get("generation"),
+            "targetArchitectures": ",".join(a.value for a in spec.target_architectures()) or "none",
+        },
     )
+    if problems := policy_violations(spec, config):
+        set_accepted_condition(draft, stages, problems)
+        return finish(draft, Phase.FAILED, Reason.POLICY_VIOLATION, "; ".join(problems))
+    set_accepted_condition(draft, stages, [])
+    if placement := decide_placement(draft, obs, spec, stages, config):
+        return placement
+    records = decide_stage_records(draft, obs, spec, stages)
+    return decide_phase(draft, obs, spec, records, config)
 
-    # Fail fast when some stage can never be placed, before creating anything.
-    unplaceable = [s for s in stages if s.name not in obs.jobs and not obs.node_matches.get(s.name)]
-    if unplaceable:
-        message = "; ".join(
-            f"no node can run stage {s.name}: it needs {s.requirement.describe(config)}" for s in unplaceable
-        )
-        conditions = set_condition(
-            conditions, "NodesAvailable", "False", Reason.NO_MATCHING_NODES, message, now, generation
-        )
-        waited = (now - created).total_seconds()
-        if waited >= policy.pending_deadline_seconds:
-            return finish(
-                Phase.FAILED,
-                Reason.NO_MATCHING_NODES,
-                f"{message} (waited {int(waited)}s, spec.runPolicy.pendingDeadlineSeconds)",
-            )
-        status.update(phase=Phase.PENDING, reason=Reason.NO_MATCHING_NODES, message=message, conditions=conditions)
-        decision.status = status
-        decision.requeue_after = policy.pending_deadline_seconds - waited + 0.5
-        return decision
-    counts = ", ".join(f"{s.name}: {len(obs.node_matches.get(s.name, []))}" for s in stages if s.name not in obs.jobs)
-    if counts:
-        conditions = set_condition(
-            conditions, "NodesAvailable", "True", Reason.NODES_AVAILABLE, f"nodes that fit: {counts}", now, generation
-        )
 
-    deadline = timedelta(seconds=policy.pending_deadline_seconds)
+def decide_ttl(obs: Observed, spec: QuantizationJobSpec) -> Decision:
+    """A finished job: delete it once spec.runPolicy.ttlSecondsAfterFinished has passed."""
+    decision = Decision()
+    ttl = spec.run_policy.ttl_seconds_after_finished
+    done = parse_time((obs.body.get("status") or {}).get("completionTime"))
+    if ttl is not None and done:
+        left = (done + timedelta(seconds=ttl) - obs.now).total_seconds()
+        decision.delete_self = left <= 0
+        decision.requeue_after = None if left <= 0 else left
+    return decision
+
+
+def finish(draft: _Draft, phase: str, reason: str, message: str) -> Decision:
+    set_finished_conditions(draft, phase, reason, message)
+    return draft.write(phase, reason, message, completionTime=fmt_time(draft.now))
+
+
+def decide_placement(
+    draft: _Draft, obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config: OperatorConfig
+) -> Decision | None:
+    """Fail fast when some stage can never be placed, before creating anything; None: all fit."""
+    policy = spec.run_policy
+    unplaceable = [s for s in stages if s.name not in obs.stage_jobs and not obs.node_matches.get(s.name)]
+    message = "; ".join(
+        f"no node can run stage {s.name}: it needs {s.requirement.describe(config)}" for s in unplaceable
+    )
+    counts = ", ".join(
+        f"{s.name}: {len(obs.node_matches.get(s.name, []))}" for s in stages if s.name not in obs.stage_jobs
+    )
+    set_nodes_available_condition(draft, message, counts)
+    if not unplaceable:
+        return None
+    created = parse_time(obs.body["metadata"].get("creationTimestamp")) or obs.now
+    waited = (obs.now - created).total_seconds()
+    if waited >= policy.pending_deadline_seconds:
+        return finish(
+            draft,
+            Phase.FAILED,
+            Reason.NO_MATCHING_NODES,
+            f"{message} (waited {int(waited)}s, spec.runPolicy.pendingDeadlineSeconds)",
+        )
+    draft.decision.requeue_after = policy.pending_deadline_seconds - waited + 0.5
+    return draft.write(Phase.PENDING, Reason.NO_MATCHING_NODES, message)
+
+
+def decide_stage_records(
+    draft: _Draft, obs: Observed, spec: QuantizationJobSpec, stages: list[Stage]
+) -> dict[str, StageStatus]:
+    """One record per stage; a stage without a Job whose dependencies succeeded is to be created.
+    Writes the stage records, progress, artifacts, quality and start time into the draft."""
+    old = obs.body.get("status") or {}
+    reports = {k: RunnerReport.model_validate(v) for k, v in (old.get("runnerReports") or {}).items()}
+    deadline = timedelta(seconds=spec.run_policy.pending_deadline_seconds)
     records = {s.name: observe_stage(s, obs, deadline) for s in stages}
     for stage in stages:
         record = records[stage.name]
-        if stage.name in obs.jobs:
+        if stage.name in obs.stage_jobs:
             continue
         if all(records[d].phase == Phase.SUCCEEDED for d in stage.after):
-            decision.create.append(stage)
+            draft.decision.create.append(stage)
             record.reason = Reason.PENDING
         else:
             record.reason = Reason.WAITING
             record.message = f"waits for {', '.join(stage.after)}"
-
+    status = draft.status
     status["stages"] = [r.to_api() for r in records.values()]
     status["progress"] = progress(stages, records, reports).to_api()
     artifacts, quality = _collect(stages, obs, reports)
     status["artifacts"] = [a.to_api() for a in artifacts]
     if quality:
         status["quality"] = quality.to_api()
-        if quality.gate_passed is not None:
-            conditions = set_condition(
-                conditions,
-                "QualityGate",
-                "True" if quality.gate_passed else "False",
-                Reason.QUALITY_GATE_PASSED if quality.gate_passed else Reason.QUALITY_GATE_FAILED,
-                f"{quality.metric}: baseline {quality.baseline}, quantized {quality.quantized}",
-                now,
-                generation,
-            )
+        set_quality_gate_condition(draft, quality)
     starts = [r.start_time for r in records.values() if r.start_time]
     status["startTime"] = fmt_time(min(starts)) if starts else old.get("startTime")
+    return records
 
+
+def decide_phase(
+    draft: _Draft, obs: Observed, spec: QuantizationJobSpec, records: dict[str, StageStatus], config: OperatorConfig
+) -> Decision:
+    """The job's phase from its stage records; which stage Jobs to stop, suspend or resume."""
+    name, policy, decision = obs.body["metadata"]["name"], spec.run_policy, draft.decision
     failed = [r for r in records.values() if r.phase == Phase.FAILED]
     if failed:
         first = failed[0]
         # Stop what still runs (and a failed stage whose Job is still active, e.g. unschedulable).
-        decision.delete_jobs = [
-            child_name(meta["name"], s)
-            for s, job in obs.jobs.items()
+        decision.delete_stage_jobs = [
+            child_name(name, s)
+            for s, job in obs.stage_jobs.items()
             if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
         ]
         return finish(
-            Phase.FAILED, first.reason or Reason.RUNNER_FAILED, f"stage {first.name}: {first.message or first.reason}"
+            draft,
+            Phase.FAILED,
+            first.reason or Reason.RUNNER_FAILED,
+            f"stage {first.name}: {first.message or first.reason}",
         )
     if all(r.phase == Phase.SUCCEEDED for r in records.values()):
         return finish(
-            Phase.SUCCEEDED, Reason.SUCCEEDED, f"{len(artifacts)} artifact(s) written; {len(stages)} stage(s) succeeded"
+            draft,
+            Phase.SUCCEEDED,
+            Reason.SUCCEEDED,
+            f"{len(draft.status['artifacts'])} artifact(s) written; {len(records)} stage(s) succeeded",
         )
 
     if not spec.scheduling.queue_name:  # with Kueue, Kueue owns Job.spec.suspend
-        decision.suspend_jobs = {
-            child_name(meta["name"], s): policy.suspend
-            for s, job in obs.jobs.items()
+        decision.suspend_stage_jobs = {
+            child_name(name, s): policy.suspend
+            for s, job in obs.stage_jobs.items()
             if bool((job.get("spec") or {}).get("suspend")) != policy.suspend
             and records[s].phase not in TERMINAL_PHASES
         }
@@ -454,7 +567,7 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
     if policy.suspend and not running:
         phase, reason, message = Phase.SUSPENDED, Reason.SUSPENDED, "spec.runPolicy.suspend is true"
         decision.create = []
-    elif running or status["startTime"]:
+    elif running or draft.status["startTime"]:
         # Once work has started the job stays Running between stages; the reason says if a
         # stage is stuck waiting for a node or an image.
         phase = Phase.RUNNING
@@ -466,7 +579,6 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
                 f"running {', '.join(r.name for r in running)}" if running else "starting the next stage",
             )
         )
-        conditions = set_condition(conditions, "Running", "True", Reason.RUNNING, message, now, generation)
     else:
         phase = Phase.PENDING
         reason, message = (
@@ -474,11 +586,8 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
             if waiting
             else (Reason.PENDING, "waiting for runner pods to start")
         )
-    if phase != Phase.RUNNING:
-        conditions = set_condition(conditions, "Running", "False", reason, message, now, generation)
-    status.update(phase=phase, reason=reason, message=message, conditions=conditions)
-    decision.status = status
-    return decision
+    set_running_condition(draft, phase, reason, message)
+    return draft.write(phase, reason, message)
 
 
 _WARNING_REASONS = {Reason.NO_MATCHING_NODES, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR}

@@ -344,7 +344,7 @@ def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace
 def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
     """Act as the operator's ServiceAccount and do what the operator does for one job."""
     from qjob_operator.builders import (
-        JobRef,
+        QuantizationJobRef,
         build_job,
         build_role,
         build_role_binding,
@@ -407,7 +407,7 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         doc["spec"].setdefault("runPolicy", {})["suspend"] = True
         custom = client.CustomObjectsApi(kube_api)
         body = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, doc)
-        ref = JobRef.from_body(body)
+        ref = QuantizationJobRef.from_body(body)
         spec = QuantizationJob.model_validate(body).spec
         cfg = OperatorConfig()
         stages = plan_stages(spec, cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.builders import (
-    JobRef,
+    QuantizationJobRef,
     build_job,
     build_role,
     build_runner_config,
@@ -14,7 +14,7 @@ from qjob_operator.builders import (
 from qjob_operator.config import NodeLabelKeys, OperatorConfig
 from qjob_operator.plan import QUANTIZE_STAGE, child_name, plan_stages
 
-REF = JobRef("llama", "ml", "uid-1")
+REF = QuantizationJobRef("llama", "ml", "uid-1")
 
 
 def _stage(spec, config, name):

@@ -1,4 +1,4 @@
-"""status.decide: observed children -> status and actions, one scenario per reason."""
+"""status.observe + status.decide: observed children -> status and actions, one scenario per reason."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from datetime import timedelta
 
 import pytest
 from qjob_api.v1alpha1 import QuantizationJobSpec
-from qjob_operator.nodes import matching_nodes
 from qjob_operator.plan import plan_stages
 from qjob_operator.reconciler import apply_merge_patch, merge_patch
-from qjob_operator.status import Observed, decide, fmt_time, transition_events
+from qjob_operator.status import decide, fmt_time, observe, transition_events
 
 from .conftest import NOW, cr_body, gpu_node
 
@@ -65,12 +64,8 @@ def run(
 ):
     spec = QuantizationJobSpec.model_validate(spec_dict)
     stages = plan_stages(spec, config)
-    tolerations = [*config.runner.tolerations]
-    matches = {s.name: matching_nodes(nodes, s.requirement, tolerations, config) for s in stages}
     body = cr_body(spec_dict, status, created)
-    return decide(
-        Observed(body, jobs or {}, pods or {}, matches, {"h100-0": "NVIDIA-H100-80GB-HBM3"}, now), spec, stages, config
-    )
+    return decide(observe(body, stages, jobs or {}, pods or {}, list(nodes), config, now), spec, stages, config)
 
 
 def test_new_job_creates_quantize_stage_only(spec_dict, config):
@@ -191,7 +186,7 @@ def test_image_pull_error_fails_fast_and_stops_the_job(spec_dict, config):
     waiting = pod("Pending", waiting={"reason": "ImagePullBackOff", "message": "not found"})
     d = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [waiting]})
     assert d.status["reason"] == "ImagePullError" and "runner:1" in d.status["message"]
-    assert d.delete_jobs == ["llama-quantize"]
+    assert d.delete_stage_jobs == ["llama-quantize"]
 
 
 def test_unschedulable_waits_then_fails_after_pending_deadline(spec_dict, config):
@@ -219,7 +214,7 @@ def test_unschedulable_waits_then_fails_after_pending_deadline(spec_dict, config
     )
     assert late.status["phase"] == "Failed" and late.status["reason"] == "Unschedulable"
     assert "pendingDeadlineSeconds" in late.status["message"]
-    assert late.delete_jobs == ["llama-quantize"]
+    assert late.delete_stage_jobs == ["llama-quantize"]
 
 
 def test_trust_remote_code_refused_by_policy(spec_dict, config):
@@ -239,13 +234,15 @@ def test_suspended_job_creates_nothing(spec_dict, config):
 def test_suspending_a_running_job_suspends_its_jobs_and_resuming_undoes_it(spec_dict, config):
     spec_dict["runPolicy"] = {"suspend": True}
     d = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": []})
-    assert d.suspend_jobs == {"llama-quantize": True}
+    assert d.suspend_stage_jobs == {"llama-quantize": True}
     spec_dict["runPolicy"] = {"suspend": False}
     d = run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []})
-    assert d.suspend_jobs == {"llama-quantize": False}
+    assert d.suspend_stage_jobs == {"llama-quantize": False}
     spec_dict["scheduling"] = {"queueName": "gpus"}  # Kueue's to decide
     assert (
-        run(spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []}).suspend_jobs
+        run(
+            spec_dict, config, jobs={"quantize": job("quantize", suspend=True)}, pods={"quantize": []}
+        ).suspend_stage_jobs
         == {}
     )
 
