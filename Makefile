@@ -45,6 +45,6 @@ bench: cluster-binaries
 	@$(PY) benchmarks/operator_scale.py
 
 demo: cluster-binaries
-	@$(PY) hack/demo/demo.py
+	@$(PY) -m qjob_dev.demo
 
 demo-down: cluster-down

@@ -30,29 +30,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
-from kubernetes import client  # noqa: E402
+import yaml
+from kubernetes import client
 from kubernetes import config as kconfig
-from qjob_api.v1alpha1 import QuantizationJobSpec  # noqa: E402
-from qjob_operator.builders import QuantizationJobRef, build_job  # noqa: E402
-from qjob_operator.config import OperatorConfig  # noqa: E402
-from qjob_operator.plan import plan_stages  # noqa: E402
+from qjob_api.v1alpha1 import QuantizationJobSpec
+from qjob_dev import localcluster
+from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
+from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
+from qjob_dev.waits import wait_for
+from qjob_operator.builders import QuantizationJobRef, build_job
+from qjob_operator.config import OperatorConfig
+from qjob_operator.plan import plan_stages
 
-from tests.cluster_fixtures import Cluster, localcluster, wait_for  # noqa: E402
-from tests.operator_fixtures import (  # noqa: E402
-    GROUP,
-    PLURAL,
-    VERSION,
-    OperatorProcess,
-    install_crds,
-    make_artifacts_pvc,
-    make_calibration_configmap,
-    operator_config,
-    qjob_manifest,
-)
+ROOT = localcluster.REPO_ROOT
 
 RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
 OPERATOR_NS = "qjob-system"
@@ -198,15 +188,7 @@ def main() -> None:
     try:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
         core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
-        install_crds(
-            Cluster(
-                dir=cluster.dir,
-                kubeconfig=cluster.kubeconfig,
-                bin_dir=cluster.bin_dir,
-                server=cluster.server,
-                version="",
-            )
-        )
+        install_crds(cluster)
         op_kubeconfig, op_user = install_operator_identity(cluster, api, workdir)
         operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config())
         operator.start()

@@ -12,7 +12,7 @@ forward pass over the same calibration set, peak GPU memory and checkpoint sizes
 It first checks the image-build trick of ``jobrunner/Dockerfile``: ModelOpt's CUDA extensions
 compiled in a process that sees no GPU, then loaded (not recompiled) by a process that does.
 
-    PYTHONPATH=api:jobrunner:. python benchmarks/runner_gpu.py
+    PYTHONPATH=api:jobrunner:hack python benchmarks/runner_gpu.py
 """
 
 from __future__ import annotations
@@ -84,10 +84,8 @@ def sh(args, env=None, tag="QJOB_BENCH ") -> tuple[dict | str | None, float, str
 
 def prepare() -> tuple[Path, Path, float]:
     import torch
+    from qjob_dev.tiny_models import pydoc_paragraphs, train_tokenizer, write_jsonl
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(ROOT))
-    from tests.runner.helpers import pydoc_paragraphs, train_tokenizer, write_jsonl
 
     model_dir, calib = WORK / "tinyllama-1.1b-random", WORK / "calib.jsonl"
     if not (model_dir / "config.json").exists():

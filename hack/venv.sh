@@ -22,10 +22,22 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -e "$root[operator,runner,dev]" >&2
   touch "$venv/.complete"
 fi
-# Point the editable install at this checkout (cheap; needed when the checkout moved).
+# Point the editable install at this checkout (cheap; needed when the checkout moved or gained a
+# package): every top-level package pyproject.toml lists must import from this checkout.
 if ! "$venv/bin/python" - "$root" <<'PY' >/dev/null 2>&1
-import sys, qjob_api, pathlib
-sys.exit(0 if pathlib.Path(qjob_api.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()) else 1)
+import fnmatch, importlib.util, pathlib, sys, tomllib
+root = pathlib.Path(sys.argv[1]).resolve()
+find = tomllib.load(open(root / "pyproject.toml", "rb"))["tool"]["setuptools"]["packages"]["find"]
+packages = [
+    d.name
+    for where in find["where"]
+    for d in (root / where).iterdir()
+    if (d / "__init__.py").is_file() and any(fnmatch.fnmatch(d.name, pattern) for pattern in find["include"])
+]
+for name in packages:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not pathlib.Path(spec.origin).resolve().is_relative_to(root):
+        sys.exit(1)
 PY
 then
   "$venv/bin/pip" install -q --no-deps -e "$root" >&2

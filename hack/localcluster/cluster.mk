@@ -1,4 +1,5 @@
-# Local control plane targets (hack/localcluster). Included from the top-level Makefile.
+# Local control plane targets (qjob_dev.localcluster, with build.sh and its data in hack/localcluster).
+# Included from the top-level Makefile.
 #   make cluster-binaries   build etcd, kube-apiserver, kube-scheduler, kube-controller-manager,
 #                           kubectl, kwok and helm into ~/.cache/qjob-operator/bin/<version>-<hash>
 #                           (once; ~25 min cold on 2 cores). QJOB_K8S_BIN_DIR=<dir> uses existing ones.
@@ -9,7 +10,7 @@
 # The harness needs only python3 with PyYAML (system python3 has it; override CLUSTER_PYTHON).
 CLUSTER_DIR ?= .cluster
 CLUSTER_PYTHON ?= python3
-LOCALCLUSTER = $(CLUSTER_PYTHON) hack/localcluster/localcluster.py
+LOCALCLUSTER = PYTHONPATH=hack $(CLUSTER_PYTHON) -m qjob_dev.localcluster
 
 .PHONY: cluster-binaries cluster-up cluster-down cluster-status
 

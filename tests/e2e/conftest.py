@@ -1,25 +1,17 @@
-"""End-to-end fixtures: the pod runner harness (hack/podrunner) turns runner pods bound to
+"""End-to-end fixtures: the pod runner harness (``qjob_dev.podrunner``) turns runner pods bound to
 simulated nodes into local jobrunner processes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-from tests.cluster_fixtures import REPO_ROOT
-
-_spec = importlib.util.spec_from_file_location("qjob_podrunner", REPO_ROOT / "hack" / "podrunner" / "podrunner.py")
-podrunner_module = importlib.util.module_from_spec(_spec)
-sys.modules["qjob_podrunner"] = podrunner_module
-_spec.loader.exec_module(podrunner_module)
+from qjob_dev.podrunner import PodRunner
 
 
 @pytest.fixture(scope="session")
 def podrunner(cluster, tmp_path_factory):
-    runner = podrunner_module.PodRunner(
+    runner = PodRunner(
         cluster.kubeconfig,
         tmp_path_factory.mktemp("podrunner"),
         max_parallel=2,

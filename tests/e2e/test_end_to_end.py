@@ -1,5 +1,5 @@
 """apply -> Succeeded with real artifacts: the real operator and control plane, and the real
-jobrunner (ModelOpt on CPU) running the pods the scheduler placed (via hack/podrunner)."""
+jobrunner (ModelOpt on CPU) running the pods the scheduler placed (via qjob_dev.podrunner)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
-
-from tests.operator_fixtures import create_qjob, make_artifacts_pvc, phase_is, wait_qjob
-from tests.runner.helpers import make_tiny_llama, pydoc_paragraphs
+from qjob_dev.qjobs import create_qjob, make_artifacts_pvc, phase_is, wait_qjob
+from qjob_dev.tiny_models import make_tiny_llama, pydoc_paragraphs
 
 from .conftest import pv_folder
 

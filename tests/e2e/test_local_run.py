@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.runner.helpers import make_tiny_llama, pydoc_paragraphs
+from qjob_dev.tiny_models import make_tiny_llama, pydoc_paragraphs
 
 pytestmark = pytest.mark.slow
 

@@ -22,9 +22,10 @@ from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client.rest import ApiException
 from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION, QuantizationJob
+from qjob_dev import localcluster
+from qjob_dev.operator_process import OperatorProcess
+from qjob_dev.waits import wait_for
 from qjob_operator.config import OperatorConfig
-
-from tests.cluster_fixtures import localcluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -493,9 +494,6 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
     ServiceAccount: it starts (kopf's own watches allowed), serves /healthz and /metrics on the
     configured ports, and handles a QuantizationJob (creates the runner's RBAC, writes status)
     without a single Forbidden."""
-    from tests.cluster_fixtures import localcluster
-    from tests.operator_fixtures import OperatorProcess
-
     metrics_port, health_port = localcluster.free_ports(2)
     watched = extra_namespace if mode == "namespaced" else namespace
     values = {

@@ -10,8 +10,9 @@ import uuid
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-
-from tests.cluster_fixtures import localcluster, pinned_k8s_version, wait_for
+from qjob_dev import localcluster
+from qjob_dev.localcluster import pinned_k8s_version
+from qjob_dev.waits import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -11,13 +11,10 @@ from datetime import UTC, datetime
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-
-from tests.cluster_fixtures import wait_for
-from tests.operator_fixtures import (
+from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
     VERSION,
-    basic_spec,
     create_qjob,
     custom_api,
     get_qjob,
@@ -27,6 +24,9 @@ from tests.operator_fixtures import (
     qjob_manifest,
     wait_qjob,
 )
+from qjob_dev.waits import wait_for
+
+from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
 

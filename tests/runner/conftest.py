@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from .helpers import make_tiny_llama, pydoc_paragraphs, write_jsonl  # noqa: E402
+from qjob_dev.tiny_models import make_tiny_llama, pydoc_paragraphs, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

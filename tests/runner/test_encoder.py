@@ -7,9 +7,10 @@ import json
 import onnx
 import pytest
 from qjob_api.runner import RunnerConfig
+from qjob_dev.tiny_models import minilm_folder
 from qjob_runner import run
 
-from .helpers import minilm_folder, runner_config
+from .helpers import runner_config
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 1. a real local control plane (etcd, kube-apiserver, scheduler, controller-manager built from the
    Go module proxy) with simulated Ada/Hopper/Blackwell GPU nodes (kwok);
 2. ``helm install`` of the chart; the chart's operator pod (and later every runner pod) is run as a
-   local process by the development pod runner (hack/podrunner) with the pod's own ServiceAccount;
+   local process by the development pod runner (qjob_dev.podrunner) with the pod's own ServiceAccount;
 3. tiny models and calibration text on a volume; sample QuantizationJobs applied with kubectl;
 4. an invalid job refused by the apiserver, and a job no node can run, with its reason;
 5. jobs watched to Succeeded; artifacts, status and metrics shown.
@@ -13,7 +13,6 @@ The cluster stays up afterwards (``KUBECONFIG=.cluster/kubeconfig``); ``make dem
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,8 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from .localcluster import REPO_ROOT as ROOT
+from .localcluster import LocalCluster, free_ports
+from .podrunner import PodRunner
+
 CLUSTER_DIR = ROOT / ".cluster"
 NAMESPACE = "qjob-demo"
 OPERATOR_NS = "qjob-system"
@@ -33,36 +34,20 @@ GOOD_JOBS = ["tiny-llama-fp8", "tiny-llama-int4-awq", "minilm-fp8-onnx"]
 UNPLACEABLE = "needs-640gi-gpus"
 
 
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-localcluster = load("qjob_localcluster", ROOT / "hack" / "localcluster" / "localcluster.py")
-podrunner = load("qjob_podrunner", ROOT / "hack" / "podrunner" / "podrunner.py")
-
-
 def step(n: int, text: str) -> None:
     print(f"\n\033[1m[{n}/7] {text}\033[0m", flush=True)
 
 
 class Demo:
     def __init__(self) -> None:
-        self.cluster = localcluster.LocalCluster(CLUSTER_DIR)
+        self.cluster = LocalCluster(CLUSTER_DIR)
         self.work = CLUSTER_DIR / "demo"
         self.runner = None
 
     def kubectl(self, *args: str, check: bool = True, echo: bool = True) -> subprocess.CompletedProcess:
         if echo:
             print(f"$ kubectl {' '.join(args)}", flush=True)
-        proc = subprocess.run(
-            [str(self.cluster.kubectl), f"--kubeconfig={self.cluster.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-        )
+        proc = self.cluster.run_kubectl(*args, check=False)
         if check and proc.returncode != 0:
             raise SystemExit(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
         return proc
@@ -84,18 +69,18 @@ class Demo:
         )
 
     def install_chart(self) -> None:
-        step(2, "helm install the operator (its pod runs as a local process: hack/podrunner)")
+        step(2, "helm install the operator (its pod runs as a local process: qjob_dev.podrunner)")
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         venv_bin = str(Path(sys.executable).parent)
-        self.runner = podrunner.PodRunner(
+        self.runner = PodRunner(
             self.cluster.kubeconfig,
             self.work / "pods",
             bin_dirs=[venv_bin],
             max_parallel=2,
             extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
         ).start()
-        self.metrics_port, health_port = localcluster.free_ports(2)
+        self.metrics_port, health_port = free_ports(2)
         values = {
             "podLabels": {EXTERNAL: "true"},
             "metrics": {"port": self.metrics_port},
@@ -132,7 +117,7 @@ class Demo:
 
     def prepare_data(self) -> Path:
         step(3, f"namespace {NAMESPACE}: a volume with tiny models and calibration text")
-        from tests.runner.helpers import make_tiny_llama, minilm_folder, pydoc_paragraphs
+        from .tiny_models import make_tiny_llama, minilm_folder, pydoc_paragraphs
 
         self.kubectl("create", "namespace", NAMESPACE, check=False, echo=False)
         volume = self.work / "volume"
@@ -183,7 +168,7 @@ class Demo:
 
     def apply_jobs(self) -> None:
         step(4, "kubectl apply the sample QuantizationJobs")
-        print(self.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "hack" / "demo" / "jobs.yaml")).stdout)
+        print(self.kubectl("apply", "-n", NAMESPACE, "-f", str(Path(__file__).with_name("demo_jobs.yaml"))).stdout)
 
     def invalid_job(self) -> bool:
         step(5, "an invalid job: NVFP4 for Hopper (NVFP4 kernels exist on Blackwell only)")

@@ -20,7 +20,7 @@ the real scheduler has bound to a simulated node, and for each one does what a k
   termination message (the file at ``terminationMessagePath``, else the log tail with
   ``FallbackToLogsOnError``) when it ends. Deleting the pod kills the process.
 
-Usage: ``python hack/podrunner/podrunner.py --kubeconfig K --workdir DIR`` (runs until Ctrl-C),
+Usage: ``python -m qjob_dev.podrunner --kubeconfig K --workdir DIR`` (runs until Ctrl-C),
 or ``PodRunner(...).start()`` from Python (tests, the demo).
 """
 
@@ -44,8 +44,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "localcluster"))
-import localcluster  # noqa: E402  (hack/localcluster: stdlib + PyYAML)
+from .localcluster import token_kubeconfig
 
 log = logging.getLogger("podrunner")
 
@@ -231,7 +230,7 @@ class PodRunner:
                 }
             },
         ).status.token
-        return localcluster.token_kubeconfig(self.kubeconfig, token, root / "kubeconfig", pod.metadata.namespace)
+        return token_kubeconfig(self.kubeconfig, token, root / "kubeconfig", pod.metadata.namespace)
 
     def _set_status(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
         try:

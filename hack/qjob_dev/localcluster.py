@@ -1,17 +1,17 @@
-#!/usr/bin/env python3
 """A real local Kubernetes control plane with simulated (kwok) GPU nodes.
 
 Runs etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok as local processes
 (binaries built from the Go module proxy by ``hack/localcluster/build.sh``), creates the nodes of
 ``hack/localcluster/topology.yaml`` and writes an admin kubeconfig.
 
-    python hack/localcluster/localcluster.py up     [--dir .cluster] [--topology FILE]
-    python hack/localcluster/localcluster.py status [--dir .cluster]
-    python hack/localcluster/localcluster.py down   [--dir .cluster]
+    python -m qjob_dev.localcluster up     [--dir .cluster] [--topology FILE]
+    python -m qjob_dev.localcluster status [--dir .cluster]
+    python -m qjob_dev.localcluster down   [--dir .cluster]
 
-Importable (stdlib + PyYAML only)::
+(``make cluster-up|status|down`` run these with ``PYTHONPATH=hack``: stdlib + PyYAML only.)
+Importable::
 
-    from hack.localcluster.localcluster import LocalCluster   # or via sys.path
+    from qjob_dev.localcluster import LocalCluster
     c = LocalCluster(Path("/tmp/x")).up()
     ... c.kubeconfig, c.kubectl, c.helm ...
     c.down()
@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,11 +43,12 @@ from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: build.sh, its Go modules, the node topology and the kwok Stage files
+DATA = REPO_ROOT / "hack" / "localcluster"
 DEFAULT_DIR = REPO_ROOT / ".cluster"
-DEFAULT_TOPOLOGY = HERE / "topology.yaml"
-STAGE_FILES = [HERE / "stages" / "nodes.yaml", HERE / "stages" / "pods.yaml"]
+DEFAULT_TOPOLOGY = DATA / "topology.yaml"
+STAGE_FILES = [DATA / "stages" / "nodes.yaml", DATA / "stages" / "pods.yaml"]
 
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
@@ -142,11 +144,20 @@ class LocalCluster:
         self.topology = Path(topology)
         self._bin_dir = Path(bin_dir) if bin_dir else None
         self._procs: dict[str, subprocess.Popen] = {}
+        self._attached: Path | None = None
+
+    @classmethod
+    def attach(cls, kubeconfig: Path | str) -> LocalCluster:
+        """A cluster that already runs (e.g. ``make cluster-up``), known by its admin kubeconfig."""
+        kc = Path(kubeconfig).resolve()
+        cluster = cls(kc.parent)
+        cluster._attached = kc
+        return cluster
 
     # -- paths ---------------------------------------------------------------------------------
     @property
     def kubeconfig(self) -> Path:
-        return self.dir / "kubeconfig"
+        return self._attached or self.dir / "kubeconfig"
 
     @property
     def state_file(self) -> Path:
@@ -176,10 +187,24 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
+        if self._attached:
+            cfg = yaml.safe_load(self._attached.read_text())
+            ctx = next(c for c in cfg["contexts"] if c["name"] == cfg["current-context"])["context"]
+            return next(c for c in cfg["clusters"] if c["name"] == ctx["cluster"])["cluster"]["server"]
         st = self._read_state()
         if not st:
             raise ClusterError(f"no cluster in {self.dir}")
         return f"https://127.0.0.1:{st['ports']['apiserver']}"
+
+    @property
+    def version(self) -> str:
+        return pinned_k8s_version()
+
+    def run_kubectl(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            check=check, capture_output=True, text=True, **kw,
+        )  # fmt: skip
 
     # -- state ---------------------------------------------------------------------------------
     def _read_state(self) -> dict[str, Any] | None:
@@ -806,9 +831,14 @@ def token_kubeconfig(admin_kubeconfig: Path | str, token: str, path: Path | str,
     return path
 
 
+def pinned_k8s_version() -> str:
+    """The Kubernetes version build.sh builds."""
+    return re.search(r"^K8S_VERSION=(\S+)", (DATA / "build.sh").read_text(), re.M).group(1)
+
+
 def locate_binaries() -> Path:
     """Run build.sh (builds into the cache once; honours QJOB_K8S_BIN_DIR) and return the dir."""
-    r = subprocess.run(["bash", str(HERE / "build.sh")], stdout=subprocess.PIPE, stderr=None, text=True)
+    r = subprocess.run(["bash", str(DATA / "build.sh")], stdout=subprocess.PIPE, stderr=None, text=True)
     if r.returncode != 0:
         raise ClusterError(f"hack/localcluster/build.sh failed with exit code {r.returncode}")
     lines = r.stdout.strip().splitlines()

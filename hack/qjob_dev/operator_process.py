@@ -1,0 +1,116 @@
+"""The real operator (``python -m qjob_operator.main``) as a local process against a cluster,
+exactly as in its pod (config file, kubeconfig), so tests and benchmarks can kill and restart it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from qjob_api.v1alpha1 import PLURAL
+
+from .localcluster import REPO_ROOT, LocalCluster, free_ports
+from .waits import wait_for
+
+
+@dataclass
+class OperatorProcess:
+    kubeconfig: Path
+    workdir: Path
+    config: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['metricsPort']}/metrics"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['healthPort']}/healthz"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "operator.log"
+
+    def start(self) -> None:
+        config_path = self.workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "QJOB_OPERATOR_CONFIG": str(config_path),
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
+        log = open(self.log_path, "a")
+        self.starts += 1
+        log.write(f"\n===== start #{self.starts} =====\n")
+        log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qjob_operator.main"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        wait_for(self._healthy, timeout=60, what=f"operator liveness at {self.health_url} (log: {self.log_path})")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"operator exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
+            )
+        with urllib.request.urlopen(self.health_url, timeout=2) as resp:
+            return resp.status == 200
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, as when a node dies."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
+
+
+def install_crds(cluster: LocalCluster) -> None:
+    cluster.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
+    # Established, and served: kubectl's own `wait` can race the CRD's first appearance.
+    wait_for(
+        lambda: cluster.run_kubectl("get", PLURAL, "-A", check=False).returncode == 0,
+        timeout=60,
+        what=f"{PLURAL} served by the apiserver",
+    )
+
+
+def operator_config(**overrides: Any) -> dict[str, Any]:
+    metrics_port, health_port = free_ports(2)
+    config = {
+        "runner": {"image": "registry.example/qjob-runner:test"},
+        "metricsPort": metrics_port,
+        "healthPort": health_port,
+        "resyncSeconds": 2,
+    }
+    config.update(overrides)
+    return config
