@@ -195,7 +195,7 @@ class Demo:
 
     def results(self, objs: dict, volume: Path) -> bool:
         step(7, "results")
-        from qjob_operator.cli import format_status
+        from qjob_cli.main import format_status
 
         for obj in objs.values():
             print(format_status(obj))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from qjob_api.v1alpha1 import QuantizationJob
-from qjob_operator.cli import format_status, local_runner_config
+from qjob_cli.main import format_status, local_runner_config
 
 
 def _job(spec_dict):

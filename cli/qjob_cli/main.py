@@ -23,10 +23,9 @@ from typing import Any
 import yaml
 from qjob_api.runner import RunnerConfig
 from qjob_api.v1alpha1 import GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, QuantizationJob
-
-from .builders import CALIBRATION_ROOT, PVC_ROOT, QuantizationJobRef, build_runner_config
-from .config import OperatorConfig
-from .plan import plan_stages
+from qjob_operator.builders import CALIBRATION_ROOT, PVC_ROOT, QuantizationJobRef, build_runner_config
+from qjob_operator.config import OperatorConfig
+from qjob_operator.plan import plan_stages
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
 
