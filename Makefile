@@ -9,11 +9,11 @@ PY = "$$(hack/venv.sh)/bin/python"
 
 include hack/localcluster/cluster.mk
 
-.PHONY: help venv crds test test-unit test-runner test-integration test-e2e demo demo-down bench
+.PHONY: help venv crds lint test test-unit test-runner test-integration test-e2e demo demo-down bench
 
 help:
 	@echo "make demo        run the end-to-end demo (first run builds Kubernetes binaries: ~25 min)"
-	@echo "make test        run all tests"
+	@echo "make test        run all tests (after make lint: ruff format --check + ruff check)"
 	@echo "make crds        regenerate crds/ (and the chart's copy) from api/qjob_api"
 	@echo "make bench       operator benchmarks on the local control plane"
 	@echo "make cluster-up / cluster-down   a local control plane with simulated GPU nodes"
@@ -26,7 +26,11 @@ crds:
 	@mkdir -p charts/qjob-operator/crds && cp crds/*.yaml charts/qjob-operator/crds/
 	@echo "crds/ and charts/qjob-operator/crds/ regenerated"
 
-test: cluster-binaries
+lint:
+	@"$$(hack/venv.sh)/bin/ruff" format --check .
+	@"$$(hack/venv.sh)/bin/ruff" check .
+
+test: lint cluster-binaries
 	@$(PY) -m pytest -q -ra
 
 test-unit:

@@ -253,7 +253,7 @@ def main2(results: dict, env: dict) -> None:
     for fmt in FORMATS:
         for rep in range(int(os.environ.get("QJOB_BENCH_REPEATS", "1"))):
 
-            def plain_run():
+            def plain_run(fmt: str):
                 return sh(
                     [
                         py,
@@ -269,18 +269,18 @@ def main2(results: dict, env: dict) -> None:
                     env,
                 )
 
-            def runner_run():
+            def runner_run(fmt: str):
                 return sh(
                     [py, __file__, "--runner", str(model_dir), str(calib), fmt, str(WORK / f"runner-{fmt}"), "0"], env
                 )
 
             runner_first = os.environ.get("QJOB_BENCH_ORDER") == "alternate" and rep % 2 == 1
             if runner_first:
-                runner, rw, rlog = runner_run()
-                plain, pw, plog = plain_run()
+                runner, rw, rlog = runner_run(fmt)
+                plain, pw, plog = plain_run(fmt)
             else:
-                plain, pw, plog = plain_run()
-                runner, rw, rlog = runner_run()
+                plain, pw, plog = plain_run(fmt)
+                runner, rw, rlog = runner_run(fmt)
             if not isinstance(plain, dict) or not isinstance(runner, dict):
                 print("FAILED", fmt, plog[-1500:], rlog[-1500:])
                 runs.append({"format": fmt, "failed": True, "plain_log": plog[-1500:], "runner_log": rlog[-1500:]})
@@ -306,9 +306,11 @@ def main2(results: dict, env: dict) -> None:
             runs.append(entry)
             print(
                 f"{fmt}: plain {plain_work:.2f}s runner {runner_work:.2f}s overhead {entry['runner_overhead']:+.1%} "
-                f"(w/o sha256 {entry['runner_overhead_excluding_manifest_sha256']:+.1%}; process wall {entry['process_wall_overhead']:+.1%}) "
+                f"(w/o sha256 {entry['runner_overhead_excluding_manifest_sha256']:+.1%}; "
+                f"process wall {entry['process_wall_overhead']:+.1%}) "
                 f"steps {runner['step_seconds']} calib/fwd {entry['calibration_vs_bf16_forward']:.1f}x "
-                f"peak {runner['peak_gpu_memory_bytes'] / 2**30:.2f} GiB ckpt {(runner['checkpoint_bytes'] or 0) / 2**20:.0f} MiB"
+                f"peak {runner['peak_gpu_memory_bytes'] / 2**30:.2f} GiB "
+                f"ckpt {(runner['checkpoint_bytes'] or 0) / 2**20:.0f} MiB"
             )
             (OUT / "runner_gpu_h100.json").write_text(json.dumps({**results, "runs": runs}, indent=2))
     if os.environ.get("QJOB_BENCH_ONLY_RUNS"):
@@ -343,8 +345,11 @@ def main2(results: dict, env: dict) -> None:
     for r in runs:
         if not r.get("failed"):
             print(
-                f"  {r['format']:9s} overhead {r['runner_overhead']:+.1%} (w/o sha256 {r['runner_overhead_excluding_manifest_sha256']:+.1%})  calib {r['runner']['calibration_seconds']:.2f}s "
-                f"({r['calibration_vs_bf16_forward']:.1f}x fwd {fwd:.2f}s)  peak {r['runner']['peak_gpu_memory_bytes'] / 2**30:.2f} GiB  "
+                f"  {r['format']:9s} overhead {r['runner_overhead']:+.1%} "
+                f"(w/o sha256 {r['runner_overhead_excluding_manifest_sha256']:+.1%})  "
+                f"calib {r['runner']['calibration_seconds']:.2f}s "
+                f"({r['calibration_vs_bf16_forward']:.1f}x fwd {fwd:.2f}s)  "
+                f"peak {r['runner']['peak_gpu_memory_bytes'] / 2**30:.2f} GiB  "
                 f"ckpt {(r['runner']['checkpoint_bytes'] or 0) / 2**20:.0f} MiB"
             )
     print("  build-hopper:", results["build_hopper_without_trtllm"])

@@ -453,7 +453,8 @@ def _spec_rules() -> list[dict[str, str]]:
         *_matrix_rules(),
         cel(
             "!('onnx' in self.export.formats) || self.model.task == 'encoder'",
-            "ONNX export is for encoder models: set spec.model.task to encoder, or remove onnx from spec.export.formats",
+            "ONNX export is for encoder models: set spec.model.task to encoder, "
+            "or remove onnx from spec.export.formats",
             fieldPath=".export.formats",
         ),
         cel(
@@ -472,7 +473,8 @@ def _spec_rules() -> list[dict[str, str]]:
             fieldPath=".quantization.kvCache",
         ),
         cel(
-            "!has(self.evaluation.gate) || !has(self.evaluation.gate.maxPerplexityIncrease) || self.model.task == 'causal-lm'",
+            "!has(self.evaluation.gate) || !has(self.evaluation.gate.maxPerplexityIncrease) "
+            "|| self.model.task == 'causal-lm'",
             "maxPerplexityIncrease applies to causal LMs; use minCosineSimilarity for an encoder",
             fieldPath=".evaluation.gate",
         ),

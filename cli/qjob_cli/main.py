@@ -189,7 +189,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
     while True:
         obj = asyncio.run(_get(args.name, namespace))
         status = obj.get("status") or {}
-        line = f"{status.get('phase', 'Pending')} {(status.get('progress') or {}).get('percent', 0)}% {status.get('reason') or ''}"
+        percent = (status.get("progress") or {}).get("percent", 0)
+        line = f"{status.get('phase', 'Pending')} {percent}% {status.get('reason') or ''}"
         if line != last and not args.quiet:
             print(f"{args.name}: {line}".rstrip(), file=sys.stderr)
             last = line

@@ -217,10 +217,11 @@ class Demo:
         ok = all((objs.get(n, {}).get("status") or {}).get("phase") == "Succeeded" for n in GOOD_JOBS)
         unplaceable = objs.get(UNPLACEABLE, {}).get("status") or {}
         ok = ok and unplaceable.get("phase") == "Failed" and unplaceable.get("reason") == "NoMatchingNodes"
+        qjob = Path(sys.executable).parent / "qjob"
         print(f"""
 Artifacts:      {volume.relative_to(ROOT)}/{NAMESPACE}/<job>/   (PVC demo-volume)
 Status:         KUBECONFIG=.cluster/kubeconfig {self.cluster.kubectl} get qjob -n {NAMESPACE}
-                KUBECONFIG=.cluster/kubeconfig {Path(sys.executable).parent / "qjob"} status tiny-llama-fp8 -n {NAMESPACE}
+                KUBECONFIG=.cluster/kubeconfig {qjob} status tiny-llama-fp8 -n {NAMESPACE}
 Events:         KUBECONFIG=.cluster/kubeconfig {self.cluster.kubectl} get events -n {NAMESPACE}
 Metrics:        {metrics_file.relative_to(ROOT)} (scraped from the operator's :{self.metrics_port}/metrics)
 Pod logs:       {(self.work / "pods").relative_to(ROOT)}/<namespace>/<pod>/container.log

@@ -464,21 +464,20 @@ class LocalCluster:
         self._write_state(state)
 
     def _spawn(self, name: str, bin_dir: Path, args: list[str], state: dict[str, Any]) -> None:
-        logf = open(self.dir / "logs" / f"{name}.log", "ab")
         env = dict(os.environ)
         env.pop("KUBECONFIG", None)
         if name == "kwok":
             env["HOME"] = str(self.dir / "kwok-home")  # ignore a user's ~/.kwok/kwok.yaml
-        p = subprocess.Popen(
-            [str(bin_dir / name), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=self.dir,
-            env=env,
-            start_new_session=True,  # own process group; survives the caller's Ctrl-C
-        )
-        logf.close()
+        with open(self.dir / "logs" / f"{name}.log", "ab") as logf:  # the child keeps its own handle
+            p = subprocess.Popen(
+                [str(bin_dir / name), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=env,
+                start_new_session=True,  # own process group; survives the caller's Ctrl-C
+            )
         self._procs[name] = p
         state["processes"][name] = {
             "pid": p.pid,

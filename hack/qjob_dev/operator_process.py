@@ -50,18 +50,18 @@ class OperatorProcess:
             "PYTHONUNBUFFERED": "1",
             **self.env,
         }
-        log = open(self.log_path, "a")
         self.starts += 1
-        log.write(f"\n===== start #{self.starts} =====\n")
-        log.flush()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qjob_operator.main"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            start_new_session=True,
-        )
+        with open(self.log_path, "a") as log:  # the child keeps its own handle
+            log.write(f"\n===== start #{self.starts} =====\n")
+            log.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qjob_operator.main"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         wait_for(self._healthy, timeout=60, what=f"operator liveness at {self.health_url} (log: {self.log_path})")
 
     def _healthy(self) -> bool:

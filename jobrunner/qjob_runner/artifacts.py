@@ -5,6 +5,7 @@ succeeded. ``manifest.json`` is renamed last: its presence means the output is c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -39,7 +40,8 @@ def describe(path: Path) -> tuple[int, str, list[dict[str, object]]]:
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = list(pool.map(sha256_file, paths))
     files = [
-        {"path": f.relative_to(path).as_posix(), "size": f.stat().st_size, "sha256": d} for f, d in zip(paths, digests)
+        {"path": f.relative_to(path).as_posix(), "size": f.stat().st_size, "sha256": d}
+        for f, d in zip(paths, digests, strict=True)
     ]
     folder = hashlib.sha256("".join(f"{e['path']} {e['sha256']}\n" for e in files).encode()).hexdigest()
     return sum(int(e["size"]) for e in files), folder, files
@@ -82,10 +84,8 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def clean_stale_staging(destination: Path) -> None:

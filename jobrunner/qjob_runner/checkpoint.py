@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
 E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5])
@@ -109,7 +108,9 @@ class DequantizedLinear(torch.nn.Module):
             x = x * self.pre_quant_scale.to(x.dtype)
         if self.input_scale is not None:
             x = fake_quant_activation(x, self.input_scale, self.algo)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return torch.nn.functional.linear(
+            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
 
 
 def load_dequantized(
@@ -130,7 +131,7 @@ def load_dequantized(
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt", device="cpu") as sf:
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 - a safe_open handle has keys() but is not iterable
                 tensors[k] = sf.get_tensor(k)
     # Group quantized linear tensors by module prefix.
     quantized = {k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")}
@@ -167,6 +168,7 @@ def load_dequantized(
         missing = [k for k in missing if "lm_head" not in k]
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {folder} does not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"checkpoint {folder} does not match {type(model).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.to(device).eval()

@@ -26,7 +26,7 @@ class RunnerError(Exception):
         super().__init__(f"{problem}. Fix: {fix}" if fix else problem)
 
 
-class InvalidConfig(RunnerError):
+class InvalidConfig(RunnerError):  # noqa: N818 - named after the stable reason it reports (qjob_api.reasons)
     """Bad config or unsupported combination: retrying cannot help."""
 
     exit_code = ExitCode.INVALID_CONFIG
@@ -40,13 +40,13 @@ class ToolMissing(InvalidConfig):
     """A library this step needs (TensorRT, TensorRT-LLM, ModelOpt) is not installed in the image."""
 
 
-class InvalidInput(RunnerError):
+class InvalidInput(RunnerError):  # noqa: N818 - named after the stable reason it reports (qjob_api.reasons)
     """Model or data missing or corrupt: retrying cannot help."""
 
     exit_code = ExitCode.INVALID_INPUT
 
 
-class QualityGateFailed(RunnerError):
+class QualityGateFailed(RunnerError):  # noqa: N818 - named after the stable reason it reports (qjob_api.reasons)
     exit_code = ExitCode.QUALITY_GATE_FAILED
 
 
@@ -56,7 +56,7 @@ class TransientError(RunnerError):
     exit_code = ExitCode.TRANSIENT
 
 
-class OutOfMemory(RunnerError):
+class OutOfMemory(RunnerError):  # noqa: N818 - reported as OOMKilled, as the kubelet's OOM is
     exit_code = ExitCode.OUT_OF_MEMORY
 
 

@@ -135,10 +135,7 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         failed_step = None
         reporter.update(step="report", percent=100, message="succeeded", eta_seconds=0)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
-        if isinstance(exc, KeyboardInterrupt):
-            error = classify(RuntimeError("interrupted"))
-        else:
-            error = classify(exc)
+        error = classify(RuntimeError("interrupted") if isinstance(exc, KeyboardInterrupt) else exc)
         if not isinstance(exc, RunnerError):
             log.exception("step %s failed", failed_step)
         else:

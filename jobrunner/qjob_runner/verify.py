@@ -87,8 +87,7 @@ def torch_embeddings(model, tokenizer, texts, seq_len, device, perturb: float = 
 
 
 def _rel(a_list, b_list) -> float:
-
-    num = sum(float((a - b).norm() ** 2) for a, b in zip(a_list, b_list))
+    num = sum(float((a - b).norm() ** 2) for a, b in zip(a_list, b_list, strict=True))
     den = sum(float(b.norm() ** 2) for b in b_list)
     return (num / max(den, 1e-30)) ** 0.5 if den else float("nan")
 
@@ -109,10 +108,13 @@ def check_onnx(ctx: RunContext, path: Path) -> dict[str, float]:
         "torch_noise_floor_hidden_rel_error": round(_rel(nz_hidden, pt_hidden), 6),
         "torch_noise_floor_cosine_mean": round(cos(nz_pooled, pt_pooled).mean().item(), 6),
     }
-    if isinstance(ctx.baseline, torch.Tensor) and ctx.baseline.shape[0] >= len(texts):
-        # baseline embeddings were computed at the calibration sequence length; recompute if different
-        if seq == ctx.data.sequence_length:
-            out["onnx_vs_unquantized_cosine_mean"] = round(cos(ort_pooled, ctx.baseline[: len(texts)]).mean().item(), 6)
+    # The baseline embeddings were computed at the calibration sequence length: comparable only at that length.
+    if (
+        isinstance(ctx.baseline, torch.Tensor)
+        and ctx.baseline.shape[0] >= len(texts)
+        and seq == ctx.data.sequence_length
+    ):
+        out["onnx_vs_unquantized_cosine_mean"] = round(cos(ort_pooled, ctx.baseline[: len(texts)]).mean().item(), 6)
     return out
 
 

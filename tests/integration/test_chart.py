@@ -116,7 +116,7 @@ def differences(small: Any, big: Any, path: str = "") -> list[str]:
             for d in (differences(v, big[k], f"{path}.{k}") if k in big else [f"{path}.{k}: missing"])
         ]
     if isinstance(small, list) and isinstance(big, list) and len(small) == len(big):
-        return [d for i, (a, b) in enumerate(zip(small, big)) for d in differences(a, b, f"{path}[{i}]")]
+        return [d for i, (a, b) in enumerate(zip(small, big, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
     return [] if small == big else [f"{path}: {small!r} != {big!r}"]
 
 
@@ -481,9 +481,8 @@ def service_account_kubeconfig(cluster, kube_api, namespace: str, name: str, pat
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 

@@ -132,7 +132,7 @@ def test_fp8_job_runs_on_the_right_architectures_and_succeeds(kube_api, ns, oper
     # Then one build per architecture, each placed by the real scheduler on a node of that architecture.
     for stage, major, minor in (("build-hopper", "9", "0"), ("build-ada", "8", "9")):
         pods = wait_for(
-            lambda: [p for p in pods_of(kube_api, ns, name, stage) if p.spec.node_name],
+            lambda stage=stage: [p for p in pods_of(kube_api, ns, name, stage) if p.spec.node_name],
             timeout=60,
             what=f"{stage} pod bound",
         )

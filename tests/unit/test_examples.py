@@ -179,21 +179,26 @@ def test_shared_claims_are_identical():
                 seen[name] = (path.name, doc)
 
 
-def test_examples_cover_the_issue():
-    """The examples issue 5 asks for, one each."""
+def test_examples_cover_each_architecture_task_and_source():
+    """One example each: FP8 on Hopper, INT4 AWQ on Ada, NVFP4 (+ NVFP4 KV cache) on Blackwell,
+    several architectures in one job, an encoder to ONNX + engines, model and data on PVCs, and
+    data from a ConfigMap."""
     jobs = [QuantizationJob.model_validate(qjobs(p)[0]).spec for p in VALID_EXAMPLES]
-    A, F = GPUArchitecture, QuantFormat
 
     def has(pred):
         return any(pred(s) for s in jobs)
 
-    assert has(lambda s: s.quantization.format == F.FP8 and s.target_architectures() == [A.HOPPER])
-    assert has(lambda s: s.quantization.format == F.INT4_AWQ and s.target_architectures() == [A.ADA])
+    assert has(
+        lambda s: s.quantization.format == QuantFormat.FP8 and s.target_architectures() == [GPUArchitecture.HOPPER]
+    )
+    assert has(
+        lambda s: s.quantization.format == QuantFormat.INT4_AWQ and s.target_architectures() == [GPUArchitecture.ADA]
+    )
     assert has(
         lambda s: (
-            s.quantization.format == F.NVFP4
+            s.quantization.format == QuantFormat.NVFP4
             and s.quantization.kv_cache == KVCacheFormat.NVFP4
-            and s.target_architectures() == [A.BLACKWELL]
+            and s.target_architectures() == [GPUArchitecture.BLACKWELL]
         )
     )
     assert has(lambda s: len(set(s.target_architectures())) >= 2)

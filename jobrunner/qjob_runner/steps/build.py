@@ -43,14 +43,16 @@ def gpu_capability(ctx: RunContext) -> tuple[int, int]:
     if not torch.cuda.is_available():
         raise TransientError(
             "the build stage sees no CUDA GPU",
-            "the pod must run on a GPU node with nvidia.com/gpu allocated; it is retried (check the node's device plugin)",
+            "the pod must run on a GPU node with nvidia.com/gpu allocated; "
+            "it is retried (check the node's device plugin)",
         )
     major, minor = torch.cuda.get_device_capability(0)
     arch = architecture_of(major, minor)
     want = ctx.config.engine.architecture  # type: ignore[union-attr]
     if arch != want:
         raise InvalidConfig(
-            f"this pod runs on compute capability {major}.{minor} ({arch.value if arch else 'unknown'}) but builds for {want.value}",
+            f"this pod runs on compute capability {major}.{minor} ({arch.value if arch else 'unknown'}) "
+            f"but builds for {want.value}",
             "an engine only runs on the architecture that built it: fix the node labels "
             "(nvidia.com/gpu.compute.major/minor) or the operator's architecture label settings",
         )
@@ -122,12 +124,14 @@ cfg = json.loads(sys.argv[1])
 import tensorrt_llm
 from tensorrt_llm import LLM, SamplingParams
 llm = LLM(model=cfg["model"], max_batch_size=cfg["max_batch_size"], max_seq_len=cfg["max_seq_len"])
-prompts = ["The capital of France is", "Quantization reduces", "def fibonacci(n):", "Kubernetes operators"] * max(1, cfg["max_batch_size"] // 4)
+prompts = ["The capital of France is", "Quantization reduces", "def fibonacci(n):", "Kubernetes operators"]
+prompts *= max(1, cfg["max_batch_size"] // 4)
 sp = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0)
 llm.generate(prompts[:1], sp)
 t0 = time.time(); outs = llm.generate(prompts, sp); dt = time.time() - t0
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-print("QJOB_RESULT " + json.dumps({"engine": "tensorrt_llm", "mode": "llm_api_validation", "tensorrt_llm_version": tensorrt_llm.__version__,
+print("QJOB_RESULT " + json.dumps({
+    "engine": "tensorrt_llm", "mode": "llm_api_validation", "tensorrt_llm_version": tensorrt_llm.__version__,
     "prompts": len(prompts), "generated_tokens": tokens, "seconds": dt, "tokens_per_second": tokens / dt,
     "sample": outs[0].outputs[0].text[:200]}))
 """

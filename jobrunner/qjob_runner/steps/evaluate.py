@@ -37,21 +37,25 @@ def check_gate(ctx: RunContext, quality: Quality) -> None:
     if gate is None:
         return
     failures = []
-    if gate.max_perplexity_increase is not None and quality.metric == "perplexity" and quality.degradation is not None:
-        if quality.degradation > gate.max_perplexity_increase:
-            failures.append(
-                f"perplexity rose {quality.degradation:.2%} ({quality.baseline:.3f} -> {quality.quantized:.3f}), "
-                f"more than maxPerplexityIncrease {gate.max_perplexity_increase:.2%}"
-            )
+    if (
+        gate.max_perplexity_increase is not None
+        and quality.metric == "perplexity"
+        and quality.degradation is not None
+        and quality.degradation > gate.max_perplexity_increase
+    ):
+        failures.append(
+            f"perplexity rose {quality.degradation:.2%} ({quality.baseline:.3f} -> {quality.quantized:.3f}), "
+            f"more than maxPerplexityIncrease {gate.max_perplexity_increase:.2%}"
+        )
     if (
         gate.min_cosine_similarity is not None
         and quality.metric == "cosine_similarity"
         and quality.quantized is not None
+        and quality.quantized < gate.min_cosine_similarity
     ):
-        if quality.quantized < gate.min_cosine_similarity:
-            failures.append(
-                f"mean cosine similarity {quality.quantized:.4f} is below minCosineSimilarity {gate.min_cosine_similarity}"
-            )
+        failures.append(
+            f"mean cosine similarity {quality.quantized:.4f} is below minCosineSimilarity {gate.min_cosine_similarity}"
+        )
     quality.gate_passed = not failures
     if failures:
         raise QualityGateFailed(

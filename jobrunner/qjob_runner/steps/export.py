@@ -41,7 +41,8 @@ def check_available(ctx: RunContext) -> None:
     if ExportFormat.TENSORRT_LLM in ctx.config.export.formats and not trtllm_export_available():
         raise ToolMissing(
             "the installed nvidia-modelopt no longer writes legacy TensorRT-LLM checkpoints",
-            "remove tensorrt_llm from spec.export.formats: TensorRT-LLM's PyTorch backend loads the hf checkpoint directly",
+            "remove tensorrt_llm from spec.export.formats: "
+            "TensorRT-LLM's PyTorch backend loads the hf checkpoint directly",
         )
 
 

@@ -143,7 +143,8 @@ def check_model_folder(folder: Path, ctx: RunContext) -> None:
     if not folder.exists():
         raise InvalidInput(
             f"model folder {folder} does not exist",
-            f"check {where}: the folder must exist inside the volume and hold config.json, the weights and the tokenizer",
+            f"check {where}: the folder must exist inside the volume "
+            "and hold config.json, the weights and the tokenizer",
         )
     if not (folder / "config.json").is_file():
         raise InvalidInput(
@@ -174,7 +175,8 @@ def check_model_folder(folder: Path, ctx: RunContext) -> None:
     if config.get("auto_map") and not cfg.trust_remote_code:
         raise InvalidConfig(
             f"model {folder.name} ships its own Python code (auto_map in config.json) and trustRemoteCode is false",
-            "set spec.model.trustRemoteCode: true if you trust the repository (the operator policy must allow remote code)",
+            "set spec.model.trustRemoteCode: true if you trust the repository "
+            "(the operator policy must allow remote code)",
         )
 
 
@@ -197,7 +199,8 @@ def download(ctx: RunContext) -> Path:
     except hf_errors.GatedRepoError:
         raise InvalidInput(
             f"{m.hf_repo} is gated and the token cannot read it",
-            "accept the model's licence on the Hub with the token's account and set spec.model.huggingFace.tokenSecretRef",
+            "accept the model's licence on the Hub with the token's account "
+            "and set spec.model.huggingFace.tokenSecretRef",
         ) from None
     except hf_errors.RepositoryNotFoundError:
         raise InvalidInput(
