@@ -1,4 +1,4 @@
-"""Operator throughput, API cost and memory on the local control plane (issue 3's benchmarks).
+"""Operator throughput, API cost and memory on the local control plane.
 
   make bench            (or: python benchmarks/operator_scale.py [--jobs 500] [--memory-jobs 2000])
 

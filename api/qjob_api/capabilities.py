@@ -1,7 +1,8 @@
 """GPU architectures, quantization formats, and which architecture can run which format.
 
-This module is the single place that knows the architecture x format matrix (TensorRT-LLM
-support matrix, ModelOpt docs; see the BRIEF section 4). The CRD's CEL rules, the operator's
+This module is the single place that knows the architecture x format matrix (from the
+TensorRT-LLM support matrix, https://nvidia.github.io/TensorRT-LLM/reference/support-matrix.html,
+and the ModelOpt quantization docs). The CRD's CEL rules, the operator's
 scheduling and the runner's pre-flight checks are all generated from it.
 """
 

@@ -1,8 +1,8 @@
 """The contract between the operator and the jobrunner.
 
-The operator turns a QuantizationJob into a small versioned ``RunnerConfig`` (mounted into the
-runner pod as a file); the runner needs no Kubernetes knowledge to run one, so the same config
-runs locally from a file. The runner answers with a ``RunnerResult`` (a JSON file locally, the
+The operator turns a QuantizationJob into a small versioned ``RunnerConfig`` (passed to the runner
+pod inline, as JSON in ``QJOB_RUNNER_CONFIG``); the runner needs no Kubernetes knowledge to run
+one, so the same config runs locally from a file. The runner answers with a ``RunnerResult`` (a JSON file locally, the
 container's termination message in a cluster) and an exit code from ``ExitCode``.
 """
 
@@ -27,7 +27,8 @@ from .v1alpha1 import (
 
 RUNNER_API_VERSION = "qjob.dev/runner/v1"
 
-#: Where the operator mounts the config in the pod, and the env var that overrides it.
+#: Where the runner reads its config when the env var is unset; the env var holds a path or inline
+#: JSON (the operator sets it to inline JSON).
 CONFIG_PATH = "/etc/qjob/runner.json"
 CONFIG_ENV = "QJOB_RUNNER_CONFIG"
 #: Kubernetes reads at most 4096 bytes of a termination message.

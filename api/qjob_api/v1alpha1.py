@@ -50,7 +50,8 @@ def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
 
 
 class APIModel(BaseModel):
-    """Base for API types: camelCase on the wire, unknown fields refused (the CRD prunes them)."""
+    """Base for API types: camelCase on the wire; unknown fields are ignored (the apiserver prunes
+    them from QuantizationJobs first: the CRD schema is structural)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=False)
 

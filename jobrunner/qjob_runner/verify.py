@@ -1,7 +1,7 @@
-"""Checks that exported artifacts hold the quantized model (run inside the export stage).
+"""Checks that exported artifacts hold the quantized model (run inside the export step).
 
 ONNX: onnxruntime vs the PyTorch fake-quantized model on the held-out texts. Note on the size
-of that difference (the "17% mismatch" in the BRIEF): the Q/DQ graph is exact (layer 0 matches to
+of that difference, which can look alarming: the Q/DQ graph is exact (layer 0 matches to
 1e-7), but float32 kernels in onnxruntime and PyTorch differ in the last bits, and a per-tensor
 INT8 quantizer turns a 1e-7 difference into a whole quantization step for the few elements that
 sit on a rounding boundary. Over ~85 quantizers that compounds layer by layer. The same happens

@@ -69,7 +69,6 @@ class Kube:
         namespace is gone (the QuantizationJob went with it)."""
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
         create = {
-            "ConfigMap": self.core.create_namespaced_config_map,
             "ServiceAccount": self.core.create_namespaced_service_account,
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,

@@ -87,7 +87,7 @@ def load_model(ctx: RunContext):
             f"check that {folder} is a complete Hugging Face model folder for task {ctx.task.value}",
         ) from None
     model.eval()
-    # A model built from a config has config.architectures None; export needs it (BRIEF §4).
+    # A model built from a config has config.architectures None; ModelOpt's HF export needs it.
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     ctx.device = str(next(model.parameters()).device)
