@@ -57,7 +57,8 @@ def build_quant_config(ctx: RunContext) -> dict[str, Any]:
         cfg["algorithm"] = q.algorithm  # ModelOpt accepts the method name; its defaults apply
     # Never quantize LayerNorm inputs: they carry the residual stream with its outliers, and a
     # per-tensor INT8 scale there collapsed all-MiniLM-L6-v2 to cosine 0.71 (0.98 without; see
-    # tests/runner/test_encoder.py). TensorRT keeps normalisation in high precision anyway. (RMSNorm is not nn.LayerNorm.)
+    # tests/runner/test_encoder.py). TensorRT keeps normalisation in high precision anyway.
+    # (RMSNorm is not nn.LayerNorm.)
     entries.append({"quantizer_name": "*", "parent_class": "nn.LayerNorm", "enable": False})
     for pattern in q.exclude_modules:
         entries.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}*", "enable": False})
