@@ -23,6 +23,7 @@ from .v1alpha1 import (
     HuggingFaceDataset,
     Quality,
     QuantizationSpec,
+    ServingSpec,
 )
 
 RUNNER_API_VERSION = "qjob.dev/runner/v1"
@@ -97,6 +98,9 @@ class RunnerConfig(APIModel):
     calibration: RunnerCalibration
     export: ExportSpec = Field(default_factory=ExportSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Runtimes the hf checkpoint must load in (checked after export)."
+    )
     target_architectures: list[GPUArchitecture] = Field(
         default_factory=list, description="Every architecture the job builds engines for (pre-flight check)."
     )

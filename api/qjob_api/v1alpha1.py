@@ -9,6 +9,7 @@ resources with them, and the runner's config is derived from them. Field descrip
 from __future__ import annotations
 
 import re
+import string
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -17,15 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from .capabilities import (
+    AUTO_FORMAT_REFUSAL,
+    CELL_REFUSALS,
     FORMAT_ARCHITECTURES,
+    FORMAT_REFUSAL,
     KV_CACHE_ARCHITECTURES,
+    KV_REFUSAL,
+    MIXED_REFUSAL,
+    RUNTIMES,
+    VERSION_PATTERN,
+    Cell,
     ExportFormat,
     GPUArchitecture,
     KVCacheFormat,
     ModelTask,
     QuantFormat,
+    ServingRuntime,
     format_requirement,
+    gpus,
     kv_cache_requirement,
+    runtime_words,
+    serving_problems,
+    version_key,
 )
 
 GROUP = "qjob.dev"
@@ -179,11 +193,13 @@ class QuantizationSpec(APIModel):
         description="Weight/activation format, mapped to a ModelOpt preset: fp8 (FP8_DEFAULT_CFG), "
         "fp8_blockwise, int8 (INT8_DEFAULT_CFG), int8_smoothquant, int8_weight_only, int4_awq, "
         "w4a8_awq (W4A8_AWQ_BETA_CFG), nvfp4, nvfp4_awq, mxfp4. NVFP4 and MXFP4 run on Blackwell only; "
-        "W4A8 on Ada and Hopper; INT4 AWQ on Ampere, Ada and Hopper.",
+        "W4A8 on Ada and Hopper; INT4 AWQ on Ampere, Ada and Hopper; FP8 block scaling on Hopper and "
+        "datacenter Blackwell. Which serving runtimes load each format: spec.serving.",
     )
     kv_cache: KVCacheFormat = Field(
         KVCacheFormat.NONE,
-        description="KV cache quantization for causal LMs: none, fp8 (all architectures), nvfp4 (Blackwell only).",
+        description="KV cache quantization for causal LMs: none, fp8 (all architectures), nvfp4 (Blackwell only; "
+        "SGLang cannot load it).",
     )
     algorithm: Literal["max", "smoothquant", "awq_lite", "awq_clip", "awq_full"] | None = Field(
         None, description="Override the calibration algorithm of the preset (ModelOpt `algorithm`)."
@@ -257,7 +273,9 @@ class ExportSpec(APIModel):
         default=[ExportFormat.HF],
         min_length=1,
         max_length=3,
-        description="`hf`: Hugging Face unified checkpoint (TensorRT-LLM, vLLM and SGLang load it); "
+        description="`hf`: Hugging Face unified checkpoint (safetensors + hf_quant_config.json); which serving "
+        "runtimes load it depends on the format (TensorRT-LLM loads the most, vLLM and SGLang FP8 and NVFP4): "
+        "list yours in spec.serving.runtimes, and each artifact lists the runtimes that load it. "
         "`tensorrt_llm`: legacy TensorRT-LLM checkpoint (causal LMs); `onnx`: ONNX with Q/DQ nodes "
         "(encoders), the input to TensorRT engine builds.",
         json_schema_extra={"x-kubernetes-list-type": "set"},
@@ -273,11 +291,73 @@ class EngineTarget(APIModel):
     """An engine build on a GPU of one architecture. Engines only run on the architecture (and
     TensorRT version) that built them, so each target builds on a node of that architecture."""
 
-    architecture: GPUArchitecture = Field(description="GPU architecture to build on and for: ada, hopper or blackwell.")
+    architecture: GPUArchitecture = Field(
+        description="GPU architecture to build on and for: ampere (8.0, 8.6, 8.7), ada (8.9), hopper (9.0), "
+        "blackwell (datacenter Blackwell: B200, B300, GB200, GB300; 10.0, 10.3) or blackwell-rtx (RTX and GB10 "
+        "Blackwell: RTX 50 series, RTX PRO 6000, DGX Spark; 12.0, 12.1). The two Blackwells run different kernels."
+    )
     max_batch_size: int = Field(8, ge=1, le=4096, description="Largest batch the engine serves.")
     max_sequence_length: int = Field(2048, ge=16, le=131072, description="Longest input plus output, in tokens.")
     optimization_level: int = Field(
         3, ge=0, le=5, description="TensorRT builder optimization level (0 fastest build, 5 fastest engine)."
+    )
+
+
+# -------------------------------------------------------------------------------------- serving
+
+_VERSION_MESSAGE = (
+    "spec.serving.runtimes[].minVersion must be a version like 0.10.1 or 1.2 (major.minor[.patch], up to 4 digits each)"
+)
+
+
+class RuntimeRequirement(APIModel):
+    """A serving runtime that must load the `hf` checkpoint."""
+
+    name: ServingRuntime = Field(
+        description="`tensorrt-llm` (trtllm-serve, PyTorch backend), `vllm` or `sglang`.",
+    )
+    min_version: str | None = Field(
+        None,
+        max_length=14,
+        description="Oldest version of this runtime you serve with, e.g. `0.10.1`. A format or KV cache it "
+        "loads only from a newer version is refused. Empty: a current release.",
+        json_schema_extra=cel_rules(cel(f"self.matches('{VERSION_PATTERN}')", _VERSION_MESSAGE)),
+    )
+
+    @field_validator("min_version")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(VERSION_PATTERN, value):
+            raise ValueError(_VERSION_MESSAGE)
+        return value
+
+
+class ServingSpec(APIModel):
+    """Inference servers that will load the checkpoint. A job is refused at apply when one of them
+    cannot load its format, KV cache or engine architectures, and the runner checks the exported
+    checkpoint's hf_quant_config.json against each before it publishes anything."""
+
+    runtimes: list[RuntimeRequirement] = Field(
+        default=[],
+        max_length=3,
+        description="Runtimes the hf checkpoint must load in, each with an optional minimum version. "
+        "Empty: no constraint (every checkpoint artifact still lists the runtimes that load it, with a "
+        "serve command).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+def serving_refusals(
+    quantization: QuantizationSpec, serving: ServingSpec, architectures: list[GPUArchitecture]
+) -> list[str]:
+    """The CRD's serving rules, in Python (the operator and the runner check them too)."""
+    q = quantization
+    return serving_problems(
+        q.format,
+        list(q.auto_quantize.formats) if q.auto_quantize else [],
+        q.kv_cache,
+        [(r.name, r.min_version) for r in serving.runtimes],
+        architectures,
     )
 
 
@@ -438,6 +518,137 @@ def _matrix_rules() -> list[dict[str, str]]:
     return rules
 
 
+def _cel_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _cel_message(template: str, words: dict[str, str], **expressions: str) -> str:
+    """A CEL ``messageExpression`` for a refusal template of ``qjob_api.capabilities``: the holes in
+    ``expressions`` become CEL expressions, the others the runtime's fixed words."""
+    parts: list[str] = []
+    text = ""  # literal text not yet emitted
+    for literal, hole, _, _ in string.Formatter().parse(template):
+        text += literal
+        if hole in expressions:
+            parts += [_cel_string(text), expressions[hole]] if text else [expressions[hole]]
+            text = ""
+        elif hole is not None:
+            text += words[hole]
+    return " + ".join(parts + ([_cel_string(text)] if text else []))
+
+
+def _cel_version(expr: str) -> str:
+    """``qjob_api.capabilities.version_key`` in CEL."""
+    part = f"{expr}.split('.')"
+    return f"int({part}[0]) * 100000000 + int({part}[1]) * 10000 + (size({part}) > 2 ? int({part}[2]) : 0)"
+
+
+def _cel_map(values: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{_cel_string(k)}: {v}" for k, v in values.items()) + "}"
+
+
+def _cel_list(values: list[str]) -> str:
+    return "[" + ", ".join(_cel_string(v) for v in values) + "]"
+
+
+def _fallback(words: dict[str, str]) -> str:
+    """``message`` of a serving rule, shown only if its messageExpression cannot be evaluated."""
+    return (
+        f"{words['runtime']} cannot load the checkpoint this spec asks for (see the serving table in the "
+        f"README): change spec.quantization or spec.engines, or remove {words['name']} from spec.serving.runtimes"
+    )
+
+
+def _cell_rules(
+    asks: str, value: str, cells: dict[str, Cell], words: dict[str, str], hole: str
+) -> list[dict[str, str]]:
+    """Minimum-version and architecture rules of one runtime for the format (or KV cache) in ``value``."""
+    version_msg, arch_msg = CELL_REFUSALS[hole]
+    keys = _cel_map({k: str(version_key(c.min_version)) for k, c in cells.items()})
+    versions = _cel_map({k: _cel_string(c.min_version) for k, c in cells.items()})
+    archs = _cel_map(
+        {k: _cel_list([a.value for a in GPUArchitecture if a in c.architectures]) for k, c in cells.items()}
+    )
+    names = _cel_map({k: _cel_string(gpus(c.architectures)) for k, c in cells.items()})
+    name = words["name"]
+    return [
+        cel(
+            f"!({value} in {keys}) || self.serving.runtimes.all(x, x.name != '{name}' || !has(x.minVersion) || "
+            f"!x.minVersion.matches('{VERSION_PATTERN}') || {_cel_version('x.minVersion')} >= {keys}[{value}])",
+            _fallback(words),
+            messageExpression=_cel_message(version_msg, words, **{hole: value, "version": f"{versions}[{value}]"}),
+            fieldPath=".serving.runtimes",
+        ),
+        cel(
+            f"!({value} in {archs}) || !{asks} || self.engines.all(e, e.architecture in {archs}[{value}])",
+            _fallback(words),
+            messageExpression=_cel_message(arch_msg, words, **{hole: value, "gpus": f"{names}[{value}]"}),
+            fieldPath=".engines",
+        ),
+    ]
+
+
+def _serving_rules() -> list[dict[str, str]]:
+    """CEL rules refusing serving runtimes that cannot load the job's checkpoint (the serving table)."""
+    fmt, kv = "self.quantization.format", "self.quantization.kvCache"
+    auto = "self.quantization.autoQuantize.formats"
+    rules = [
+        cel(
+            "size(self.serving.runtimes) == 0 || ('hf' in self.export.formats && self.model.task == 'causal-lm')",
+            "serving runtimes load the hf checkpoint of a causal LM: keep hf in spec.export.formats and "
+            "spec.model.task causal-lm, or empty spec.serving.runtimes",
+            fieldPath=".serving.runtimes",
+        )
+    ]
+    for rt in RUNTIMES.values():
+        words = runtime_words(rt)
+        asks = f"self.serving.runtimes.exists(x, x.name == '{rt.name.value}')"
+        loadable = _cel_list([f.value for f in QuantFormat if f in rt.formats])
+        kv_loadable = _cel_list([KVCacheFormat.NONE.value] + [k.value for k in KVCacheFormat if k in rt.kv_caches])
+        kv_refusal = KV_REFUSAL.replace("{choices}", "{kv_choices}")
+        rules.append(
+            cel(
+                f"!has({fmt}) || !{asks} || {fmt} in {loadable}",
+                _fallback(words),
+                messageExpression=_cel_message(FORMAT_REFUSAL, words, format=fmt),
+                fieldPath=".serving.runtimes",
+            )
+        )
+        formats = {f.value: c for f, c in rt.formats.items()}
+        rules += [
+            {**r, "rule": f"!has({fmt}) || {r['rule']}"} for r in _cell_rules(asks, fmt, formats, words, "format")
+        ]
+        rules.append(
+            cel(
+                f"!{asks} || {kv} in {kv_loadable}",
+                _fallback(words),
+                messageExpression=_cel_message(kv_refusal, words, kv=kv),
+                fieldPath=".quantization.kvCache",
+            )
+        )
+        rules += _cell_rules(asks, kv, {k.value: c for k, c in rt.kv_caches.items()}, words, "kv")
+        if rt.mixed_precision:
+            rules.append(
+                cel(
+                    f"!has(self.quantization.autoQuantize) || !{asks} || {auto}.all(f, f in {loadable})",
+                    _fallback(words),
+                    messageExpression=_cel_message(
+                        AUTO_FORMAT_REFUSAL, words, format=f"{auto}.filter(f, !(f in {loadable}))[0]"
+                    ),
+                    fieldPath=".quantization.autoQuantize.formats",
+                )
+            )
+        else:
+            rules.append(
+                cel(
+                    f"!has(self.quantization.autoQuantize) || !{asks}",
+                    MIXED_REFUSAL.format(**words),
+                    fieldPath=".quantization.autoQuantize",
+                )
+            )
+    return rules
+
+
 def _spec_rules() -> list[dict[str, str]]:
     immutable = (
         "model",
@@ -445,6 +656,7 @@ def _spec_rules() -> list[dict[str, str]]:
         "calibration",
         "export",
         "engines",
+        "serving",
         "evaluation",
         "resources",
         "scheduling",
@@ -452,6 +664,7 @@ def _spec_rules() -> list[dict[str, str]]:
     )
     return [
         *_matrix_rules(),
+        *_serving_rules(),
         cel(
             "!('onnx' in self.export.formats) || self.model.task == 'encoder'",
             "ONNX export is for encoder models: set spec.model.task to encoder, "
@@ -483,7 +696,7 @@ def _spec_rules() -> list[dict[str, str]]:
             " && ".join(f"self.{f} == oldSelf.{f}" for f in immutable),
             "only spec.runPolicy can change after a QuantizationJob is created: delete and re-create "
             "it (or create one with a new name) to change the model, quantization, calibration, "
-            "export, engines, evaluation, resources, scheduling or output",
+            "export, engines, serving, evaluation, resources, scheduling or output",
         ),
     ]
 
@@ -504,6 +717,12 @@ class QuantizationJobSpec(APIModel):
         "Empty: export checkpoints only.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["architecture"]},
     )
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec,
+        description="Inference servers the exported hf checkpoint must load in. A format, KV cache or engine "
+        "architecture one of them cannot load is refused at apply, and the runner checks the written "
+        "hf_quant_config.json against each before it publishes the checkpoint.",
+    )
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Quality measurement and gate.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources per runner pod.")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Placement overrides.")
@@ -512,6 +731,9 @@ class QuantizationJobSpec(APIModel):
 
     def target_architectures(self) -> list[GPUArchitecture]:
         return [e.architecture for e in self.engines]
+
+    def serving_problems(self) -> list[str]:
+        return serving_refusals(self.quantization, self.serving, self.target_architectures())
 
 
 # ---------------------------------------------------------------------------------------- status
@@ -567,6 +789,18 @@ class Progress(APIModel):
     message: str | None = Field(None, description="What the runner is doing.")
 
 
+class ServingTarget(APIModel):
+    """A runtime that loads a checkpoint, judged from the hf_quant_config.json the runner wrote."""
+
+    name: str = Field(description="Runtime: tensorrt-llm, vllm or sglang.")
+    min_version: str = Field(description="Oldest version of the runtime that loads this checkpoint.")
+    architectures: list[str] = Field(default=[], description="GPU architectures the runtime runs it on.")
+    command: str = Field(
+        description="Serve command: the checkpoint path is the folder with the output PersistentVolumeClaim "
+        "mounted at /mnt/<claimName> (local runs: the folder itself)."
+    )
+
+
 class Artifact(APIModel):
     """A finished artifact: a checkpoint, an ONNX model or an engine."""
 
@@ -582,6 +816,10 @@ class Artifact(APIModel):
     tensorrt_version: str | None = Field(None, description="TensorRT (or TensorRT-LLM) version that built an engine.")
     size_bytes: int | None = Field(None, description="Total size in bytes.")
     sha256: str | None = Field(None, description="SHA-256 of the file, or of the sorted file digests of a folder.")
+    runtimes: list[ServingTarget] | None = Field(
+        None,
+        description="hf checkpoints: the serving runtimes that load it, each with a serve command (empty: none does).",
+    )
 
 
 class Quality(APIModel):
@@ -599,7 +837,8 @@ class RunnerReport(APIModel):
 
     step: str | None = Field(
         None,
-        description="Runner step in progress: resolve, load, calibrate, quantize, export, build, evaluate, report.",
+        description="Runner step in progress: resolve, load, data, baseline, quantize, evaluate, export, serving "
+        "(checks the checkpoint against spec.serving), build, report.",
     )
     percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
     eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")

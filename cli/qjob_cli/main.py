@@ -171,6 +171,9 @@ def format_status(obj: dict[str, Any]) -> str:
     for artifact in status.get("artifacts") or []:
         arch = f" [{artifact['architecture']}]" if artifact.get("architecture") else ""
         lines.append(f"  artifact {artifact['kind']}/{artifact['format']}{arch}: {artifact['uri']}")
+        for rt in artifact.get("runtimes") or []:
+            gpus = ", ".join(rt.get("architectures") or [])
+            lines.append(f"    serve with {rt['name']} {rt['minVersion']}+ on {gpus}: {rt['command']}")
     if quality := status.get("quality"):
         lines.append(f"  quality: {quality['metric']} {quality.get('baseline')} -> {quality.get('quantized')}")
     return "\n".join(lines)

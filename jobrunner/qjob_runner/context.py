@@ -10,7 +10,7 @@ from typing import Any
 
 from qjob_api.capabilities import ModelTask
 from qjob_api.runner import CONFIG_ENV, CONFIG_PATH, RunnerConfig
-from qjob_api.v1alpha1 import Artifact, Quality
+from qjob_api.v1alpha1 import Artifact, Quality, ServingTarget
 
 from .artifacts import Staging
 from .errors import InvalidConfig
@@ -70,6 +70,8 @@ class RunContext:
     staged: dict[str, Path] = field(default_factory=dict)
     #: manifest entry of the engine a build step registered (it registers its folder itself)
     engine_entry: dict[str, Any] | None = None
+    #: runtimes that load each staged checkpoint (the ``serving`` step), keyed like ``staged``
+    serving_targets: dict[str, list[ServingTarget]] = field(default_factory=dict)
     step_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: background work (e.g. writing resume state) joined before the run reports success

@@ -32,7 +32,7 @@ class Step:
 
 
 def _plans():
-    from .steps import build, data, evaluate, export, load, quantize, report, resolve
+    from .steps import build, data, evaluate, export, load, quantize, report, resolve, serving
 
     def preflight(ctx: RunContext) -> None:
         resolve.run(ctx)
@@ -47,6 +47,7 @@ def _plans():
         Step("quantize", quantize.run, 45),
         Step("evaluate", evaluate.run, 10),
         Step("export", export.run, 20),
+        Step("serving", serving.run, 1),
         Step("report", report.run, 5),
     ]
     build_plan = [Step("resolve", preflight, 2), Step("build", build.run, 93), Step("report", report.run, 5)]

@@ -30,6 +30,7 @@ def register(ctx: RunContext, name: str, path: Path, relative: str, **extra) -> 
         uri=artifact_uri(ctx, relative),
         size_bytes=size,
         sha256=digest,
+        runtimes=ctx.serving_targets.get(name),  # hf checkpoints: set by the serving step
         **extra,
     )
     ctx.artifacts.append(art)
@@ -42,5 +43,9 @@ def register(ctx: RunContext, name: str, path: Path, relative: str, **extra) -> 
         "sizeBytes": size,
         "sha256": digest,
         "files": files,
-        **{k: v for k, v in art.to_api().items() if k in {"architecture", "computeCapability", "tensorrtVersion"}},
+        **{
+            k: v
+            for k, v in art.to_api().items()
+            if k in {"architecture", "computeCapability", "tensorrtVersion", "runtimes"}
+        },
     }

@@ -117,6 +117,7 @@ def build_runner_config(ref: QuantizationJobRef, spec: QuantizationJobSpec, stag
         ),
         export=spec.export,
         evaluation=spec.evaluation,
+        serving=spec.serving,
         target_architectures=spec.target_architectures(),
         engine=engine,
         output_dir=pvc_path(output_location(ref, spec)),

@@ -355,9 +355,11 @@ class _Draft:
 # is True or False and with which reason.
 
 
-def set_accepted_condition(draft: _Draft, stages: list[Stage], problems: list[str]) -> None:
+def set_accepted_condition(
+    draft: _Draft, stages: list[Stage], problems: list[str], reason: Reason = Reason.POLICY_VIOLATION
+) -> None:
     if problems:
-        draft.condition("Accepted", "False", Reason.POLICY_VIOLATION, "; ".join(problems))
+        draft.condition("Accepted", "False", reason, "; ".join(problems))
     else:
         draft.condition(
             "Accepted", "True", Reason.ACCEPTED, f"{len(stages)} stage(s): {', '.join(s.name for s in stages)}"
@@ -438,9 +440,14 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
             "targetArchitectures": ",".join(a.value for a in spec.target_architectures()) or "none",
         },
     )
-    if problems := policy_violations(spec, config):
-        set_accepted_condition(draft, stages, problems)
-        return finish(draft, Phase.FAILED, Reason.POLICY_VIOLATION, "; ".join(problems))
+    # The CRD refuses unservable specs at apply; the operator checks again for objects an older CRD let in.
+    for reason, problems in (
+        (Reason.POLICY_VIOLATION, policy_violations(spec, config)),
+        (Reason.INVALID_SPEC, spec.serving_problems()),
+    ):
+        if problems:
+            set_accepted_condition(draft, stages, problems, reason)
+            return finish(draft, Phase.FAILED, reason, "; ".join(problems))
     set_accepted_condition(draft, stages, [])
     if placement := decide_placement(draft, obs, spec, stages, config):
         return placement

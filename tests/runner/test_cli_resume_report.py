@@ -56,6 +56,7 @@ def test_cli_end_to_end(tmp_path, tiny_llama, calib_jsonl):
         "quantize",
         "evaluate",
         "export",
+        "serving",
         "report",
     }
     msg = json.loads(term.read_text())

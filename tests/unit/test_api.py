@@ -99,7 +99,9 @@ def test_unsupported_reason_is_readable():
 def test_architecture_of_compute_capability():
     assert architecture_of(9, 0) == GPUArchitecture.HOPPER
     assert architecture_of(8, 9) == GPUArchitecture.ADA
-    assert architecture_of(12, 0) == GPUArchitecture.BLACKWELL
+    assert architecture_of(10, 3) == GPUArchitecture.BLACKWELL
+    assert architecture_of(12, 0) == GPUArchitecture.BLACKWELL_RTX
+    assert architecture_of(12, 1) == GPUArchitecture.BLACKWELL_RTX
     assert architecture_of(7, 5) is None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.builders import (
@@ -52,18 +53,17 @@ def test_build_job_requires_architecture_gpu_count_and_memory(spec_dict, config)
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
 
 
-def test_blackwell_affinity_has_one_term_per_compute_capability(spec_dict, config):
+@pytest.mark.parametrize(
+    ("arch", "capabilities"), [("blackwell", ["10.0", "10.3"]), ("blackwell-rtx", ["12.0", "12.1"])]
+)
+def test_blackwell_affinity_has_one_term_per_compute_capability(spec_dict, config, arch, capabilities):
     spec_dict["quantization"] = {"format": "nvfp4"}
-    spec_dict["engines"] = [{"architecture": "blackwell"}]
+    spec_dict["engines"] = [{"architecture": arch}]
     spec = QuantizationJobSpec.model_validate(spec_dict)
-    affinity = node_affinity(_stage(spec, config, "build-blackwell").requirement, config)
+    affinity = node_affinity(_stage(spec, config, f"build-{arch}").requirement, config)
     terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert [t["matchExpressions"][0]["values"][0] + "." + t["matchExpressions"][1]["values"][0] for t in terms] == [
-        "10.0",
-        "10.3",
-        "12.0",
-        "12.1",
-    ]
+    got = [t["matchExpressions"][0]["values"][0] + "." + t["matchExpressions"][1]["values"][0] for t in terms]
+    assert got == capabilities
 
 
 def test_label_keys_come_from_config(spec, config):

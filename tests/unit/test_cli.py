@@ -70,3 +70,20 @@ def test_format_status_reads_well():
     assert "progress: 42% in quantize/calibrate, about 90s left" in text
     assert "stage quantize: Running on h100-0 (NVIDIA-H100-80GB-HBM3), attempts 1" in text
     assert "artifact engine/tensorrt [hopper]: pvc://a/b" in text
+
+
+def test_format_status_shows_who_serves_a_checkpoint():
+    runtimes = [
+        {"name": "vllm", "minVersion": "0.10.1", "architectures": ["ada", "hopper"], "command": "vllm serve /mnt/a/hf"}
+    ]
+    obj = {
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "status": {
+            "phase": "Succeeded",
+            "artifacts": [{"kind": "checkpoint", "format": "hf", "uri": "pvc://a/hf", "runtimes": runtimes}],
+        },
+    }
+    text = format_status(obj)
+    assert (
+        "  artifact checkpoint/hf: pvc://a/hf\n    serve with vllm 0.10.1+ on ada, hopper: vllm serve /mnt/a/hf" in text
+    )

@@ -25,6 +25,7 @@ from qjob_api.capabilities import (
     KVCacheFormat,
     ModelTask,
     QuantFormat,
+    ServingRuntime,
     unsupported_reasons,
 )
 from qjob_api.v1alpha1 import API_VERSION, KIND, QuantizationJob
@@ -92,7 +93,7 @@ def referenced_claims(job: QuantizationJob) -> set[str]:
 
 def test_examples_exist():
     assert VALID_EXAMPLES, "no examples found"
-    assert [p.name for p in INVALID_EXAMPLES] == ["invalid-nvfp4-on-hopper.yaml"]
+    assert [p.name for p in INVALID_EXAMPLES] == ["invalid-int4-awq-for-vllm.yaml", "invalid-nvfp4-on-hopper.yaml"]
     assert (EXAMPLES / "fp8-hopper.yaml") in VALID_EXAMPLES
 
 
@@ -148,6 +149,7 @@ def test_example_respects_the_capability_matrix(path: Path):
         assert ExportFormat.TENSORRT_LLM not in formats
     if job.spec.evaluation.gate and job.spec.evaluation.gate.max_perplexity_increase is not None:
         assert job.spec.model.task == ModelTask.CAUSAL_LM
+    assert job.spec.serving_problems() == []
 
 
 @pytest.mark.parametrize("path", VALID_EXAMPLES, ids=lambda p: p.name)
@@ -205,17 +207,24 @@ def test_examples_cover_each_architecture_task_and_source():
     assert has(lambda s: s.model.task == ModelTask.ENCODER and ExportFormat.ONNX in s.export.formats and s.engines)
     assert has(lambda s: s.model.pvc is not None and s.calibration.dataset.pvc is not None)
     assert has(lambda s: s.calibration.dataset.config_map is not None)
+    # Issue 10: one example per serving runtime.
+    for runtime in ServingRuntime:
+        assert has(lambda s, r=runtime: [x.name for x in s.serving.runtimes] == [r]), runtime
 
 
-def test_invalid_example_breaks_only_the_capability_matrix():
-    (path,) = INVALID_EXAMPLES
+@pytest.mark.parametrize(
+    ("name", "breaks"),
+    [("invalid-nvfp4-on-hopper.yaml", "Blackwell"), ("invalid-int4-awq-for-vllm.yaml", "vLLM cannot load int4_awq")],
+)
+def test_invalid_example_breaks_one_table(name, breaks):
+    path = EXAMPLES / name
     text = path.read_text()
     assert "INVALID" in text.splitlines()[0], "say at the top that it is refused on purpose"
     (doc,) = documents(path)
-    job = QuantizationJob.model_validate(doc)  # well-formed: only the CEL matrix rule refuses it
+    job = QuantizationJob.model_validate(doc)  # well-formed: only a CEL rule of one table refuses it
     q = job.spec.quantization
-    reasons = unsupported_reasons(q.format, q.kv_cache, job.spec.target_architectures())
-    assert reasons and all("Blackwell" in r for r in reasons), reasons
+    reasons = unsupported_reasons(q.format, q.kv_cache, job.spec.target_architectures()) + job.spec.serving_problems()
+    assert reasons and all(breaks in r for r in reasons), reasons
 
 
 # ------------------------------------------------------------------------------------------ CRD

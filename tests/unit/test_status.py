@@ -83,7 +83,7 @@ def test_no_matching_nodes_says_so_at_once_and_creates_nothing(spec_dict, config
     d = run(spec_dict, config)
     assert d.create == []
     assert d.status["phase"] == "Pending" and d.status["reason"] == "NoMatchingNodes"
-    assert "blackwell GPUs (compute capability 10.0 or 10.3 or 12.0 or 12.1)" in d.status["message"]
+    assert "blackwell GPUs (compute capability 10.0 or 10.3)" in d.status["message"]
     cond = {c["type"]: c for c in d.status["conditions"]}["NodesAvailable"]
     assert cond["status"] == "False" and cond["reason"] == "NoMatchingNodes"
     assert d.requeue_after == pytest.approx(600 - 60 + 0.5)
@@ -223,6 +223,27 @@ def test_trust_remote_code_refused_by_policy(spec_dict, config):
     assert d.status["phase"] == "Failed" and d.status["reason"] == "PolicyViolation"
     assert "policy.allowTrustRemoteCode" in d.status["message"]
     assert d.create == []
+
+
+def test_unservable_spec_is_refused_by_the_operator_too(spec_dict, config):
+    """An object an older CRD let in: the operator's own check (same table, same words) fails it."""
+    spec_dict["quantization"] = {"format": "int4_awq"}
+    spec_dict["serving"] = {"runtimes": [{"name": "vllm"}]}
+    d = run(spec_dict, config)
+    assert d.status["phase"] == "Failed" and d.status["reason"] == "InvalidSpec"
+    assert d.status["message"].startswith("vLLM cannot load int4_awq checkpoints from ModelOpt: choose fp8")
+    accepted = {c["type"]: c for c in d.status["conditions"]}["Accepted"]
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert d.create == []
+
+
+def test_blackwell_rtx_needs_12x_nodes(spec_dict, config):
+    spec_dict["engines"] = [{"architecture": "blackwell-rtx"}]
+    b200 = gpu_node("b200-0", "10", "0", product="NVIDIA-B200")
+    rtx = gpu_node("rtx-0", "12", "0", product="NVIDIA-RTX-PRO-6000-Blackwell")
+    assert run(spec_dict, config, nodes=(HOPPER, b200)).status["reason"] == "NoMatchingNodes"
+    placed = run(spec_dict, config, nodes=(HOPPER, b200, rtx))
+    assert placed.status["reason"] != "NoMatchingNodes" and [s.name for s in placed.create] == ["quantize"]
 
 
 def test_suspended_job_creates_nothing(spec_dict, config):

@@ -22,6 +22,7 @@ from qjob_api.capabilities import (
     QuantFormat,
     unsupported_reasons,
 )
+from qjob_api.v1alpha1 import serving_refusals
 
 from ..context import RunContext
 from ..errors import InvalidConfig, InvalidInput, TransientError, UnsupportedFormat
@@ -80,7 +81,14 @@ def check_config(ctx: RunContext) -> None:
             "choose a format that every target architecture runs (spec.quantization.format), or remove "
             "the architectures that cannot run it from spec.engines",
         )
+    if problems := serving_refusals(q, cfg.serving, cfg.target_architectures):
+        raise UnsupportedFormat("; ".join(problems))
     task = cfg.model.task
+    if cfg.serving.runtimes and (ExportFormat.HF not in cfg.export.formats or task != ModelTask.CAUSAL_LM):
+        raise InvalidConfig(
+            "serving runtimes load the hf checkpoint of a causal LM",
+            "keep hf in spec.export.formats and spec.model.task causal-lm, or empty spec.serving.runtimes",
+        )
     if task == ModelTask.ENCODER and q.kv_cache != KVCacheFormat.NONE:
         raise InvalidConfig(
             "a KV cache exists only in causal LMs", "set spec.quantization.kvCache to none for an encoder"
