@@ -37,15 +37,18 @@ def main(
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
-    torch.cuda.synchronize()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the benchmark's dry run
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=dev).eval()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync()
     times["load"] = time.perf_counter() - t
     t = time.perf_counter()
     texts = [json.loads(line)["text"] for line in Path(calib).read_text().splitlines() if line.strip()][:samples]
     batches = []
     for i in range(0, len(texts), batch):
         enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=seq)
-        batches.append({k: v.cuda() for k, v in enc.items() if k in {"input_ids", "attention_mask"}})
+        batches.append({k: v.to(dev) for k, v in enc.items() if k in {"input_ids", "attention_mask"}})
     times["data"] = time.perf_counter() - t
 
     def forward_loop(m):
@@ -55,7 +58,7 @@ def main(
 
     t = time.perf_counter()
     model = mtq.quantize(model, getattr(mtq, PRESETS[fmt]), forward_loop)
-    torch.cuda.synchronize()
+    sync()
     times["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     with torch.inference_mode():
@@ -64,7 +67,7 @@ def main(
     times["export"] = time.perf_counter() - t
     times["total_after_import"] = sum(v for k, v in times.items() if k != "import")
     size = sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())
-    return {"times": times, "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(), "checkpoint_bytes": size}
+    return {"times": times, "checkpoint_bytes": size, "shards": len(list(Path(out_dir).glob("*.safetensors")))}
 
 
 if __name__ == "__main__":

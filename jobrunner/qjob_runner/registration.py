@@ -22,7 +22,7 @@ def artifact_uri(ctx: RunContext, relative: str) -> str:
 
 
 def register(ctx: RunContext, name: str, path: Path, relative: str, **extra) -> dict[str, Any]:
-    size, digest, files = describe(path)
+    size, digest, files = describe(path, ctx.staging.hashes if ctx.staging else None)
     kind, fmt = KINDS.get(name, ("engine", name))
     art = Artifact(
         kind=extra.pop("kind", kind),

@@ -3,7 +3,7 @@
 Sources: a JSON Lines file (one object per line with a ``text`` field), a plain text file
 (paragraphs separated by blank lines), or a Hugging Face dataset when ``datasets`` is installed
 and the Hub is reachable. The *last* ``evaluation.samples`` texts are held out and never used for
-calibration. Batch size 0 probes the largest batch that fits on the GPU (a fixed small batch on CPU).
+calibration. Batch size 0 picks the largest batch that fits on the GPU (a fixed small batch on CPU).
 """
 
 from __future__ import annotations
@@ -13,16 +13,28 @@ import logging
 import os
 from pathlib import Path
 
+from qjob_api.capabilities import QuantFormat
+
 from ..context import CalibData, RunContext
 from ..errors import InvalidConfig, InvalidInput, TransientError
 
 log = logging.getLogger("qjob_runner.data")
 
 CPU_BATCH_SIZE = 4
-PROBE_START = 64
-#: After probing, keep this fraction of the largest batch that fitted: AWQ/SmoothQuant
-#: calibration holds more activations than a plain forward pass.
-PROBE_SAFETY = 0.5
+#: Samples in the one forward pass that measures activation memory for ``batchSize: 0``.
+PROBE_BATCH = 4
+#: Share of each GPU's memory that weights plus calibration activations may fill.
+PROBE_MEMORY_FRACTION = 0.8
+#: Calibration activations per sample, in plain forward passes: max calibration adds a
+#: temporary the size of each quantizer's input; AWQ scores several scales per layer and
+#: SmoothQuant keeps per-channel statistics. Heuristic factors on the probe's measurement.
+MAX_CALIBRATION = 1.5
+HEAVY_CALIBRATION = {
+    QuantFormat.INT4_AWQ: 3.0,
+    QuantFormat.W4A8_AWQ: 3.0,
+    QuantFormat.NVFP4_AWQ: 3.0,
+    QuantFormat.INT8_SMOOTHQUANT: 3.0,
+}
 
 
 def read_texts(ctx: RunContext, needed: int) -> tuple[list[str], str]:
@@ -108,34 +120,81 @@ def tokenize(tokenizer, texts: list[str], seq_len: int, batch_size: int, device:
     return batches
 
 
+def forward_kwargs(model) -> dict:
+    """Extra arguments for calibration forward passes: logits for the last position only.
+
+    Calibration needs the activations the quantizers see, not the logits, and every ModelOpt
+    preset leaves the output layer unquantized. Full logits are Llama-3's largest activation
+    (seq x 128k vocabulary per sample: 17 GB per 128 x 512 tokens in bf16), so skipping them
+    lets batches grow. When some quantizer of the output layer is enabled the full logits stay.
+    """
+    import inspect
+
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    if any(n.endswith("_quantizer") and getattr(m, "is_enabled", False) for n, m in out.named_modules()):
+        return {}
+    return {"logits_to_keep": 1}
+
+
+def activation_factor(ctx: RunContext) -> float:
+    """How many plain forward passes' activations calibration holds at once (a heuristic)."""
+    q = ctx.config.quantization
+    if q.auto_quantize is not None:
+        return 4.0  # gradient scores: a backward pass through the model
+    if q.algorithm == "max":
+        return MAX_CALIBRATION
+    return HEAVY_CALIBRATION.get(q.format, MAX_CALIBRATION)
+
+
 def probe_batch_size(ctx: RunContext, texts: list[str], seq_len: int) -> int:
-    """Largest power-of-two batch (<= PROBE_START) whose forward pass fits, times PROBE_SAFETY."""
+    """The largest power-of-two batch (at most the sample count) whose calibration fits.
+
+    Fewer, larger batches mean fewer of ModelOpt's per-quantizer reductions for the same data
+    (calibration at small batches is CPU-bound). One forward pass at PROBE_BATCH samples of
+    full length measures the activation memory per sample on each GPU; memory is linear in the
+    batch, so the largest batch whose predicted peak stays under PROBE_MEMORY_FRACTION of every
+    GPU is chosen, with the calibration algorithm's extra activations (``activation_factor``).
+    """
     import torch
 
     if not torch.cuda.is_available():
         return CPU_BATCH_SIZE
     model, tok = ctx.model, ctx.tokenizer
-    sample = (texts * (PROBE_START // max(1, len(texts)) + 1))[:PROBE_START]
-    bs = min(PROBE_START, 1 << (max(1, len(texts)) - 1).bit_length())
-    while bs >= 1:
-        try:
-            enc = tok(sample[:bs], return_tensors="pt", padding="max_length", truncation=True, max_length=seq_len)
-            enc = {k: v.to(ctx.device) for k, v in enc.items() if k in {"input_ids", "attention_mask"}}
-            torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                model(**enc)
-            peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-            total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-            if peak < 0.9 * total:
-                chosen = max(1, int(bs * PROBE_SAFETY))
-                log.info("batch size probe: %d fits (peak %.1f GiB); using %d", bs, peak / 2**30, chosen)
-                return chosen
-        except torch.cuda.OutOfMemoryError:
-            pass
-        finally:
-            torch.cuda.empty_cache()
-        bs //= 2
-    raise torch.cuda.OutOfMemoryError("even batch size 1 does not fit for calibration")
+    n = max(1, len(texts))
+    sample = (texts * (PROBE_BATCH // n + 1))[:PROBE_BATCH]
+    enc = tok(sample, return_tensors="pt", padding="max_length", truncation=True, max_length=seq_len)
+    enc = {k: v.to(ctx.device) for k, v in enc.items() if k in {"input_ids", "attention_mask"}}
+    devices = range(torch.cuda.device_count())
+    torch.cuda.synchronize()
+    base = [torch.cuda.memory_allocated(i) for i in devices]
+    for i in devices:
+        torch.cuda.reset_peak_memory_stats(i)
+    try:
+        with torch.no_grad():
+            model(**enc, **forward_kwargs(model))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return 1
+    per_sample = [
+        (torch.cuda.max_memory_allocated(i) - base[i]) / PROBE_BATCH * activation_factor(ctx) for i in devices
+    ]
+    room = [torch.cuda.get_device_properties(i).total_memory * PROBE_MEMORY_FRACTION - base[i] for i in devices]
+    torch.cuda.empty_cache()
+    fits = min(int(r // p) if p > 0 else n for r, p in zip(room, per_sample, strict=True))
+    bs = 1
+    while bs * 2 <= min(fits, n):
+        bs *= 2
+    if bs < n <= fits:
+        bs = n  # one batch holds every sample
+    log.info(
+        "batch size probe: %.0f MiB per sample on the fullest GPU; %d fit; using %d",
+        max(per_sample) / 2**20,
+        fits,
+        bs,
+    )
+    return max(1, bs)
 
 
 def run(ctx: RunContext) -> None:

@@ -111,19 +111,67 @@ def _fingerprints(model) -> dict[str, tuple[float, float]]:
     return {k: tuple(v.tolist()) for k, v in out.items()}
 
 
+def _snapshot(tensors: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
+    """Copies of ``tensors`` that later in-place writes (the export packs weights) cannot touch.
+
+    A GPU's tensors are cloned on that GPU when it has room for them twice over: a device copy
+    takes milliseconds, where copying AWQ's rescaled weights (most of an 8B model, ~14 GB) to
+    host memory held the run for seconds. Returns the copies and one CUDA event per GPU that
+    marks when its clones are complete; without room the copy goes to the host here, as before.
+    """
+    import torch
+
+    need: dict[Any, int] = {}
+    for t in tensors.values():
+        if t.is_cuda:
+            need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
+    on_gpu = {d for d, n in need.items() if torch.cuda.mem_get_info(d)[0] > 2 * n + (1 << 30)}
+    copies = {
+        k: v.detach().clone() if v.is_cuda and v.device in on_gpu else v.detach().to("cpu", copy=True)
+        for k, v in tensors.items()
+    }
+    events = []
+    for d in on_gpu:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(d))
+        events.append((d, ev))
+    return copies, events
+
+
+def _to_host(copies: dict[str, Any], events: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Move GPU clones to the host on a side stream (overlapping the export), freeing each at once."""
+    import torch
+
+    streams = {}
+    for device, ev in events:
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_event(ev)
+        streams[device] = stream
+    out = {}
+    for k in list(copies):
+        t = copies.pop(k)
+        if t.is_cuda:
+            with torch.cuda.stream(streams[t.device]):
+                t = t.to("cpu")  # a synchronous copy: the clone may be freed right after
+        out[k] = t
+    return out
+
+
 def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float]]) -> threading.Thread:
-    """Snapshot ModelOpt state + calibrated tensors to CPU now, write the file in the background."""
+    """Snapshot ModelOpt state + calibrated tensors now, write the file in the background."""
     import modelopt.torch.opt as mto
     import torch
 
     after = _fingerprints(ctx.model)
     changed = {k for k, v in after.items() if before.get(k) != v}
     sd = ctx.model.state_dict()
-    keep = {k: v.detach().to("cpu", copy=True) for k, v in sd.items() if "_quantizer" in k or k in changed}
-    payload = {"modelopt_state": mto.modelopt_state(ctx.model), "tensors": keep, "format": STATE_FORMAT}
+    copies, events = _snapshot({k: v for k, v in sd.items() if "_quantizer" in k or k in changed})
+    modelopt_state = mto.modelopt_state(ctx.model)
 
     def write():
         try:
+            keep = _to_host(copies, events)
+            payload = {"modelopt_state": modelopt_state, "tensors": keep, "format": STATE_FORMAT}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             torch.save(payload, tmp)
@@ -161,15 +209,18 @@ def restore_state(ctx: RunContext, path: Path) -> bool:
 def forward_loop_factory(ctx: RunContext):
     import torch
 
+    from .data import forward_kwargs
+
     batches = ctx.data.batches
     total = len(batches)
     reporter = ctx.reporter
 
     def forward_loop(model) -> None:
         start = time.monotonic()
+        extra = forward_kwargs(model)
         with torch.no_grad():
             for i, batch in enumerate(batches, 1):
-                model(**batch)
+                model(**batch, **extra)
                 elapsed = time.monotonic() - start
                 # AWQ/SmoothQuant call the loop more than once; progress is per pass.
                 reporter.update(
