@@ -356,6 +356,7 @@ def build_model(shape: str, folder: str, calib: str, samples: int) -> dict:
     t_tok = time.perf_counter() - t0
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_dtype(torch.bfloat16 if dev == "cuda" else torch.float32)  # no float32 copy of 8B first
     cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     t = time.perf_counter()
     with torch.device(dev):
@@ -412,7 +413,7 @@ print("QJOB_LOADCHECK " + json.dumps({"uid": os.getuid(), "copy_s": t1 - t0, "im
 def start_prebuild(work: Path) -> subprocess.Popen | None:
     """ModelOpt's INT4 kernels, built the Dockerfile's way (the only extension these formats load)."""
     pre = work / "ext-prebuilt"
-    if (pre / ".done").exists() or not shutil.which("nvcc") and not Path("/usr/local/cuda/bin/nvcc").exists():
+    if (pre / ".done").exists():
         return None
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(pre), "CUDA_VISIBLE_DEVICES": "", "TORCH_CUDA_ARCH_LIST": "9.0"}
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
@@ -643,7 +644,7 @@ def overhead(args, runs: Runs, results: dict, save) -> None:
                     res = runs("plain", **common, batch=args.batch, tag=f"{fmt}-{rep}")
                 else:
                     res = runs("runner", variant=variants[who], **common, batch=args.batch, tag=f"{who}-{fmt}-{rep}")
-                if not (args.resume_check and who == "after"):
+                if not (fmt in args.resume_check and who == "after"):
                     shutil.rmtree(out, ignore_errors=True)
                 rows.append({"who": who, "rep": rep, **res})
                 if res.get("ok"):
@@ -661,6 +662,8 @@ def resume_check(args, runs: Runs, results: dict) -> None:
     w = Path(args.work)
     checks = results.setdefault("resume_check", {})
     for fmt, rows in results.get("overhead", {}).items():
+        if fmt not in args.resume_check:
+            continue
         first = next((r for r in rows[::-1] if r["who"] == "after" and r.get("ok")), None)
         out = w / f"out-after-{fmt}"
         if first is None or not out.exists() or time.monotonic() > args.deadline:
@@ -1005,9 +1008,9 @@ def main() -> None:
     ap.add_argument("--first-rep", type=int, default=0, help="number of the first repeat (a later call goes on)")
     ap.add_argument(
         "--resume-check",
-        action="store_true",
-        help="after the overhead runs, rerun the last 'after' run of each format on its output: it must resume "
-        "from the saved calibration state and export a checkpoint with the same sha256 per file",
+        default="",
+        help="formats (comma-separated) whose last 'after' run is rerun on its output: it must resume from the "
+        "saved calibration state and export a checkpoint with the same sha256 per file",
     )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
@@ -1027,6 +1030,7 @@ def main() -> None:
     started = time.monotonic()
     args.deadline = started + args.budget
     args.formats = [f for f in args.formats.split(",") if f]
+    args.resume_check = [f for f in args.resume_check.split(",") if f]
     args.runner = [tuple(x.split("=", 1)) for x in (args.runner or [f"after={ROOT}"])]
     args.runner = [(k, str(Path(v).resolve())) for k, v in args.runner]
     phases = set(args.phases.split(","))
@@ -1112,6 +1116,7 @@ def main() -> None:
         setup_file.write_text(json.dumps({k: results[k] for k in keys if k in results}, default=str))
         save()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(w / "ext-prebuilt")  # measured runs load, never compile
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # the flags the prebuild used (the image sets both)
     if "overhead" in phases:
         overhead(args, runs, results, save)
         save()
