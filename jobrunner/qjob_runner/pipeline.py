@@ -144,6 +144,9 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         else:
             log.error("step %s failed: %s", failed_step, error)
         reporter.update(message=f"failed in {failed_step}: {error}")
+        for t in ctx.background:  # a retry resumes from the calibrated state kept for this case
+            if hasattr(t, "persist"):
+                t.persist()
     finally:
         for t in ctx.background:
             t.join(timeout=600)

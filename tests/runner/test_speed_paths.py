@@ -149,3 +149,26 @@ def test_state_snapshot_is_independent_of_later_writes():
     amax.fill_(0.0)
     host = _to_host(copies, events)
     assert torch.equal(host["w"], expect) and host["q._amax"].item() == 3.0 and host["w"].device.type == "cpu"
+
+
+def test_rescaled_weights_are_saved_only_for_a_failed_run(tiny_llama, calib_jsonl, tmp_path):
+    """AWQ's resume state (most of the model) is written when a later step fails (see
+    test_resume_skips_calibration), never by a run that succeeds; scale-only states always are."""
+
+    def state_files(fmt):
+        out = tmp_path / fmt
+        cfg = RunnerConfig.model_validate(
+            runner_config(
+                model={"path": str(tiny_llama)},
+                quantization={"format": fmt},
+                calibration={"dataset": {"path": str(calib_jsonl)}},
+                evaluation={"enabled": False},
+                outputDir=str(out),
+            )
+        )
+        r = run(cfg)
+        assert r.outcome == "Succeeded", r.message
+        return list((out / ".qjob-work").glob("calibrated-*.pt"))
+
+    assert state_files("int4_awq") == []
+    assert len(state_files("fp8")) == 1

@@ -157,8 +157,36 @@ def _to_host(copies: dict[str, Any], events: list[tuple[Any, Any]]) -> dict[str,
     return out
 
 
-def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float]]) -> threading.Thread:
-    """Snapshot ModelOpt state + calibrated tensors now, write the file in the background."""
+class DeferredState:
+    """Calibrated state that holds rescaled weights, written only if a later step fails.
+
+    AWQ and SmoothQuant rescale most of the model's weights (14 GB at 8B). Copying them to the
+    host right after calibration held the run for 8.5 s on the lent H200; copying them in the
+    background slowed ModelOpt's export from 0.8 s to 10.9 s (both measured,
+    benchmarks/results/runner_gpu_h200.json). A run that succeeds needs no resume state, so the
+    snapshot (on the GPU where it has room) is kept until the run's end: a failing step writes
+    it (``persist``), the report step drops it (``discard``). A pod killed outright during
+    export loses it and calibrates again.
+    """
+
+    def __init__(self, write):
+        self._write = write
+
+    def join(self, timeout: float | None = None) -> None:
+        """Background-work interface of ``ctx.background``: nothing runs until ``persist``."""
+
+    def persist(self) -> None:
+        write, self._write = self._write, None
+        if write is not None:
+            write()
+
+    def discard(self) -> None:
+        self._write = None  # frees the snapshot
+
+
+def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float]]) -> threading.Thread | DeferredState:
+    """Snapshot ModelOpt state + calibrated tensors now; write quantizer-only states in the
+    background, keep states with rescaled weights for a failure (``DeferredState``)."""
     import modelopt.torch.opt as mto
     import torch
 
@@ -180,6 +208,8 @@ def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float
         except Exception:  # noqa: BLE001 - resume state is an optimisation; never fail the run
             log.exception("could not save calibrated state to %s", path)
 
+    if changed:
+        return DeferredState(write)
     t = threading.Thread(target=write, name="qjob-save-state", daemon=True)
     t.start()
     return t

@@ -43,6 +43,8 @@ def manifest(ctx: RunContext, entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(ctx: RunContext) -> None:
     for t in ctx.background:  # e.g. the resume state still being written
+        if hasattr(t, "discard"):
+            t.discard()  # a resume state kept for a failure: this run succeeds
         t.join()
     staging = ctx.staging
     assert staging is not None
