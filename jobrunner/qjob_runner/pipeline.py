@@ -15,7 +15,6 @@ from pathlib import Path
 
 from qjob_api.runner import ExitCode, RunnerConfig, RunnerResult
 
-from . import prefetch
 from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
 from .context import Paths, RunContext
 from .errors import RunnerError, classify
@@ -108,7 +107,6 @@ def _threads() -> None:
 
 def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str | Path | None = None) -> RunnerResult:
     """Run one stage of a QuantizationJob; never raises for a failure it understands."""
-    prefetch.start(None if config.is_build else config.model.path)  # overlaps the imports below
     _threads()
     prepare_extensions()
     paths = Paths.from_config(config)

@@ -97,9 +97,7 @@ def load_model(ctx: RunContext):
 def run(ctx: RunContext) -> None:
     from .quantize import _mtq
 
-    # ModelOpt's import (seconds of CPU) now, while the weights are still being read ahead
-    # (``prefetch``), not after the load; and a missing ModelOpt fails before the load.
-    _mtq()
+    _mtq()  # a missing ModelOpt fails before seconds of model loading, not after
     ctx.reporter.update(message="loading tokenizer")
     ctx.tokenizer = load_tokenizer(ctx)
     ctx.reporter.update(message="loading model")
