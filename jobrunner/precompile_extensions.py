@@ -8,7 +8,8 @@ second. ModelOpt skips the build when ``torch.cuda.is_available()`` is False, wh
 TORCH_EXTENSIONS_DIR must be the same at run time (the Dockerfile sets both as ENV): the runtime
 ``load`` then finds the ninja build up to date and only imports the .so. Checked on the H100:
 compiled in a process that saw no GPU, then "Loaded extension modelopt_cuda_ext in 0.0 seconds"
-in a process that did (benchmarks/results/runner_gpu_h100.json, extension_prebuild_check).
+in a process that did (benchmarks/results/runner_gpu_h100.json, extension_prebuild_check); the
+runtime copy from a read-only prebuilt folder was checked on the H200 (docs/jobrunner.md).
 """
 
 import os
