@@ -343,9 +343,8 @@ def calibration_texts(n: int) -> list[str]:
 @child
 def build_model(shape: str, folder: str, calib: str, samples: int) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qjob_dev.tiny_models import train_tokenizer, write_jsonl
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
     out = Path(folder)
