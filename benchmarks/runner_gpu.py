@@ -15,14 +15,16 @@ every run), a BPE tokenizer trained on pydoc text and 512-token calibration text
   the machine's sha256 rate.
 * ``overhead``: per format, alternating runs of plain ModelOpt
   (``benchmarks/runner_plain_modelopt.py``) and each runner variant (``--runner NAME=ROOT``: a
-  checkout whose ``api/`` and ``jobrunner/`` are imported), each run in its own process forked
-  from one that imported torch, transformers and ModelOpt (the same imports before every
-  clock; CUDA starts in the child). Per run: wall time per step, a profile of the calls that
+  checkout whose ``api/`` and ``jobrunner/`` are imported), each run in its own process: forked
+  from one that imported torch, transformers and ModelOpt, or, where an import initialises CUDA
+  (ModelOpt 0.47 on the H200 did), a fresh interpreter that imports them before its clock starts. Per run: wall time per step, a profile of the calls that
   matter (quantizer insertion, each calibration pass, ModelOpt's export, shard writes, hashing),
   peak GPU memory, checkpoint size.
 * ``calibration``: FP8/NVFP4 calibration at several batch sizes, with and without the full
   logits, each against a bf16 forward pass over the same batches.
 * ``batch0``: the runner with ``batchSize: 0`` (its own choice of batch).
+* ``--resume-check FORMATS``: a run whose export fails, then its retry, which must resume from
+  the saved calibration state and export the same files (sha256) as the uninterrupted runs.
 * ``warmstart``: a fresh process per runner variant from pod start to the first calibration
   batch, page cache dropped first (imports, extension copy, model load from disk).
 
@@ -559,13 +561,30 @@ def plain(model_dir: str, calib: str, fmt: str, out: str, samples: int, seq: int
 
 @child
 def runner(
-    variant: str, model_dir: str, calib: str, fmt: str, out: str, samples: int, seq: int, batch: int, tag: str = ""
+    variant: str,
+    model_dir: str,
+    calib: str,
+    fmt: str,
+    out: str,
+    samples: int,
+    seq: int,
+    batch: int,
+    tag: str = "",
+    fail_export: bool = False,
 ) -> dict:
     import torch
 
     use_variant(variant)
     from qjob_api.runner import RunnerConfig
     from qjob_runner import run
+
+    if fail_export:  # the pod "dies" in the export, after calibration
+        from qjob_runner.steps import export
+
+        def fail(*a, **k):
+            raise ConnectionResetError("node drained (benchmark)")
+
+        export.export_hf = fail
 
     prof = Profile()
     missing = prof.install()
@@ -643,8 +662,7 @@ def overhead(args, runs: Runs, results: dict, save) -> None:
                     res = runs("plain", **common, batch=args.batch, tag=f"{fmt}-{rep}")
                 else:
                     res = runs("runner", variant=variants[who], **common, batch=args.batch, tag=f"{who}-{fmt}-{rep}")
-                if not (fmt in args.resume_check and who == "after"):
-                    shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
                 rows.append({"who": who, "rep": rep, **res})
                 if res.get("ok"):
                     r = res["result"]
@@ -656,32 +674,35 @@ def overhead(args, runs: Runs, results: dict, save) -> None:
 
 
 def resume_check(args, runs: Runs, results: dict) -> None:
-    """The calibration state saved by a run (GPU snapshot, host copy in the background) must give
-    a retried pod the same checkpoint, file by file, without calibrating again."""
+    """A run whose export fails must leave the calibration state (for AWQ the GPU snapshot of the
+    rescaled weights, written on the failure) from which a retry exports, without calibrating
+    again, the same checkpoint file by file as the uninterrupted 'after' runs."""
     w = Path(args.work)
     checks = results.setdefault("resume_check", {})
-    for fmt, rows in results.get("overhead", {}).items():
-        if fmt not in args.resume_check:
-            continue
+    for fmt in args.resume_check:
+        rows = results.get("overhead", {}).get(fmt, [])
         first = next((r for r in rows[::-1] if r["who"] == "after" and r.get("ok")), None)
-        out = w / f"out-after-{fmt}"
-        if first is None or not out.exists() or time.monotonic() > args.deadline:
+        if first is None or time.monotonic() > args.deadline:
             continue
+        out = w / f"out-resume-{fmt}"
+        shutil.rmtree(out, ignore_errors=True)
         n = SAMPLES[fmt] if args.shape != "tiny" else 16
         common = dict(model_dir=str(w / "model"), calib=str(w / "calib.jsonl"), fmt=fmt, out=str(out), samples=n)
-        res = runs("runner", variant=dict(args.runner)["after"], **common, seq=args.seq, batch=args.batch, tag="resume")
+        variant = dict(args.runner)["after"]
+        failed = runs("runner", variant=variant, **common, seq=args.seq, batch=args.batch, tag="fail", fail_export=True)
+        res = runs("runner", variant=variant, **common, seq=args.seq, batch=args.batch, tag="resume")
         shutil.rmtree(out, ignore_errors=True)
-        if not res.get("ok"):
-            checks[fmt] = res
+        if not (failed.get("ok") and res.get("ok")):
+            checks[fmt] = {"failed_run": failed, "resumed_run": res}
             continue
         a, b = first["result"]["file_sha256"], res["result"]["file_sha256"]
         checks[fmt] = {
+            "failed_run": {k: failed["result"][k] for k in ("outcome", "message", "state_file_bytes", "wall_run")},
             "resumed": res["result"]["resumed"],
-            "state_file_bytes": first["result"]["state_file_bytes"],
             "files": len(a),
             "same_sha256": a == b,
             "differing": sorted(k for k in a if a[k] != b.get(k))[:10],
-            "run_s": res["result"]["wall_run"],
+            "resumed_run_s": res["result"]["wall_run"],
         }
         print(f"  resume check {fmt}: {checks[fmt]}")
 
@@ -1008,8 +1029,8 @@ def main() -> None:
     ap.add_argument(
         "--resume-check",
         default="",
-        help="formats (comma-separated) whose last 'after' run is rerun on its output: it must resume from the "
-        "saved calibration state and export a checkpoint with the same sha256 per file",
+        help="formats (comma-separated) run once more with a failing export, then retried: the retry must resume "
+        "from the saved calibration state and export the checkpoint of the 'after' runs, sha256 for sha256",
     )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
