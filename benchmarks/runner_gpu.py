@@ -17,9 +17,10 @@ every run), a BPE tokenizer trained on pydoc text and 512-token calibration text
   (``benchmarks/runner_plain_modelopt.py``) and each runner variant (``--runner NAME=ROOT``: a
   checkout whose ``api/`` and ``jobrunner/`` are imported), each run in its own process: forked
   from one that imported torch, transformers and ModelOpt, or, where an import initialises CUDA
-  (ModelOpt 0.47 on the H200 did), a fresh interpreter that imports them before its clock starts. Per run: wall time per step, a profile of the calls that
-  matter (quantizer insertion, each calibration pass, ModelOpt's export, shard writes, hashing),
-  peak GPU memory, checkpoint size.
+  (ModelOpt 0.47 on the H200 did), a fresh interpreter that imports them before its clock
+  starts. Per run: wall time per step, a profile of the calls that matter (quantizer insertion,
+  each calibration pass, ModelOpt's export, shard writes, hashing), peak GPU memory, checkpoint
+  size.
 * ``calibration``: FP8/NVFP4 calibration at several batch sizes, with and without the full
   logits, each against a bf16 forward pass over the same batches.
 * ``batch0``: the runner with ``batchSize: 0`` (its own choice of batch).
