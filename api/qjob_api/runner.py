@@ -52,12 +52,40 @@ class ExitCode(IntEnum):
 NON_RETRYABLE_EXIT_CODES = (ExitCode.INVALID_CONFIG, ExitCode.INVALID_INPUT, ExitCode.QUALITY_GATE_FAILED)
 
 
+class RunnerS3(APIModel):
+    """An S3 location as the runner sees it: credentials come from two environment variables
+    (``<credentials_env>_ACCESS_KEY_ID`` / ``_SECRET_ACCESS_KEY``, set by the operator from the
+    Secret), else boto3's default chain (IRSA, instance profile)."""
+
+    field: str = Field(description="The spec field this location came from, named in error messages.")
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    bucket: str
+    prefix: str = ""
+    credentials_env: str | None = None
+    insecure: bool = False
+    ca_bundle: str | None = Field(None, description="Path of a PEM CA bundle file.")
+
+    @property
+    def uri(self) -> str:
+        key = self.prefix.strip("/")
+        return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+
+
 class RunnerModel(APIModel):
-    """The model, resolved to a local folder or a hub repository."""
+    """The model, resolved to a local folder, a hub repository or an S3 prefix."""
 
     path: str | None = Field(None, description="Local folder (a mounted PVC path in a cluster).")
+    s3: RunnerS3 | None = Field(None, description="Objects under an S3 prefix, downloaded into the model cache.")
     hf_repo: str | None = Field(None, description="Hugging Face repository id.")
     revision: str = Field("main", description="Hub revision.")
+    cache_dir: str | None = Field(
+        None,
+        description="The shared model cache volume: the `fetch` stage downloads the model into it; the "
+        "other stages read the entry the fetch stage recorded and download nothing.",
+    )
+    cache_max_bytes: int | None = Field(None, description="Bound of the shared cache; default 90% of its volume.")
+    cache_keep_seconds: int = Field(86400, description="Entries used this recently are never evicted.")
     task: ModelTask = ModelTask.CAUSAL_LM
     trust_remote_code: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -92,7 +120,11 @@ class RunnerConfig(APIModel):
 
     api_version: Literal["qjob.dev/runner/v1"] = RUNNER_API_VERSION
     job: str = Field(description="QuantizationJob name (used in logs and manifests).")
-    stage: str = Field("quantize", description="`quantize` (calibrate, quantize, export, evaluate) or `build-<arch>`.")
+    stage: str = Field(
+        "quantize",
+        description="`fetch` (model into the shared cache, no GPU), `quantize` (calibrate, quantize, export, "
+        "evaluate) or `build-<arch>`.",
+    )
     model: RunnerModel
     quantization: QuantizationSpec
     calibration: RunnerCalibration
@@ -108,6 +140,9 @@ class RunnerConfig(APIModel):
     output_dir: str = Field(description="Folder the finished artifacts are moved into.")
     output_uri: str | None = Field(
         None, description="How users address output_dir (e.g. `pvc://claim/path`); artifact URIs are reported under it."
+    )
+    output_s3: RunnerS3 | None = Field(
+        None, description="Upload the finished artifacts here (manifest.json last); output_dir is then local scratch."
     )
     work_dir: str | None = Field(None, description="Scratch and resume state; default `<output_dir>/.qjob-work`.")
     reporting: Reporting = Field(default_factory=Reporting)

@@ -76,6 +76,19 @@ class APIModel(BaseModel):
 # ---------------------------------------------------------------------------------------- model
 
 
+def _relative_rule(field: str, root: str) -> dict[str, str]:
+    return cel(
+        "!self.startsWith('/') && !self.split('/').exists(p, p == '..')",
+        f"{field} must be relative to {root}: drop the leading '/' and any '..'",
+    )
+
+
+def _check_relative(value: str, field: str, root: str) -> str:
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"{field} must be relative to {root}: drop the leading '/' and any '..'")
+    return value
+
+
 class SecretKeyRef(APIModel):
     """A key in a Secret in the job's namespace."""
 
@@ -109,31 +122,88 @@ class PVCLocation(APIModel):
         "",
         description="Path inside the volume, relative to its root (no leading `/`, no `..`). Empty means the root.",
         max_length=1024,
-        json_schema_extra=cel_rules(
-            cel(
-                "!self.startsWith('/') && !self.split('/').exists(p, p == '..')",
-                "path must be relative to the volume root: drop the leading '/' and any '..'",
-            )
-        ),
+        json_schema_extra=cel_rules(_relative_rule("path", "the volume root")),
     )
 
     @field_validator("path")
     @classmethod
     def _relative(cls, path: str) -> str:
-        if path.startswith("/") or ".." in path.split("/"):
-            raise ValueError("path must be relative to the volume root: drop the leading '/' and any '..'")
-        return path
+        return _check_relative(path, "path", "the volume root")
 
 
-class ModelSpec(APIModel):
-    """The model to quantize. Set exactly one source: `huggingFace` or `pvc`."""
+class LocalObjectRef(APIModel):
+    """An object in the job's namespace, by name."""
+
+    name: str = Field(description="Name of the object in the QuantizationJob's namespace.", max_length=253)
+
+
+class ConfigMapKeyRef(APIModel):
+    """A key in a ConfigMap in the job's namespace."""
+
+    name: str = Field(description="ConfigMap name in the job's namespace.", max_length=253)
+    key: str = Field(description="Key inside the ConfigMap.", max_length=253)
+
+
+class S3Location(APIModel):
+    """A bucket and key prefix on Amazon S3 or an S3-compatible store (Ceph RGW, versitygw, ...)."""
 
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
             cel(
-                "has(self.huggingFace) != has(self.pvc)",
-                "set exactly one model source: spec.model.huggingFace or spec.model.pvc",
+                "!(has(self.insecure) && self.insecure && has(self.caBundle))",
+                "insecure skips TLS verification, caBundle configures it: set only one of them",
             )
+        )
+    )
+
+    endpoint: str | None = Field(
+        None,
+        description="Endpoint URL, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://rgw.storage.svc:8080`. "
+        "Empty: Amazon S3 for `region`.",
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        max_length=512,
+    )
+    region: str = Field("us-east-1", description="Region the bucket lives in (signs the requests).", max_length=64)
+    bucket: str = Field(
+        description="Bucket name (3 to 63 lowercase letters, digits, dots and hyphens).",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+    )
+    prefix: str = Field(
+        "",
+        description="Key prefix (a folder) inside the bucket, without a leading `/`.",
+        max_length=1024,
+        json_schema_extra=cel_rules(_relative_rule("prefix", "the bucket")),
+    )
+    credentials_secret_ref: LocalObjectRef | None = Field(
+        None,
+        description="Secret with keys `accessKeyId` and `secretAccessKey`, passed to the runner as environment "
+        "variables. Empty: the pod's own identity (e.g. IRSA, instance profile).",
+    )
+    insecure: bool = Field(False, description="Skip TLS certificate verification (test stores only).")
+    ca_bundle: ConfigMapKeyRef | None = Field(
+        None, description="ConfigMap key holding the PEM CA bundle that signed the endpoint's certificate."
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _relative(cls, prefix: str) -> str:
+        return _check_relative(prefix, "prefix", "the bucket")
+
+
+class ModelSpec(APIModel):
+    """The model to quantize. Set exactly one source: `huggingFace`, `pvc` or `s3`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "[has(self.huggingFace), has(self.pvc), has(self.s3)].filter(x, x).size() == 1",
+                "set exactly one model source: spec.model.huggingFace, spec.model.pvc or spec.model.s3",
+            ),
+            cel(
+                "!has(self.cacheClaimName) || !has(self.pvc)",
+                "a model on a PVC is read in place: remove spec.model.cacheClaimName",
+                fieldPath=".cacheClaimName",
+            ),
         )
     )
 
@@ -142,6 +212,20 @@ class ModelSpec(APIModel):
         None,
         description="Read the model from a folder in a PersistentVolumeClaim (config.json, "
         "safetensors weights and tokenizer files). Use this for air-gapped clusters.",
+    )
+    s3: S3Location | None = Field(
+        None,
+        description="Download the model folder (config.json, safetensors weights, tokenizer files) from the "
+        "objects under `prefix` in an S3 bucket. Downloads are cached by the objects' ETags.",
+    )
+    cache_claim_name: str | None = Field(
+        None,
+        pattern=_DNS_SUBDOMAIN,
+        max_length=253,
+        description="PersistentVolumeClaim (ReadWriteMany) in this namespace holding the shared model cache. A "
+        "fetch stage without GPUs downloads a Hugging Face or S3 model into it once per source and resolved "
+        "revision (commit, or object ETags); GPU stages mount it read-only and download nothing. Default: the "
+        "operator's modelCache.claimName; neither set: the quantize pod downloads the model itself.",
     )
     task: ModelTask = Field(
         ModelTask.CAUSAL_LM,
@@ -404,6 +488,14 @@ class ResourcesSpec(APIModel):
         "4", pattern=_QUANTITY.replace("(Ki|Mi|Gi|Ti|k|M|G|T)", "(m|k|M|G)"), description="CPU request per pod."
     )
     memory: str = Field("32Gi", pattern=_QUANTITY, description="Memory request and limit per pod.")
+    scratch_storage: str | None = Field(
+        None,
+        pattern=_QUANTITY,
+        description="Size limit of each GPU pod's scratch volume (model downloads without a fetch stage, S3 "
+        "output staging), requested as ephemeral-storage together with /tmp. Default: the staged artifacts' "
+        "size estimated from the model's weight bytes when the fetch stage measured them, else the "
+        "operator's runner.scratchSize.",
+    )
 
 
 class Toleration(APIModel):
@@ -442,10 +534,22 @@ class SchedulingSpec(APIModel):
 
 
 class OutputSpec(APIModel):
-    """Where artifacts are written. A job's artifacts appear only once complete."""
+    """Where artifacts are written: set exactly one of `pvc` or `s3`. A job's artifacts appear only
+    once complete: `manifest.json` is written last, and its presence means the output is complete."""
 
-    pvc: PVCLocation = Field(
-        description="PersistentVolumeClaim and folder for artifacts. Empty path means `<namespace>/<name>`."
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("has(self.pvc) != has(self.s3)", "set exactly one output: spec.output.pvc or spec.output.s3")
+        )
+    )
+
+    pvc: PVCLocation | None = Field(
+        None, description="PersistentVolumeClaim and folder for artifacts. Empty path means `<namespace>/<name>`."
+    )
+    s3: S3Location | None = Field(
+        None,
+        description="S3 bucket and key prefix for artifacts, uploaded in parallel multipart parts with "
+        "`manifest.json` last. Empty prefix means `<namespace>/<name>`.",
     )
 
 
@@ -767,7 +871,7 @@ class Condition(APIModel):
 class StageStatus(APIModel):
     """One runner Job: calibrate/quantize/export, or an engine build for one architecture."""
 
-    name: str = Field(description="Stage name: `quantize` or `build-<architecture>`.")
+    name: str = Field(description="Stage name: `fetch`, `quantize` or `build-<architecture>`.")
     job_name: str | None = Field(None, description="The batch/v1 Job running this stage.")
     architecture: str | None = Field(None, description="Architecture the stage requires (builds only).")
     phase: str = Field("Pending", description="Pending, Running, Succeeded or Failed.")
@@ -810,7 +914,7 @@ class Artifact(APIModel):
     format: str = Field(
         description="Export format (`hf`, `tensorrt_llm`, `onnx`) or engine kind (`tensorrt`, `tensorrt_llm`)."
     )
-    uri: str = Field(description="Where it is: `pvc://<claim>/<path>`.")
+    uri: str = Field(description="Where it is: `pvc://<claim>/<path>` or `s3://<bucket>/<key>`.")
     architecture: str | None = Field(None, description="GPU architecture an engine was built for.")
     compute_capability: str | None = Field(None, description="Compute capability an engine was built on, e.g. `9.0`.")
     tensorrt_version: str | None = Field(None, description="TensorRT (or TensorRT-LLM) version that built an engine.")
@@ -837,8 +941,8 @@ class RunnerReport(APIModel):
 
     step: str | None = Field(
         None,
-        description="Runner step in progress: resolve, load, data, baseline, quantize, evaluate, export, serving "
-        "(checks the checkpoint against spec.serving), build, report.",
+        description="Runner step in progress: fetch (the fetch stage), resolve, load, data, baseline, quantize, "
+        "evaluate, export, serving (checks the checkpoint against spec.serving), build, report.",
     )
     percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
     eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")
@@ -846,6 +950,9 @@ class RunnerReport(APIModel):
     artifacts: list[Artifact] = Field(default=[], description="Artifacts this stage finished.")
     quality: Quality | None = Field(None, description="Quality measured by this stage.")
     step_seconds: dict[str, float] = Field(default={}, description="Wall time of each finished step.")
+    model_bytes: int | None = Field(
+        None, description="Weight bytes of the model the fetch stage put in the cache (sizes later pods' disk)."
+    )
     updated_at: datetime | None = Field(None, description="When the runner wrote this report.")
 
 

@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 from qjob_api.runner import RunnerConfig
 from qjob_api.v1alpha1 import GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, QuantizationJob
-from qjob_operator.builders import CALIBRATION_ROOT, PVC_ROOT, QuantizationJobRef, build_runner_config
+from qjob_operator.builders import CACHE_ROOT, CALIBRATION_ROOT, PVC_ROOT, QuantizationJobRef, build_runner_config
 from qjob_operator.config import OperatorConfig
+from qjob_operator.fetch import MODEL_CACHE_ROOT, cache_claim
 from qjob_operator.plan import plan_stages
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
@@ -45,13 +46,14 @@ def local_runner_config(
     workdir: Path,
 ) -> RunnerConfig:
     """The RunnerConfig the operator would mount, with in-pod paths mapped to this machine:
-    PVC claims to ``volumes[claim]`` (default ``workdir/pvc/<claim>``), calibration ConfigMaps
+    PVC claims (the model cache's too) to ``volumes[claim]`` (default ``workdir/pvc/<claim>``), calibration ConfigMaps
     (from the same manifest file) to files under ``workdir``, reporting to a local file."""
     ref = QuantizationJobRef(job.metadata.get("name", "local"), job.metadata.get("namespace", "default"), "local")
-    stages = {s.name: s for s in plan_stages(job.spec, OperatorConfig())}
+    operator_config = OperatorConfig()
+    stages = {s.name: s for s in plan_stages(job.spec, operator_config)}
     if stage_name not in stages:
         raise SystemExit(f"qjob: no stage {stage_name!r} in this job; it has: {', '.join(stages)}")
-    config = build_runner_config(ref, job.spec, stages[stage_name])
+    config = build_runner_config(ref, job.spec, stages[stage_name], operator_config)
 
     def local(path: str | None) -> str | None:
         if not path:
@@ -72,11 +74,18 @@ def local_runner_config(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(data[cm.key])
             return str(target)
+        if path.startswith(CACHE_ROOT + "/"):  # the pod's scratch volume (e.g. an S3 output's staging)
+            return str(workdir / "cache" / path[len(CACHE_ROOT) + 1 :])
+        if path == MODEL_CACHE_ROOT:  # the shared model cache claim
+            claim = cache_claim(job.spec, operator_config)
+            return str(volumes.get(claim, workdir / "pvc" / claim))
         return path
 
     return config.model_copy(
         update={
-            "model": config.model.model_copy(update={"path": local(config.model.path)}),
+            "model": config.model.model_copy(
+                update={"path": local(config.model.path), "cache_dir": local(config.model.cache_dir)}
+            ),
             "calibration": config.calibration.model_copy(
                 update={
                     "dataset": config.calibration.dataset.model_copy(

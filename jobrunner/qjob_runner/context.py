@@ -63,6 +63,8 @@ class RunContext:
     #: the fake-quantized encoder's embeddings of the held-out texts, compared with the exported model's
     quantized_embeddings: Any = None
     quality: Quality | None = None
+    #: open ``.use`` file of the model cache entry this stage reads (a shared lock against eviction)
+    cache_lease: Any = None
     #: JSON-able figures for the manifest (no tensors: those have their own fields)
     metrics: dict[str, Any] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)

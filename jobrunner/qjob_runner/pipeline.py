@@ -32,9 +32,11 @@ class Step:
 
 
 def _plans():
+    from . import modelcache, storage
     from .steps import build, data, evaluate, export, load, quantize, report, resolve, serving
 
     def preflight(ctx: RunContext) -> None:
+        storage.preflight(ctx)
         resolve.run(ctx)
         if not ctx.config.is_build:
             export.check_available(ctx)
@@ -51,11 +53,14 @@ def _plans():
         Step("report", report.run, 5),
     ]
     build_plan = [Step("resolve", preflight, 2), Step("build", build.run, 93), Step("report", report.run, 5)]
-    return quantize_plan, build_plan
+    fetch_plan = [Step(modelcache.FETCH_STAGE, modelcache.run, 100)]
+    return quantize_plan, build_plan, fetch_plan
 
 
 def plan_for(config: RunnerConfig) -> list[Step]:
-    quantize_plan, build_plan = _plans()
+    quantize_plan, build_plan, fetch_plan = _plans()
+    if config.stage == "fetch":
+        return fetch_plan
     return build_plan if config.is_build else quantize_plan
 
 
@@ -66,7 +71,7 @@ def staging_destination(config: RunnerConfig, paths: Paths) -> Path:
 
 
 def result_path(config: RunnerConfig, paths: Paths) -> Path:
-    return paths.output_dir / (RESULT if not config.is_build else f"result-{config.stage}.json")
+    return paths.output_dir / (RESULT if config.stage == "quantize" else f"result-{config.stage}.json")
 
 
 PREBUILT_EXTENSIONS_ENV = "QJOB_PREBUILT_EXTENSIONS"

@@ -33,8 +33,7 @@ def register(ctx: RunContext, name: str, path: Path, relative: str, **extra) -> 
         runtimes=ctx.serving_targets.get(name),  # hf checkpoints: set by the serving step
         **extra,
     )
-    ctx.artifacts.append(art)
-    ctx.reporter.add_artifact(art)
+    ctx.artifacts.append(art)  # reported by the report step once published where users read them
     return {
         "name": name,
         "path": relative,

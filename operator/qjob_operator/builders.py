@@ -17,9 +17,12 @@ from qjob_api.runner import (
     RunnerDataset,
     RunnerModel,
 )
-from qjob_api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, PVCLocation, QuantizationJobSpec
+from qjob_api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, PVCLocation, QuantizationJobSpec, quantity_to_mib
 
 from .config import OperatorConfig
+from .disk import quantity, scratch_plan
+from .fetch import FETCH_STAGE, MODEL_CACHE_ROOT, cache_claim, cache_volume, fetch_resources, prefer_nodes_without_gpus
+from .objectstore import S3Use
 from .plan import (
     LABEL_QUANTIZATION_JOB,
     LABEL_STAGE,
@@ -80,16 +83,39 @@ def output_location(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> PVCLo
     return out if out.path else out.model_copy(update={"path": f"{ref.namespace}/{ref.name}"})
 
 
+def s3_uses(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> list[S3Use]:
+    """The S3 locations a job's runner pods read or write (model source, output)."""
+    uses = []
+    if spec.model.s3:
+        uses.append(S3Use("model", "spec.model.s3", spec.model.s3, spec.model.s3.prefix))
+    if out := spec.output.s3:
+        uses.append(S3Use("output", "spec.output.s3", out, out.prefix or f"{ref.namespace}/{ref.name}"))
+    return uses
+
+
+def _s3_use(ref: QuantizationJobRef, spec: QuantizationJobSpec, role: str) -> S3Use | None:
+    return next((u for u in s3_uses(ref, spec) if u.role == role), None)
+
+
 def output_uri(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> str:
+    if out := _s3_use(ref, spec, "output"):
+        return out.runner().uri
     loc = output_location(ref, spec)
     return f"pvc://{loc.claim_name}/{loc.path}"
 
 
-def build_runner_config(ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage) -> RunnerConfig:
+def build_runner_config(
+    ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig
+) -> RunnerConfig:
     """The runner's whole input for one stage: no Kubernetes objects, only paths and settings."""
     source = spec.model
+    model_s3, output_s3 = _s3_use(ref, spec, "model"), _s3_use(ref, spec, "output")
     model = RunnerModel(
         path=pvc_path(source.pvc) if source.pvc else None,
+        s3=model_s3.runner() if model_s3 else None,
+        cache_dir=MODEL_CACHE_ROOT if cache_claim(spec, config) else None,
+        cache_max_bytes=quantity_to_mib(config.model_cache.max_size) * 2**20 if config.model_cache.max_size else None,
+        cache_keep_seconds=config.model_cache.keep_seconds,
         hf_repo=source.hugging_face.repo if source.hugging_face else None,
         revision=source.hugging_face.revision if source.hugging_face else "main",
         task=source.task,
@@ -120,8 +146,10 @@ def build_runner_config(ref: QuantizationJobRef, spec: QuantizationJobSpec, stag
         serving=spec.serving,
         target_architectures=spec.target_architectures(),
         engine=engine,
-        output_dir=pvc_path(output_location(ref, spec)),
+        # An S3 output is staged in the pod's scratch volume and uploaded from there.
+        output_dir=f"{CACHE_ROOT}/output" if output_s3 else pvc_path(output_location(ref, spec)),
         output_uri=output_uri(ref, spec),
+        output_s3=output_s3.runner() if output_s3 else None,
         reporting=Reporting(kind="kubernetes", namespace=ref.namespace, name=ref.name),
     )
 
@@ -195,16 +223,18 @@ def node_affinity(req: NodeRequirement, config: OperatorConfig) -> dict[str, Any
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
-def _volumes(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> tuple[list[dict], list[dict]]:
-    out_claim = spec.output.pvc.claim_name
-    claims: dict[str, bool] = {out_claim: False}  # claim -> read-only
+def _volumes(
+    ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig
+) -> tuple[list[dict], list[dict]]:
+    claims: dict[str, bool] = {spec.output.pvc.claim_name: False} if spec.output.pvc else {}  # claim -> read-only
     if spec.model.pvc:
         claims.setdefault(spec.model.pvc.claim_name, True)
     if spec.calibration.dataset.pvc:
         claims.setdefault(spec.calibration.dataset.pvc.claim_name, True)
+    scratch = scratch_plan(spec, stage, config)
     volumes = [
-        {"name": "cache", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {"sizeLimit": quantity(scratch.scratch_bytes)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": quantity(scratch.tmp_bytes)}},
     ]
     mounts = [
         {"name": "cache", "mountPath": CACHE_ROOT},
@@ -218,6 +248,14 @@ def _volumes(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> tuple[list[d
             {"name": "calibration", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}}
         )
         mounts.append({"name": "calibration", "mountPath": CALIBRATION_ROOT, "readOnly": True})
+    for use in s3_uses(ref, spec):
+        ca_volumes, ca_mounts = use.volumes()
+        volumes += ca_volumes
+        mounts += ca_mounts
+    if claim := cache_claim(spec, config):
+        volume, mount = cache_volume(claim, stage.name)
+        volumes.append(volume)
+        mounts.append(mount)
     return volumes, mounts
 
 
@@ -226,10 +264,11 @@ def _env(
 ) -> list[dict[str, Any]]:
     # The RunnerConfig travels inline in the Job (one object fewer per job than a ConfigMap,
     # nothing to mount, and `kubectl get job -o yaml` shows exactly what the runner ran).
-    runner_config = build_runner_config(ref, spec, stage).model_dump_json(by_alias=True, exclude_none=True)
+    runner_config = build_runner_config(ref, spec, stage, config).model_dump_json(by_alias=True, exclude_none=True)
     env = [
         {"name": CONFIG_ENV, "value": runner_config},
         {"name": "HF_HOME", "value": f"{CACHE_ROOT}/huggingface"},
+        {"name": "QJOB_MODEL_CACHE", "value": f"{CACHE_ROOT}/models"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "QJOB_TERMINATION_LOG", "value": "/dev/termination-log"},
         {"name": "QJOB_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -242,6 +281,10 @@ def _env(
                 "valueFrom": {"secretKeyRef": {"name": hf.token_secret_ref.name, "key": hf.token_secret_ref.key}},
             }
         )
+    fetched = cache_claim(spec, config) and stage.name != FETCH_STAGE
+    for use in s3_uses(ref, spec):
+        if not (fetched and use.role == "model"):  # with a fetch stage, only it reads the model source
+            env += use.env()
     env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
     return env
 
@@ -250,20 +293,25 @@ def build_job(
     ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig
 ) -> dict[str, Any]:
     """The batch/v1 Job of one stage."""
-    volumes, mounts = _volumes(ref, spec)
+    volumes, mounts = _volumes(ref, spec, stage, config)
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.runner.shm_size}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     gpu = config.node_labels.gpu_resource
+    if stage.name == FETCH_STAGE:
+        resources = fetch_resources(config)
+    else:
+        resources = {
+            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
+            "limits": {"memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
+        }
+    resources["requests"]["ephemeral-storage"] = quantity(scratch_plan(spec, stage, config).request_bytes)
     container = {
         "name": RUNNER_CONTAINER,
         "image": config.runner.image,
         "imagePullPolicy": config.runner.image_pull_policy,
         "command": ["qjob-runner"],
         "env": _env(ref, spec, stage, config),
-        "resources": {
-            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
-            "limits": {"memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
-        },
+        "resources": resources,
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
@@ -287,7 +335,9 @@ def build_job(
     }
     if spec.scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)
-    if affinity := node_affinity(stage.requirement, config):
+    if stage.name == FETCH_STAGE:
+        pod_spec["affinity"] = prefer_nodes_without_gpus(config)
+    elif affinity := node_affinity(stage.requirement, config):
         pod_spec["affinity"] = affinity
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name

@@ -55,9 +55,27 @@ class RunnerSettings(_Settings):
     pod_labels: dict[str, str] = Field(default_factory=dict)
     pod_annotations: dict[str, str] = Field(default_factory=dict)
     shm_size: str = "16Gi"
+    # Scratch volume of a runner pod when nothing better is known (see disk.py), and /tmp's size.
+    scratch_size: str = "200Gi"
+    tmp_size: str = "4Gi"
     run_as_user: int = 1000
     # Child Jobs are kept for inspection until the QuantizationJob is deleted; set to clean them earlier.
     job_ttl_seconds_after_finished: int | None = None
+
+
+class ModelCacheSettings(_Settings):
+    """The shared model cache and the pods that fill it (see qjob_operator/fetch.py)."""
+
+    # PersistentVolumeClaim (ReadWriteMany) in each job's namespace; a job's spec.model.cacheClaimName
+    # overrides it. Empty: no fetch stage, the quantize pod downloads the model itself.
+    claim_name: str = ""
+    # Bound of the cache (least recently used entries no running stage reads are evicted to stay
+    # under it); empty: 90% of the volume. Entries used within keep_seconds are never evicted.
+    max_size: str = Field("", pattern=r"^([0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?)?$")
+    keep_seconds: int = Field(86400, ge=0)
+    # What a fetch pod (no GPU) requests.
+    cpu: str = "1"
+    memory: str = "4Gi"
 
 
 class OperatorConfig(_Settings):
@@ -71,6 +89,7 @@ class OperatorConfig(_Settings):
     )
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     policy: Policy = Field(default_factory=Policy)
+    model_cache: ModelCacheSettings = Field(default_factory=ModelCacheSettings)
     metrics_port: int = 9090
     health_port: int = 8080
     # Status writes per second, all jobs together (bursts of new jobs then create Jobs first).

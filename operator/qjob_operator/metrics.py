@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from qjob_api.v1alpha1 import PHASES, TERMINAL_PHASES, Phase
 
+from .fetch import FETCH_STAGE
 from .plan import QUANTIZE_STAGE
 from .status import parse_time
 
@@ -102,7 +103,7 @@ class Metrics:
         for stage in new.get("stages") or []:
             prior = before.get(stage["name"], {})
             arch = stage.get("architecture") or node_architecture(stage.get("node"))
-            kind = "quantize" if stage["name"] == QUANTIZE_STAGE else "build"
+            kind = stage["name"] if stage["name"] in (QUANTIZE_STAGE, FETCH_STAGE) else "build"
             started = parse_time(stage.get("startTime"))
             if started and not prior.get("startTime") and job_created.get(stage["name"]):
                 self.pending.labels(kind, arch).observe(
@@ -113,7 +114,8 @@ class Metrics:
                 if started and end:
                     seconds = max(0.0, (end - started).total_seconds())
                     self.stage_duration.labels(kind, fmt, arch, stage["phase"].lower()).observe(seconds)
-                    self.gpu_seconds.labels(arch).inc(seconds * gpus)
+                    if kind != FETCH_STAGE:  # the fetch pod holds no GPU
+                        self.gpu_seconds.labels(arch).inc(seconds * gpus)
         if new.get("phase") in TERMINAL_PHASES and old.get("phase") != new["phase"]:
             if new["phase"] == Phase.FAILED:
                 self.failures.labels(new.get("reason") or "Unknown").inc()

@@ -1,6 +1,7 @@
 """Stages of a QuantizationJob (each one a batch/v1 Job) and what each needs from a node.
 
-``quantize`` (calibrate, quantize, export, evaluate) runs first on any GPU node that fits;
+``fetch`` (only with a shared model cache, see fetch.py) downloads the model without GPUs;
+``quantize`` (calibrate, quantize, export, evaluate) then runs on any GPU node that fits;
 ``build-<arch>`` stages then run in parallel, one per engine target, each on a node of that
 architecture because an engine only runs on the compute capability that built it.
 """
@@ -15,6 +16,7 @@ from qjob_api.capabilities import GPUArchitecture
 from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
 
 from .config import OperatorConfig
+from .fetch import FETCH_STAGE, cache_claim
 
 QUANTIZE_STAGE = "quantize"
 LABEL_PREFIX = "qjob.dev"
@@ -57,6 +59,8 @@ class Stage:
     requirement: NodeRequirement
     after: tuple[str, ...] = ()
     architecture: GPUArchitecture | None = None
+    #: Weight bytes the fetch stage measured (set when the stage is created after it; sizes its disk).
+    model_bytes: int | None = None
 
 
 def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage]:
@@ -74,7 +78,12 @@ def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage
             tolerations=tolerations,
         )
 
-    stages = [Stage(QUANTIZE_STAGE, requirement(spec.scheduling.calibration_architecture))]
+    stages = []
+    if cache_claim(spec, config):  # the download runs first, without GPUs
+        no_gpu = NodeRequirement(None, (), 0, None, dict(spec.scheduling.node_selector))
+        stages.append(Stage(FETCH_STAGE, no_gpu))
+    after = tuple(s.name for s in stages)
+    stages.append(Stage(QUANTIZE_STAGE, requirement(spec.scheduling.calibration_architecture), after=after))
     stages += [
         Stage(
             build_stage(e.architecture),

@@ -25,7 +25,7 @@ from .builders import QuantizationJobRef, build_job, build_role, build_role_bind
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import Metrics
-from .plan import QUANTIZE_STAGE, Stage, plan_stages
+from .plan import Stage, plan_stages
 from .status import decide, fmt_time, observe, parse_time, transition_events
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class Reconciler:
         todo = [s for s in create if (ref.uid, s.name) not in self._created]
         if not todo:
             return
-        first = any(s.name == QUANTIZE_STAGE for s in todo)
+        first = any(not s.after for s in todo)  # the stage that starts the job (fetch or quantize)
         if first:
             # The pod needs its ServiceAccount to exist when the Job controller creates it.
             await self.kube.create(build_service_account(ref, self.config))

@@ -29,6 +29,7 @@ from qjob_api.v1alpha1 import (
 
 from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
+from .fetch import FETCH_STAGE, with_model_bytes
 from .nodes import matching_nodes
 from .plan import QUANTIZE_STAGE, Stage, child_name
 
@@ -263,10 +264,11 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
 
 
 def _weights(stages: list[Stage]) -> dict[str, float]:
-    builds = [s for s in stages if s.name != QUANTIZE_STAGE]
-    if not builds:
-        return {QUANTIZE_STAGE: 1.0}
-    return {QUANTIZE_STAGE: 0.6, **{s.name: 0.4 / len(builds) for s in builds}}
+    builds = [s for s in stages if s.name not in (QUANTIZE_STAGE, FETCH_STAGE)]
+    weights = {QUANTIZE_STAGE: 0.6, **{s.name: 0.4 / len(builds) for s in builds}} if builds else {QUANTIZE_STAGE: 1.0}
+    if any(s.name == FETCH_STAGE for s in stages):  # a download of a large model takes a while too
+        weights = {FETCH_STAGE: 0.2, **{name: 0.8 * w for name, w in weights.items()}}
+    return weights
 
 
 def progress(stages: list[Stage], records: dict[str, StageStatus], reports: dict[str, RunnerReport]) -> Progress:
@@ -416,7 +418,7 @@ def policy_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list
             f"{config.policy.max_gpus_per_pod} GPUs per pod: lower it"
         )
     claims = config.policy.allowed_output_claims
-    if claims and spec.output.pvc.claim_name not in claims:
+    if claims and spec.output.pvc and spec.output.pvc.claim_name not in claims:
         problems.append(
             f"spec.output.pvc.claimName {spec.output.pvc.claim_name!r} is not an allowed output "
             f"claim; use one of: {', '.join(claims)}"
@@ -514,7 +516,7 @@ def decide_stage_records(
         if stage.name in obs.stage_jobs:
             continue
         if all(records[d].phase == Phase.SUCCEEDED for d in stage.after):
-            draft.decision.create.append(stage)
+            draft.decision.create.append(with_model_bytes(stage, reports))
             record.reason = Reason.PENDING
         else:
             record.reason = Reason.WAITING

@@ -3,6 +3,7 @@ simulated nodes into local jobrunner processes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,14 @@ def podrunner(cluster, tmp_path_factory):
         cluster.kubeconfig,
         tmp_path_factory.mktemp("podrunner"),
         max_parallel=2,
-        extra_env={"QJOB_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        extra_env={
+            "QJOB_TORCH_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # The runner processes import the same code as the tests (a checkout on PYTHONPATH
+            # rather than the venv's installed copy).
+            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
+        },
         # Only the e2e tests' pods: other tests in the session use external pods of their own.
         label_selector="localcluster.qjob.dev/external=true,e2e.qjob.dev/podrunner=true",
     ).start()

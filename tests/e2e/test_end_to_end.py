@@ -1,5 +1,6 @@
 """apply -> Succeeded with real artifacts: the real operator and control plane, and the real
-jobrunner (ModelOpt on CPU) running the pods the scheduler placed (via qjob_dev.podrunner)."""
+jobrunner (ModelOpt on CPU) running the pods the scheduler placed (via qjob_dev.podrunner); for
+object stores also a real S3 server (versitygw on loopback, tests/s3_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -122,3 +123,55 @@ def test_bad_input_fails_once_with_the_runners_message(kube_api, cluster, e2e_ns
     assert status["stages"][0]["attempts"] == 1  # exit code 3: the podFailurePolicy does not retry
     out = pv_folder(kube_api, e2e_ns) / e2e_ns / name
     assert not any(out.rglob("hf_quant_config.json")), "a failed run must leave nothing that looks finished"
+
+
+# ------------------------------------------------ object stores: fetch -> quantize -> upload (real S3 server)
+
+
+def test_model_from_s3_fetched_once_then_quantized_and_uploaded(
+    kube_api,
+    cluster,
+    e2e_ns,
+    operator,
+    s3_server,
+    s3_bucket,
+    tmp_path,
+):
+    s3_server.upload_folder(make_tiny_llama(tmp_path / "tiny"), s3_bucket, "models/tiny")
+    make_artifacts_pvc(kube_api, e2e_ns, name="model-cache")
+    client.CoreV1Api(kube_api).create_namespaced_secret(
+        e2e_ns,
+        {
+            "metadata": {"name": "s3"},
+            "stringData": {"accessKeyId": s3_server.access_key, "secretAccessKey": s3_server.secret_key},
+        },
+    )
+    store = {"endpoint": s3_server.endpoint, "bucket": s3_bucket, "credentialsSecretRef": {"name": "s3"}}
+    job = spec(
+        model={"s3": {**store, "prefix": "models/tiny"}, "cacheClaimName": "model-cache"},
+        output={"s3": {**store, "prefix": "artifacts/tiny-int8sq"}},
+    )
+    name = create_qjob(kube_api, e2e_ns, job, name="tiny-from-s3")
+    waited = qjob_wait(cluster, e2e_ns, name)
+    obj = wait_qjob(kube_api, e2e_ns, name, phase_is("Succeeded", "Failed"), timeout=60, operator=operator)
+    status = obj["status"]
+    assert waited.returncode == 0 and status["phase"] == "Succeeded", json.dumps(status, indent=2)
+
+    stages = {s["name"]: s for s in status["stages"]}
+    assert list(stages) == ["fetch", "quantize"] and all(s["phase"] == "Succeeded" for s in stages.values())
+    fetch_node = client.CoreV1Api(kube_api).read_node(stages["fetch"]["node"])
+    assert "nvidia.com/gpu.compute.major" not in fetch_node.metadata.labels  # the download held no GPU
+    assert status["runnerReports"]["fetch"]["modelBytes"] > 0
+
+    objects = s3_server.keys(s3_bucket, "artifacts/tiny-int8sq/")
+    assert "artifacts/tiny-int8sq/manifest.json" in objects
+    checkpoint = next(a for a in status["artifacts"] if a["kind"] == "checkpoint")
+    assert checkpoint["uri"] == f"s3://{s3_bucket}/artifacts/tiny-int8sq/hf"
+    manifest = json.loads(
+        s3_server.client().get_object(Bucket=s3_bucket, Key="artifacts/tiny-int8sq/manifest.json")["Body"].read()
+    )
+    assert manifest["metrics"]["modelBytesFetched"] == 0  # the GPU stage read the cache the fetch stage filled
+    hf = next(a for a in manifest["artifacts"] if a["name"] == "hf")
+    assert hf["sha256"] == checkpoint["sha256"]
+    for f in hf["files"]:
+        assert objects[f"artifacts/tiny-int8sq/hf/{f['path']}"]["Size"] == f["size"]

@@ -37,3 +37,12 @@ def trained_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def calib_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "calib.jsonl", pydoc_paragraphs()[:400])
+
+
+@pytest.fixture
+def s3_creds(s3_server, monkeypatch):
+    monkeypatch.setenv("QJOB_S3_OUTPUT_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("QJOB_S3_OUTPUT_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("QJOB_S3_MODEL_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("QJOB_S3_MODEL_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # unreachable-endpoint cases fail in seconds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from qjob_api.runner import RunnerS3
+
 
 def runner_config(**overrides) -> dict:
     cfg = {
@@ -22,6 +24,22 @@ def runner_config(**overrides) -> dict:
         else:
             cfg[k] = v
     return cfg
+
+
+# ------------------------------------------------------------------------------ S3 (real server)
+
+
+def location(server, bucket: str, role: str = "output", **over) -> RunnerS3:
+    """The RunnerS3 the operator would build for ``spec.<role>.s3`` on the test server."""
+    fields = {
+        "field": f"spec.{role}.s3",
+        "bucket": bucket,
+        "prefix": "ns/job",
+        "credentials_env": f"QJOB_S3_{role.upper()}",
+    }
+    if server is not None:
+        fields.update(endpoint=server.endpoint, region=server.region)
+    return RunnerS3(**{**fields, **over})
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -97,7 +97,7 @@ def test_role_is_limited_to_the_one_job(spec):
 def test_runner_config_uses_mounted_paths(spec_dict, config):
     spec_dict["model"] = {"pvc": {"claimName": "models", "path": "llama"}}
     spec = QuantizationJobSpec.model_validate(spec_dict)
-    rc = build_runner_config(REF, spec, _stage(spec, config, "build-hopper"))
+    rc = build_runner_config(REF, spec, _stage(spec, config, "build-hopper"), config)
     assert rc.model.path == "/mnt/pvc/models/llama"
     assert rc.calibration.dataset.path == "/mnt/calibration/text.jsonl"
     assert rc.output_dir == "/mnt/pvc/artifacts/ml/llama"

@@ -36,6 +36,18 @@ def test_local_config_maps_claims_and_configmaps_to_local_paths(spec_dict, tmp_p
     assert config.reporting.kind == "file"
 
 
+def test_local_config_maps_the_model_cache_and_the_s3_staging(spec_dict, tmp_path):
+    spec_dict["model"] = {"s3": {"bucket": "models", "prefix": "tiny"}, "cacheClaimName": "model-cache"}
+    spec_dict["output"] = {"s3": {"bucket": "artifacts"}}
+    cm = {"calib": {"text.jsonl": "{}"}}
+    fetch = local_runner_config(_job(spec_dict), "fetch", {"model-cache": tmp_path / "cache"}, cm, tmp_path / "w")
+    assert fetch.model.cache_dir == str(tmp_path / "cache")
+    quantize = local_runner_config(_job(spec_dict), "quantize", {}, cm, tmp_path / "w")
+    assert quantize.model.cache_dir == str(tmp_path / "w" / "pvc" / "model-cache")
+    assert quantize.output_dir == str(tmp_path / "w" / "cache" / "output")  # staged, then uploaded
+    assert quantize.output_uri == "s3://artifacts/ml/llama"
+
+
 def test_local_config_names_a_missing_configmap(spec_dict, tmp_path):
     with pytest.raises(SystemExit, match="add the ConfigMap document"):
         local_runner_config(_job(spec_dict), "quantize", {}, {}, tmp_path)

@@ -80,7 +80,7 @@ def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[s
 
 def referenced_claims(job: QuantizationJob) -> set[str]:
     spec = job.spec
-    claims = {spec.output.pvc.claim_name}
+    claims = {spec.output.pvc.claim_name} if spec.output.pvc else set()
     if spec.model.pvc:
         claims.add(spec.model.pvc.claim_name)
     if spec.calibration.dataset.pvc:

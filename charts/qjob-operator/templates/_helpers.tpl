@@ -75,6 +75,8 @@ Null architectures (removed by the user) are dropped.
   "podLabels" .Values.runner.podLabels
   "podAnnotations" .Values.runner.podAnnotations
   "shmSize" .Values.runner.shmSize
+  "scratchSize" .Values.runner.scratchSize
+  "tmpSize" .Values.runner.tmpSize
   "runAsUser" .Values.runner.runAsUser
 }}
 {{- if not (kindIs "invalid" .Values.runner.jobTtlSecondsAfterFinished) }}
@@ -86,6 +88,7 @@ Null architectures (removed by the user) are dropped.
   "architectures" $architectures
   "runner" $runner
   "policy" .Values.policy
+  "modelCache" .Values.modelCache
   "metricsPort" .Values.metrics.port
   "healthPort" .Values.healthPort
   "resyncSeconds" .Values.resyncSeconds

@@ -1,4 +1,5 @@
-"""report: artifact manifest, then move everything into ``output_dir`` (manifest last)."""
+"""report: artifact manifest, then move everything into ``output_dir`` (manifest last); with an
+object-store output, upload it there first (manifest last)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from qjob_api.v1alpha1 import Artifact
 
+from .. import storage
 from ..artifacts import MANIFEST
 from ..context import RunContext
 from ..registration import artifact_uri, register
@@ -53,7 +55,14 @@ def run(ctx: RunContext) -> None:
     if ctx.engine_entry is not None:  # the build step registers its engine folder itself
         entries.append(ctx.engine_entry)
     (staging.path / MANIFEST).write_text(json.dumps(manifest(ctx, entries), indent=2, default=str))
+    relative = staging.destination.relative_to(ctx.paths.output_dir).as_posix()
+    relative = "" if relative == "." else relative  # engines/<arch> for build stages
+    if ctx.config.output_s3 is not None:
+        storage.upload_stage(ctx, staging.path, relative)
     staging.publish(last=MANIFEST)
     ctx.staging = None
-    ctx.artifacts.append(Artifact(kind="manifest", format="json", uri=artifact_uri(ctx, MANIFEST)))
+    manifest_uri = artifact_uri(ctx, f"{relative}/{MANIFEST}" if relative else MANIFEST)
+    ctx.artifacts.append(Artifact(kind="manifest", format="json", uri=manifest_uri))
+    for art in ctx.artifacts:  # status lists artifacts only once they are complete where users read them
+        ctx.reporter.add_artifact(art)
     ctx.reporter.update(message=f"published {len(entries)} artifacts to {ctx.paths.output_dir}")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 from qjob_api.capabilities import (
@@ -22,8 +23,10 @@ from qjob_api.capabilities import (
     QuantFormat,
     unsupported_reasons,
 )
+from qjob_api.runner import RunnerModel
 from qjob_api.v1alpha1 import serving_refusals
 
+from .. import modelcache
 from ..context import RunContext
 from ..errors import InvalidConfig, InvalidInput, TransientError, UnsupportedFormat
 
@@ -147,7 +150,7 @@ def check_safetensors(path: Path) -> None:
 
 def check_model_folder(folder: Path, ctx: RunContext) -> None:
     cfg = ctx.config.model
-    where = "spec.model.pvc (claimName and path)"
+    where = f"{cfg.s3.field} (bucket and prefix)" if cfg.s3 else "spec.model.pvc (claimName and path)"
     if not folder.exists():
         raise InvalidInput(
             f"model folder {folder} does not exist",
@@ -188,22 +191,17 @@ def check_model_folder(folder: Path, ctx: RunContext) -> None:
         )
 
 
-def download(ctx: RunContext) -> Path:
-    m = ctx.config.model
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub import snapshot_download
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    token = os.environ.get("HF_TOKEN") or None
-    ctx.reporter.update(message=f"resolving {m.hf_repo}@{m.revision}{' (offline)' if offline else ''}")
+
+@contextmanager
+def hub_errors(m: RunnerModel):
+    """Hugging Face Hub failures as RunnerErrors naming the spec field and the fix."""
+    from huggingface_hub import errors as hf_errors
+
     try:
-        path = snapshot_download(
-            repo_id=m.hf_repo,
-            revision=m.revision,
-            token=token,
-            local_files_only=offline,
-            allow_patterns=DOWNLOAD_PATTERNS,
-        )
+        yield
     except hf_errors.GatedRepoError:
         raise InvalidInput(
             f"{m.hf_repo} is gated and the token cannot read it",
@@ -220,7 +218,7 @@ def download(ctx: RunContext) -> Path:
             f"revision {m.revision} of {m.hf_repo} does not exist", "fix spec.model.huggingFace.revision"
         ) from None
     except hf_errors.LocalEntryNotFoundError:
-        if offline:
+        if hub_offline():
             raise InvalidInput(
                 f"{m.hf_repo}@{m.revision} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
                 "pre-load the model into HF_HOME, unset HF_HUB_OFFLINE, or use spec.model.pvc",
@@ -237,6 +235,25 @@ def download(ctx: RunContext) -> Path:
                 "set spec.model.huggingFace.tokenSecretRef to a token with read access",
             ) from None
         raise TransientError(f"Hugging Face Hub error for {m.hf_repo}: {exc}", "retried automatically") from None
+
+
+def download(ctx: RunContext, local_dir: Path | None = None, revision: str | None = None) -> Path:
+    """The model from the Hub: into HF_HOME's cache, or into ``local_dir`` (the shared model cache)."""
+    m = ctx.config.model
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    token = os.environ.get("HF_TOKEN") or None
+    ctx.reporter.update(message=f"resolving {m.hf_repo}@{m.revision}{' (offline)' if offline else ''}")
+    with hub_errors(m):
+        path = snapshot_download(
+            repo_id=m.hf_repo,
+            revision=revision or m.revision,
+            token=token,
+            local_files_only=offline,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            local_dir=local_dir,
+        )
     return Path(path)
 
 
@@ -247,10 +264,14 @@ def run(ctx: RunContext) -> None:
         return  # build stages read the quantize stage's artifacts; see steps/build.py
     if m.path:
         folder = Path(m.path)
+    elif m.cache_dir and ctx.stage != modelcache.FETCH_STAGE:
+        folder = modelcache.lookup(ctx)  # the fetch stage filled the shared cache
+    elif m.s3:
+        folder = modelcache.fetch_s3(ctx, modelcache.pod_cache_root())
     elif m.hf_repo:
         folder = download(ctx)
     else:
-        raise InvalidConfig("the model has neither path nor hf_repo", "set spec.model.pvc or spec.model.huggingFace")
+        raise InvalidConfig("the model has no source", "set spec.model.pvc, spec.model.huggingFace or spec.model.s3")
     check_model_folder(folder, ctx)
     ctx.paths.model_dir = folder
     ctx.reporter.update(message=f"model at {folder}")

@@ -1,0 +1,411 @@
+"""The model cache: one folder per model content, shared by jobs and retries, and the fetch step.
+
+Layout under the cache root (the shared cache PVC in a cluster, else ``QJOB_MODEL_CACHE``):
+
+    s3/<key>/               the objects under an S3 prefix; <key> hashes the endpoint, bucket, prefix and
+                            every object's key, size and ETag (a changed object is a new entry)
+    hf/<org>--<repo>--<commit>/   a Hugging Face snapshot at a resolved commit
+    <entry>.partial/        a download in progress; the next attempt resumes it
+    <entry>.lock            held while an entry is checked or downloaded: a second job waits, then reuses it
+    <entry>.use             held shared by every stage reading the entry: eviction skips entries in use
+    refs/<request>.json     the entry the fetch stage resolved a request (source + asked-for revision) to
+
+The cache is bounded: before a download the fetch stage evicts least-recently-used entries (by
+mtime, touched on every reuse) that no stage holds and that were not used in the last
+``keep_seconds``, until the new model fits under ``max_bytes`` (default: 90% of the volume).
+
+The ``fetch`` stage (no GPU) fills an entry and writes the ref; GPU stages mount the cache
+read-only and read the ref, so they never download and never wait for a download.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qjob_api.runner import RunnerModel, RunnerS3
+
+from .artifacts import atomic_write_text
+from .context import RunContext
+from .errors import InvalidInput, TransientError
+from .storage import ObjectStore, RateMeter, join_key, message_only, relative_key
+
+log = logging.getLogger("qjob_runner.modelcache")
+
+FETCH_STAGE = "fetch"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+Sink = Callable[[str, float, float], None]
+
+
+def pod_cache_root() -> Path:
+    """The pod's own cache (no shared cache volume): ``QJOB_MODEL_CACHE``, else ``~/.cache/qjob/models``."""
+    return Path(os.environ.get("QJOB_MODEL_CACHE") or Path.home() / ".cache" / "qjob" / "models")
+
+
+def stage_progress(ctx: RunContext) -> Sink:
+    """A RateMeter sink for a stage that is nothing but the download: percent and ETA are the stage's."""
+    return lambda message, fraction, eta: ctx.reporter.update(message=message, percent=100 * fraction, eta_seconds=eta)
+
+
+@contextmanager
+def _locked(entry: Path) -> Iterator[None]:
+    import fcntl
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with entry.with_name(entry.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the pod dies
+        yield
+
+
+def _complete(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _finish(partial: Path, entry: Path) -> None:
+    shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+    os.rename(partial, entry)
+    entry.with_name(entry.name + ".use").touch()
+
+
+@dataclass(frozen=True)
+class CacheBounds:
+    """How large the shared cache may grow, and how long a used entry is kept regardless."""
+
+    max_bytes: int | None = None  # None: 90% of the volume
+    keep_seconds: float = 86400.0
+
+    @classmethod
+    def of(cls, m: RunnerModel) -> CacheBounds:
+        return cls(m.cache_max_bytes, float(m.cache_keep_seconds))
+
+
+def make_room(root: Path, needed: int, bounds: CacheBounds, sink: Sink) -> list[str]:
+    """Evict least-recently-used entries until ``needed`` more bytes fit; returns what was evicted.
+    Entries a stage holds (shared lock on ``.use``), used within ``keep_seconds``, or being
+    downloaded stay."""
+    import fcntl
+
+    limit = bounds.max_bytes or int(0.9 * shutil.disk_usage(root).total)
+    if needed > limit:
+        raise InvalidInput(
+            f"the model needs {needed / 2**30:.1f} GiB but the model cache holds at most {limit / 2**30:.1f} GiB",
+            "give the model cache PVC more space (the operator's modelCache.maxSize and the claim's size)",
+        )
+    folders = [p for kind in ("s3", "hf") if (root / kind).is_dir() for p in (root / kind).iterdir() if p.is_dir()]
+    used = sum(_folder_bytes(p) for p in folders)
+    evicted: list[str] = []
+    now = time.time()
+    entries = sorted((p for p in folders if not p.name.endswith(".partial")), key=lambda p: p.stat().st_mtime)
+    for entry in entries:
+        if used + needed <= limit:
+            break
+        with entry.with_name(entry.name + ".use").open("a") as use:
+            try:
+                fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if now - entry.stat().st_mtime < bounds.keep_seconds:
+                    continue
+                size = _folder_bytes(entry)
+                doomed = entry.with_name(f"{entry.name}.evicting-{os.getpid()}")
+                os.rename(entry, doomed)  # a lookup now sees it gone, never half-deleted
+            except BlockingIOError:
+                continue  # a running stage reads it
+            except FileNotFoundError:
+                continue  # another fetch evicted it first
+        shutil.rmtree(doomed, ignore_errors=True)
+        used -= size
+        evicted.append(f"{entry.parent.name}/{entry.name}")
+    if evicted:
+        sink(f"evicted {len(evicted)} least recently used model(s) from the cache: {', '.join(evicted)}", 0.0, 0.0)
+    if used + needed > limit:
+        raise TransientError(
+            f"the model cache is full: {used / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB are models that running "
+            f"stages read or that were used in the last {bounds.keep_seconds:.0f} s, and this model needs "
+            f"{needed / 2**30:.1f} GiB",
+            "the pod is retried as jobs finish; or give the model cache more space (modelCache.maxSize, the claim)",
+        )
+    return evicted
+
+
+def hold(entry: Path):
+    """A shared lock on the entry's ``.use`` file for as long as the returned file stays open."""
+    import fcntl
+
+    use = entry.with_name(entry.name + ".use").open("r")
+    fcntl.flock(use, fcntl.LOCK_SH)
+    return use
+
+
+# ------------------------------------------------------------------------------------------ S3
+
+
+def cache_key(location: RunnerS3, objects: list[dict[str, Any]]) -> str:
+    """Source + every object's key, size and ETag: a changed object is a new cache entry."""
+    base = join_key(location.prefix)
+    identity = {
+        "endpoint": location.endpoint or f"aws:{location.region}",
+        "bucket": location.bucket,
+        "prefix": base,
+        "objects": [[relative_key(o["Key"], base), int(o["Size"]), o.get("ETag", "")] for o in objects],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def fetch_into_cache(store: ObjectStore, root: Path, sink: Sink, bounds: CacheBounds | None = None) -> tuple[Path, int]:
+    """(cache entry, bytes downloaded) for the objects under the store's prefix. The entry is
+    renamed into place only when complete; an interrupted download resumes (s3transfer renames
+    each file into place only when it is whole, so files already there are complete)."""
+    loc = store.location
+    objects = store.list(loc.prefix)
+    if not objects:
+        raise InvalidInput(
+            f"no objects under {loc.uri}",
+            f"fix {loc.field}.bucket and {loc.field}.prefix: the prefix must hold config.json, the safetensors "
+            "weights and the tokenizer files",
+        )
+    entry = root / cache_key(loc, objects)
+    with _locked(entry):
+        if entry.is_dir():
+            os.utime(entry)  # last use, for eviction
+            sink(f"model {loc.uri} found in the cache ({entry.name})", 1.0, 0.0)
+            return entry, 0
+        partial = entry.with_name(entry.name + ".partial")
+        base = join_key(loc.prefix)
+        missing = [o for o in objects if not _complete(partial / relative_key(o["Key"], base), int(o["Size"]))]
+        if bounds is not None:
+            make_room(root.parent, sum(int(o["Size"]) for o in missing), bounds, sink)
+        fetched = store.download(missing, loc.prefix, partial, progress=RateMeter(sink, f"downloading {loc.uri}"))
+        checked = verify_files(partial, s3_published_hashes(store, objects))
+        sink(f"{checked} of {len(objects)} files checked against the store's checksums", 1.0, 0.0)
+        _finish(partial, entry)
+        return entry, fetched
+
+
+def fetch_s3(ctx: RunContext, root: Path, sink: Sink | None = None, bounds: CacheBounds | None = None) -> Path:
+    store = ObjectStore(ctx.config.model.s3)
+    entry, fetched = fetch_into_cache(store, root / "s3", sink or message_only(ctx), bounds)
+    ctx.metrics["modelCacheEntry"] = f"s3/{entry.name}"
+    ctx.metrics["modelBytesFetched"] = fetched
+    return entry
+
+
+# -------------------------------------------------------------------------------- Hugging Face
+
+
+def published_hashes(siblings: list[Any]) -> dict[str, tuple[str, str, int | None]]:
+    """rfilename -> (algorithm, digest, size) from the Hub's file metadata: the LFS sha256 for
+    large files, the git blob id (sha1 of ``blob <size>\\0<content>``) for the others."""
+    out = {}
+    for s in siblings:
+        if getattr(s, "lfs", None) and s.lfs.sha256:
+            out[s.rfilename] = ("sha256", s.lfs.sha256, s.lfs.size)
+        elif getattr(s, "blob_id", None):
+            out[s.rfilename] = ("git-sha1", s.blob_id, s.size)
+    return out
+
+
+class _Crc32:
+    """zlib's CRC-32 with a hashlib-like face; S3 publishes it base64-encoded, big-endian."""
+
+    def __init__(self):
+        self.value = 0
+
+    def update(self, block: bytes) -> None:
+        self.value = zlib.crc32(block, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+#: algorithm -> (hasher factory, encoding of the published digest)
+_HASHERS: dict[str, tuple[Callable[[], Any], str]] = {
+    "sha256": (hashlib.sha256, "hex"),  # Hugging Face LFS
+    "git-sha1": (hashlib.sha1, "hex"),  # Hugging Face git blob id
+    "md5": (hashlib.md5, "hex"),  # S3 ETag of a single-part, unencrypted or SSE-S3 object
+    "crc32": (_Crc32, "base64"),  # S3 full-object checksums
+    "s3-sha1": (hashlib.sha1, "base64"),
+    "s3-sha256": (hashlib.sha256, "base64"),
+}
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    factory, encoding = _HASHERS[algorithm]
+    h = factory()
+    if algorithm == "git-sha1":
+        h.update(f"blob {path.stat().st_size}\0".encode())
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest() if encoding == "hex" else base64.b64encode(h.digest()).decode()
+
+
+def verify_files(folder: Path, published: dict[str, tuple[str, str, int | None]]) -> int:
+    """Check every downloaded file the source publishes a hash for (in parallel: hashing releases
+    the GIL); a mismatch deletes the file (the retry downloads it again) and fails the attempt.
+    Returns how many files were checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    present = [(name, *published[name]) for name in sorted(published) if (folder / name).is_file()]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        actual = list(pool.map(lambda item: _digest(folder / item[0], item[1]), present))
+    for (name, algorithm, digest, _), got in zip(present, actual, strict=True):
+        if got != digest:
+            (folder / name).unlink()
+            raise TransientError(
+                f"{name} does not match the {algorithm} the source publishes ({digest[:12]}...)",
+                "the damaged file was removed; the pod is retried and downloads it again",
+            )
+    return len(present)
+
+
+def s3_published_hashes(store: ObjectStore, objects: list[dict[str, Any]]) -> dict[str, tuple[str, str, int]]:
+    """relative key -> (algorithm, digest, size): the object's full-object checksum (CRC32, SHA-1,
+    SHA-256), else the MD5 ETag of a single-part object that is not KMS/customer-key encrypted.
+    Multipart objects with only part-wise (composite) checksums are not checkable as a whole."""
+    base = join_key(store.location.prefix)
+    out = {}
+    for o in objects:
+        head = store.head(o["Key"])
+        name, size = relative_key(o["Key"], base), int(o["Size"])
+        full = head.get("ChecksumType") == "FULL_OBJECT"
+        checksums = (("crc32", "ChecksumCRC32"), ("s3-sha256", "ChecksumSHA256"), ("s3-sha1", "ChecksumSHA1"))
+        found = next(((alg, head[f]) for alg, f in checksums if full and head.get(f)), None)
+        etag = str(head.get("ETag", "")).strip('"')
+        plain = "-" not in etag and len(etag) == 32 and head.get("ServerSideEncryption") in (None, "AES256")
+        if found:
+            out[name] = (*found, size)
+        elif plain and not head.get("SSECustomerAlgorithm"):
+            out[name] = ("md5", etag, size)
+    return out
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
+
+
+@contextmanager
+def _watch(folder: Path, total: int, meter: RateMeter, interval: float = 2.0) -> Iterator[None]:
+    """Report a folder's growth while huggingface_hub downloads into it (it has no byte callback)."""
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(interval):
+            meter(min(_folder_bytes(folder) if folder.exists() else 0, total), total)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fetch_hf(ctx: RunContext, root: Path, sink: Sink) -> Path:
+    """A Hub snapshot at the commit the revision resolves to, verified against the Hub's hashes."""
+    from huggingface_hub import HfApi
+
+    from .steps.resolve import DOWNLOAD_PATTERNS, download, hub_errors
+
+    m = ctx.config.model
+    with hub_errors(m):
+        info = HfApi().model_info(
+            m.hf_repo, revision=m.revision, token=os.environ.get("HF_TOKEN") or None, files_metadata=True
+        )
+    wanted = [s for s in info.siblings or [] if any(fnmatch.fnmatch(s.rfilename, pat) for pat in DOWNLOAD_PATTERNS)]
+    entry = root / "hf" / f"{m.hf_repo.replace('/', '--')}--{info.sha}"
+    with _locked(entry):
+        if entry.is_dir():
+            os.utime(entry)
+            sink(f"{m.hf_repo}@{info.sha[:12]} found in the cache", 1.0, 0.0)
+            fetched = 0
+        else:
+            partial = entry.with_name(entry.name + ".partial")
+            before = _folder_bytes(partial) if partial.exists() else 0
+            total = sum(s.size or 0 for s in wanted)
+            make_room(root, max(0, total - before), CacheBounds.of(m), sink)
+            with _watch(partial, total, RateMeter(sink, f"downloading {m.hf_repo}@{info.sha[:12]}")):
+                download(ctx, local_dir=partial, revision=info.sha)
+            checked = verify_files(partial, published_hashes(wanted))
+            fetched = _folder_bytes(partial) - before
+            _finish(partial, entry)
+            log.info("%s@%s: %d files checked against the Hub's hashes", m.hf_repo, info.sha, checked)
+    ctx.metrics["modelCacheEntry"] = f"hf/{entry.name}"
+    ctx.metrics["modelBytesFetched"] = fetched
+    ctx.metrics["modelRevision"] = info.sha
+    return entry
+
+
+# ------------------------------------------------------------------------------ fetch and lookup
+
+
+def request_ref(m: RunnerModel) -> str:
+    """What a job asked for (source + asked-for revision), as a file name under ``refs/``."""
+    if m.s3:
+        source: dict[str, Any] = {"s3": [m.s3.endpoint or f"aws:{m.s3.region}", m.s3.bucket, join_key(m.s3.prefix)]}
+    else:
+        source = {"hf": [os.environ.get("HF_ENDPOINT", "https://huggingface.co"), m.hf_repo, m.revision]}
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def run(ctx: RunContext) -> None:
+    """The fetch stage's one step: the model into the shared cache, then the ref GPU stages read."""
+    m = ctx.config.model
+    root = Path(m.cache_dir)
+    sink = stage_progress(ctx)
+    entry = fetch_s3(ctx, root, sink, CacheBounds.of(m)) if m.s3 else fetch_hf(ctx, root, sink)
+    ref = root / "refs" / f"{request_ref(m)}.json"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "entry": entry.relative_to(root).as_posix(),
+        "bytesFetched": ctx.metrics["modelBytesFetched"],
+        "fetchedAt": datetime.now(UTC).isoformat(),
+        "job": ctx.config.job,
+    }
+    atomic_write_text(ref, json.dumps(record))
+    weights = sum(p.stat().st_size for pattern in WEIGHT_FILES for p in entry.rglob(pattern))
+    ctx.metrics["modelWeightBytes"] = weights
+    ctx.reporter.set_model_bytes(weights)  # the operator sizes the GPU pods' scratch disk from it
+    ctx.reporter.update(
+        message=f"model ready in the cache: {record['entry']} ({record['bytesFetched']} bytes fetched)", percent=100
+    )
+
+
+def lookup(ctx: RunContext) -> Path:
+    """The cache entry the fetch stage recorded for this job's model (GPU stages: read-only)."""
+    m = ctx.config.model
+    root = Path(m.cache_dir)
+    ref = root / "refs" / f"{request_ref(m)}.json"
+    try:
+        entry = root / json.loads(ref.read_text())["entry"]
+    except (OSError, ValueError, KeyError):
+        raise InvalidInput(
+            f"the model cache {root} has no record of this job's model ({ref.name})",
+            "the fetch stage did not finish or the entry was evicted: delete and re-create the QuantizationJob",
+        ) from None
+    if not entry.is_dir():
+        raise InvalidInput(
+            f"model cache entry {entry} is gone", "it was evicted: delete and re-create the QuantizationJob"
+        )
+    ctx.cache_lease = hold(entry)  # eviction skips it while this stage runs
+    if not entry.is_dir():  # evicted between the check and the lock
+        raise InvalidInput(
+            f"model cache entry {entry} is gone", "it was evicted: delete and re-create the QuantizationJob"
+        )
+    ctx.metrics["modelCacheEntry"] = entry.relative_to(root).as_posix()
+    ctx.metrics["modelBytesFetched"] = 0
+    ctx.reporter.update(message=f"model from the shared cache: {ctx.metrics['modelCacheEntry']}")
+    return entry
