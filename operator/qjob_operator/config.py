@@ -37,6 +37,7 @@ class Policy(_Settings):
     allow_trust_remote_code: bool = False
     max_gpus_per_pod: int = Field(8, ge=1)
     allowed_output_claims: list[str] = Field(default_factory=list, description="Empty: any claim.")
+    allowed_output_buckets: list[str] = Field(default_factory=list, description="S3 buckets; empty: any bucket.")
 
 
 class RunnerSettings(_Settings):

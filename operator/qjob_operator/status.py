@@ -423,6 +423,12 @@ def policy_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list
             f"spec.output.pvc.claimName {spec.output.pvc.claim_name!r} is not an allowed output "
             f"claim; use one of: {', '.join(claims)}"
         )
+    buckets = config.policy.allowed_output_buckets
+    if buckets and spec.output.s3 and spec.output.s3.bucket not in buckets:
+        problems.append(
+            f"spec.output.s3.bucket {spec.output.s3.bucket!r} is not an allowed output bucket; use one of: "
+            f"{', '.join(buckets)}"
+        )
     return problems
 
 

@@ -7,7 +7,9 @@ from pydantic import ValidationError
 from qjob_api.runner import RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec, S3Location
 from qjob_operator.builders import QuantizationJobRef, build_job, build_runner_config
+from qjob_operator.config import OperatorConfig
 from qjob_operator.plan import plan_stages
+from qjob_operator.status import policy_violations
 
 REF = QuantizationJobRef("llama", "ml", "uid-1")
 S3 = {
@@ -90,3 +92,12 @@ def test_build_stage_gets_the_same_output_location(spec_dict, config):
 def test_s3_location_refuses_bad_fields(field, value, message):
     with pytest.raises(ValidationError, match=message):
         S3Location.model_validate({"bucket": "artifacts", field: value})
+
+
+def test_policy_limits_the_output_buckets(spec_dict):
+    spec_dict["output"] = {"s3": {"bucket": "team-b-artifacts"}}
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    config = OperatorConfig.model_validate({"policy": {"allowedOutputBuckets": ["team-a-artifacts"]}})
+    [problem] = policy_violations(spec, config)
+    assert "spec.output.s3.bucket 'team-b-artifacts'" in problem and "team-a-artifacts" in problem
+    assert policy_violations(spec, OperatorConfig()) == []
