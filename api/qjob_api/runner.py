@@ -17,6 +17,7 @@ from .capabilities import GPUArchitecture, ModelTask
 from .v1alpha1 import (
     APIModel,
     Artifact,
+    ModelSize,
     EngineTarget,
     EvaluationSpec,
     ExportSpec,
@@ -27,6 +28,8 @@ from .v1alpha1 import (
 )
 
 RUNNER_API_VERSION = "qjob.dev/runner/v1"
+#: The stage that only reads the model's size (auto sizing), on a pod without GPUs.
+INSPECT_STAGE = "inspect"
 
 #: Where the runner reads its config when the env var is unset; the env var holds a path or inline
 #: JSON (the operator sets it to inline JSON).
@@ -104,6 +107,7 @@ class RunnerCalibration(APIModel):
     samples: int = 512
     sequence_length: int = 512
     batch_size: int = 0
+    layerwise: bool = False
 
 
 class Reporting(APIModel):
@@ -122,8 +126,8 @@ class RunnerConfig(APIModel):
     job: str = Field(description="QuantizationJob name (used in logs and manifests).")
     stage: str = Field(
         "quantize",
-        description="`fetch` (model into the shared cache, no GPU), `quantize` (calibrate, quantize, export, "
-        "evaluate) or `build-<arch>`.",
+        description="`fetch` (model into the shared cache, no GPU), `inspect` (read the model's size only, no "
+        "GPU), `quantize` (calibrate, quantize, export, evaluate) or `build-<arch>`.",
     )
     model: RunnerModel
     quantization: QuantizationSpec
@@ -151,6 +155,10 @@ class RunnerConfig(APIModel):
     def is_build(self) -> bool:
         return self.engine is not None
 
+    @property
+    def is_inspect(self) -> bool:
+        return self.stage == INSPECT_STAGE
+
 
 class RunnerResult(APIModel):
     """The runner's final word: result JSON file, and (compacted) the termination message."""
@@ -165,6 +173,7 @@ class RunnerResult(APIModel):
     quality: Quality | None = None
     step_seconds: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
+    model_size: ModelSize | None = Field(None, description="Set by the inspect stage.")
 
     def termination_message(self) -> str:
         """JSON that fits Kubernetes' 4096-byte termination message (drops detail if needed)."""
@@ -174,5 +183,7 @@ class RunnerResult(APIModel):
                 return text
         short = self.model_copy(update={"message": (self.message or "")[:1000]})
         return short.model_dump_json(
-            by_alias=True, exclude_none=True, include={"outcome", "stage", "exit_code", "reason", "message"}
+            by_alias=True,
+            exclude_none=True,
+            include={"outcome", "stage", "exit_code", "reason", "message", "model_size"},
         )

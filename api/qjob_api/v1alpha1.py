@@ -345,6 +345,12 @@ class CalibrationSpec(APIModel):
     batch_size: int = Field(
         0, ge=0, le=1024, description="Samples per forward pass. 0 probes the largest batch that fits in GPU memory."
     )
+    layerwise: bool = Field(
+        False,
+        description="Calibrate one decoder layer at a time (ModelOpt layer-wise calibration) with a checkpoint "
+        "per layer on the output volume, so a preempted attempt resumes at the last finished layer. The "
+        "operator also turns it on when re-planning after an out-of-memory failure.",
+    )
 
 
 # --------------------------------------------------------------------------------------- export
@@ -477,7 +483,14 @@ class ResourcesSpec(APIModel):
     """What each runner pod asks for."""
 
     gpus: int = Field(
-        1, ge=1, le=8, description="GPUs per pod; the model is spread across them when it does not fit on one."
+        1,
+        ge=0,
+        le=8,
+        description="GPUs per pod; the model is spread across them when it does not fit on one. 0 (auto): the "
+        "operator reads the model's size from its safetensors headers (a short `inspect` pod without GPUs) and "
+        "plans GPUs per pod and pods for the quantize stage from the GPU memory of the nodes that can run it "
+        "(status.plans shows the plan and its numbers); a plan larger than one node runs as several pods with "
+        "torchrun. Build stages use 1 GPU when auto.",
     )
     min_gpu_memory: str | None = Field(
         None,
@@ -884,6 +897,46 @@ class StageStatus(APIModel):
     message: str | None = Field(None, description="Details for `reason`.")
 
 
+class ModelSize(APIModel):
+    """What the `inspect` stage read from the model's safetensors headers and config.json."""
+
+    weight_bytes: int = Field(description="Bytes of all weight tensors, summed over the safetensors headers.")
+    parameters: int = Field(description="Number of weight elements.")
+    dtype: str = Field(description="Dominant weight dtype in the checkpoint, e.g. `BF16`.")
+    layers: int | None = Field(None, description="Decoder layers (`num_hidden_layers`).")
+    hidden_size: int | None = Field(None, description="`hidden_size` from config.json.")
+    intermediate_size: int | None = Field(None, description="`intermediate_size` (MLP width) from config.json.")
+    vocab_size: int | None = Field(None, description="`vocab_size` from config.json.")
+    kv_heads: int | None = Field(None, description="`num_key_value_heads` (or `num_attention_heads`).")
+    head_dim: int | None = Field(None, description="Attention head width.")
+
+
+class MemoryEstimate(APIModel):
+    """Estimated peak GPU memory of one GPU under a plan (docs/scaling.md has the model), MiB."""
+
+    weights_mib: int = Field(description="This GPU's share of the weights, plus one layer for uneven splits.")
+    activations_mib: int = Field(description="KV cache, logits and hidden states of one calibration batch.")
+    algorithm_mib: int = Field(description="Extra state of the calibration algorithm (SmoothQuant, AWQ).")
+    correction: float = Field(1.0, description="Factor learnt from earlier out-of-memory attempts (1: none).")
+    peak_mib: int = Field(description="Sum of the above, times the correction.")
+    usable_mib: int = Field(description="What the plan may use of each GPU: 90% of its memory, less 1 GiB.")
+
+
+class QuantizePlan(APIModel):
+    """How one attempt of the quantize stage runs, and why."""
+
+    attempt: int = Field(description="Attempt number, from 1.")
+    job_name: str = Field(description="The batch/v1 Job of this attempt.")
+    gpus_per_pod: int = Field(description="GPUs each pod requests.")
+    pods: int = Field(description="Pods (torchrun nodes); more than 1 runs an Indexed Job with FSDP2.")
+    batch_size: int = Field(description="Calibration batch size (0: the runner probes).")
+    layerwise: bool = Field(False, description="Layer-wise calibration with per-layer checkpoints.")
+    gpu_memory_mib: int | None = Field(None, description="GPU memory (MiB) of the nodes the plan was made for.")
+    estimate: MemoryEstimate | None = Field(None, description="Estimated memory per GPU (auto sizing only).")
+    reason: str = Field(description="Why this plan: the numbers it came from, or what the last attempt hit.")
+    outcome: str | None = Field(None, description="How the attempt ended: Succeeded, or the failure reason.")
+
+
 class Progress(APIModel):
     """Progress of the running stage, as the runner reports it."""
 
@@ -973,6 +1026,10 @@ class QuantizationJobStatus(APIModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     stages: list[StageStatus] = Field(default=[], description="One record per runner Job.")
+    model_size: ModelSize | None = Field(None, description="The model's size, when spec.resources.gpus is 0 (auto).")
+    plans: list[QuantizePlan] = Field(
+        default=[], description="One plan per attempt of the quantize stage; the last one is current."
+    )
     progress: Progress | None = Field(None, description="Progress of the whole job.")
     target_architectures: str | None = Field(
         None, description="Engine architectures, comma-separated (printer column)."

@@ -11,6 +11,7 @@ from typing import Any
 from qjob_api.runner import (
     CONFIG_ENV,
     NON_RETRYABLE_EXIT_CODES,
+    ExitCode,
     Reporting,
     RunnerCalibration,
     RunnerConfig,
@@ -19,6 +20,7 @@ from qjob_api.runner import (
 )
 from qjob_api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, PVCLocation, QuantizationJobSpec, quantity_to_mib
 
+from . import multipod
 from .config import OperatorConfig
 from .disk import quantity, scratch_plan
 from .fetch import FETCH_STAGE, MODEL_CACHE_ROOT, cache_claim, cache_volume, fetch_resources, prefer_nodes_without_gpus
@@ -27,9 +29,9 @@ from .plan import (
     LABEL_QUANTIZATION_JOB,
     LABEL_STAGE,
     MANAGED_BY,
+    QUANTIZE_STAGE,
     NodeRequirement,
     Stage,
-    child_name,
     runner_service_account,
 )
 
@@ -38,6 +40,8 @@ PVC_ROOT = "/mnt/pvc"
 CALIBRATION_ROOT = "/mnt/calibration"
 CACHE_ROOT = "/var/cache/qjob"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: The inspect stage reads safetensors headers and config.json: no GPU, little memory.
+INSPECT_RESOURCES = {"cpu": "500m", "memory": "1Gi"}
 
 
 class QuantizationJobRef:
@@ -130,6 +134,7 @@ def build_runner_config(
     else:
         dataset = RunnerDataset(hugging_face=data.hugging_face)
     engine = next((e for e in spec.engines if e.architecture == stage.architecture), None)
+    plan = stage.plan
     return RunnerConfig(
         job=ref.name,
         stage=stage.name,
@@ -139,7 +144,8 @@ def build_runner_config(
             dataset=dataset,
             samples=spec.calibration.samples,
             sequence_length=spec.calibration.sequence_length,
-            batch_size=spec.calibration.batch_size,
+            batch_size=plan.batch_size if plan else spec.calibration.batch_size,
+            layerwise=plan.layerwise if plan else spec.calibration.layerwise,
         ),
         export=spec.export,
         evaluation=spec.evaluation,
@@ -300,10 +306,13 @@ def build_job(
     if stage.name == FETCH_STAGE:
         resources = fetch_resources(config)
     else:
-        resources = {
-            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
-            "limits": {"memory": spec.resources.memory, gpu: str(spec.resources.gpus)},
-        }
+        gpus = {gpu: str(stage.requirement.gpus)} if stage.requirement.gpus else {}
+        cpu, memory = (
+            (INSPECT_RESOURCES["cpu"], INSPECT_RESOURCES["memory"])
+            if not stage.requirement.gpus
+            else (spec.resources.cpu, spec.resources.memory)
+        )
+        resources = {"requests": {"cpu": cpu, "memory": memory, **gpus}, "limits": {"memory": memory, **gpus}}
     resources["requests"]["ephemeral-storage"] = quantity(scratch_plan(spec, stage, config).request_bytes)
     container = {
         "name": RUNNER_CONTAINER,
@@ -344,7 +353,7 @@ def build_job(
     if config.runner.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
 
-    metadata = _metadata(ref, child_name(ref.name, stage.name), stage.name)
+    metadata = _metadata(ref, stage.job_name(ref.name), stage.name)
     queued = bool(spec.scheduling.queue_name)
     if queued:
         metadata["labels"][KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
@@ -367,6 +376,21 @@ def build_job(
                 },
                 # Evictions and preemptions are not the runner's fault: do not count them.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # Out of memory: the same pod would fail the same way; the operator re-plans.
+                *(
+                    [
+                        {
+                            "action": "FailJob",
+                            "onExitCodes": {
+                                "containerName": RUNNER_CONTAINER,
+                                "operator": "In",
+                                "values": [int(ExitCode.OUT_OF_MEMORY)],
+                            },
+                        }
+                    ]
+                    if stage.name == QUANTIZE_STAGE
+                    else []
+                ),
             ]
         },
         "template": {
@@ -381,4 +405,5 @@ def build_job(
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     if config.runner.job_ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = config.runner.job_ttl_seconds_after_finished
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+    return multipod.spread(job, stage.plan) if stage.plan and stage.plan.pods > 1 else job

@@ -36,6 +36,9 @@ class Policy(_Settings):
 
     allow_trust_remote_code: bool = False
     max_gpus_per_pod: int = Field(8, ge=1)
+    # Automatic sizing (spec.resources.gpus 0) plans within these; larger plans are refused.
+    max_gpus_per_job: int = Field(16, ge=1)
+    max_pods_per_stage: int = Field(2, ge=1)
     allowed_output_claims: list[str] = Field(default_factory=list, description="Empty: any claim.")
     allowed_output_buckets: list[str] = Field(default_factory=list, description="S3 buckets; empty: any bucket.")
 

@@ -73,6 +73,7 @@ class Kube:
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
             "Job": self.batch.create_namespaced_job,
+            "Service": self.core.create_namespaced_service,
         }[kind]
         self._count.labels("create").inc()
         try:

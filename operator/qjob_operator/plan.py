@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qjob_api.capabilities import GPUArchitecture
-from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
+from qjob_api.runner import INSPECT_STAGE
+from qjob_api.v1alpha1 import QuantizationJobSpec, QuantizePlan, quantity_to_mib
 
 from .config import OperatorConfig
 from .fetch import FETCH_STAGE, cache_claim
@@ -61,33 +62,57 @@ class Stage:
     architecture: GPUArchitecture | None = None
     #: Weight bytes the fetch stage measured (set when the stage is created after it; sizes its disk).
     model_bytes: int | None = None
+    #: The quantize stage's current plan (GPUs, pods, batch); its attempt names the Job.
+    plan: QuantizePlan | None = None
+
+    @property
+    def pods(self) -> int:
+        return self.plan.pods if self.plan else 1
+
+    def job_name(self, job_name: str) -> str:
+        return self.plan.job_name if self.plan else child_name(job_name, self.name)
 
 
-def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig) -> list[Stage]:
-    """The stages of a job, in order; build stages depend on ``quantize``."""
+def quantize_job_name(job_name: str, attempt: int) -> str:
+    """Attempt 1 keeps the plain stage name; a re-planned attempt gets its own Job."""
+    return child_name(job_name, QUANTIZE_STAGE if attempt == 1 else f"{QUANTIZE_STAGE}-{attempt}")
+
+
+def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig, plan: QuantizePlan | None = None) -> list[Stage]:
+    """The stages of a job, in order: ``inspect`` first when GPUs are sized automatically
+    (spec.resources.gpus 0), then ``quantize`` (with ``plan`` once there is one), then the builds."""
     memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
     tolerations = (*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations))
 
-    def requirement(arch: GPUArchitecture | None) -> NodeRequirement:
+    def requirement(arch: GPUArchitecture | None, gpus: int, min_memory: int | None = memory) -> NodeRequirement:
         return NodeRequirement(
             architecture=arch,
             compute_capabilities=tuple(config.compute_capabilities(arch)) if arch else (),
-            gpus=spec.resources.gpus,
-            min_gpu_memory_mib=memory,
+            gpus=gpus,
+            min_gpu_memory_mib=min_memory,
             node_selector=dict(spec.scheduling.node_selector),
             tolerations=tolerations,
         )
 
+    auto = spec.resources.gpus == 0
+    calibration = spec.scheduling.calibration_architecture
     stages = []
     if cache_claim(spec, config):  # the download runs first, without GPUs
         no_gpu = NodeRequirement(None, (), 0, None, dict(spec.scheduling.node_selector))
         stages.append(Stage(FETCH_STAGE, no_gpu))
+    if auto:
+        stages.append(Stage(INSPECT_STAGE, requirement(None, 0, None)))
     after = tuple(s.name for s in stages)
-    stages.append(Stage(QUANTIZE_STAGE, requirement(spec.scheduling.calibration_architecture), after=after))
+    if plan:
+        planned_memory = max(memory or 0, plan.gpu_memory_mib or 0) or None
+        quantize = requirement(calibration, plan.gpus_per_pod, planned_memory)
+    else:
+        quantize = requirement(calibration, spec.resources.gpus or 1)
+    stages.append(Stage(QUANTIZE_STAGE, quantize, after=after, plan=plan))
     stages += [
         Stage(
             build_stage(e.architecture),
-            requirement(e.architecture),
+            requirement(e.architecture, spec.resources.gpus or 1),
             after=(QUANTIZE_STAGE,),
             architecture=e.architecture,
         )

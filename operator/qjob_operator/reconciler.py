@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
 
+from . import attempts, multipod
 from .builders import QuantizationJobRef, build_job, build_role, build_role_binding, build_service_account
 from .config import OperatorConfig
 from .kube import Kube
@@ -82,8 +83,9 @@ class Indexes:
     def bind(self, stage_jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index) -> None:
         self.stage_jobs, self.pods, self.nodes = stage_jobs, pods, nodes
 
-    def stage_job(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
-        return next(iter(self.stage_jobs.get(key, ())), None) if self.stage_jobs is not None else None
+    def jobs_of_stage(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
+        """Every Job of a stage (a re-planned quantize stage has one per attempt)."""
+        return list(self.stage_jobs.get(key, ())) if self.stage_jobs is not None else []
 
     def stage_pods(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
         return list(self.pods.get(key, ())) if self.pods is not None else []
@@ -105,7 +107,7 @@ class Reconciler:
         self.bodies: dict[Key, dict[str, Any]] = {}
         self._tasks: dict[Key, asyncio.Task] = {}
         self._dirty: set[Key] = set()
-        self._created: set[tuple[str, str]] = set()  # (uid, stage): created, maybe not indexed yet
+        self._created: set[tuple[str, str]] = set()  # (uid, Job name): created, maybe not indexed yet
         self.debounce_seconds = DEBOUNCE_SECONDS
 
     # ------------------------------------------------------------------------------ scheduling
@@ -200,17 +202,29 @@ class Reconciler:
                     stages=[],
                 )
             return
-        stages = plan_stages(spec, self.config)
+        unplanned = plan_stages(spec, self.config)
+        owned = {
+            j["metadata"]["name"]: j for s in unplanned for j in self.indexes.jobs_of_stage((namespace, name, s.name))
+        }
+        pods = {s.name: self.indexes.stage_pods((namespace, name, s.name)) for s in unplanned}
+        nodes = self.indexes.all_nodes()
+        quantize = next(s for s in unplanned if s.name == QUANTIZE_STAGE)
+        shapes = attempts.node_shapes(nodes, quantize.requirement, self.config) if spec.resources.gpus == 0 else []
+        sizing = attempts.advance(spec, self.config, name, old, owned, pods, shapes)
+        stages = plan_stages(spec, self.config, sizing.current)
         obs = observe(
             body,
             stages,
-            {s.name: self.indexes.stage_job((namespace, name, s.name)) for s in stages},
-            {s.name: self.indexes.stage_pods((namespace, name, s.name)) for s in stages},
-            self.indexes.all_nodes(),
+            {s.name: owned.get(s.job_name(name)) for s in stages},
+            {s.name: attempts.pods_of_job(pods[s.name], s.job_name(name)) for s in stages},
+            nodes,
             self.config,
             self.clock(),
+            refusal=sizing.refusal,
         )
         decision = decide(obs, spec, stages, self.config)
+        if decision.status is not None:
+            decision.status.update(sizing.status_fields())
 
         if decision.delete_self:
             log.info("deleting %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed", namespace, name)
@@ -231,7 +245,7 @@ class Reconciler:
                 body,
                 decision.status,
                 spec_format=fmt,
-                gpus=spec.resources.gpus,
+                gpus=sizing.current.gpus_per_pod * sizing.current.pods if sizing.current else spec.resources.gpus,
                 stages=stages,
                 job_created=job_created,
                 archs=obs.node_architectures,
@@ -240,15 +254,19 @@ class Reconciler:
             self.schedule(key, decision.requeue_after)
 
     async def _create(self, ref: QuantizationJobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
-        todo = [s for s in create if (ref.uid, s.name) not in self._created]
+        todo = [s for s in create if (ref.uid, s.job_name(ref.name)) not in self._created]
         if not todo:
             return
         first = any(not s.after for s in todo)  # the stage that starts the job (fetch or quantize)
         if first:
             # The pod needs its ServiceAccount to exist when the Job controller creates it.
             await self.kube.create(build_service_account(ref, self.config))
-        await asyncio.gather(*(self.kube.create(build_job(ref, spec, s, self.config)) for s in todo))
-        self._created.update((ref.uid, s.name) for s in todo)
+        manifests = [build_job(ref, spec, s, self.config) for s in todo]
+        # A multi-pod stage's ranks find each other through its headless Service.
+        services = [multipod.build_rank_service(j) for s, j in zip(todo, manifests, strict=True) if s.pods > 1]
+        await asyncio.gather(*(self.kube.create(m) for m in services))
+        await asyncio.gather(*(self.kube.create(m) for m in manifests))
+        self._created.update((ref.uid, s.job_name(ref.name)) for s in todo)
         if first:
             # The runner needs its Role only when it first reports, well after its pod starts.
             await asyncio.gather(self.kube.create(build_role(ref)), self.kube.create(build_role_binding(ref)))

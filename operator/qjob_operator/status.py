@@ -31,7 +31,7 @@ from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
 from .fetch import FETCH_STAGE, with_model_bytes
 from .nodes import matching_nodes
-from .plan import QUANTIZE_STAGE, Stage, child_name
+from .plan import QUANTIZE_STAGE, Stage
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 
@@ -47,6 +47,7 @@ class Observed:
     node_products: dict[str, str]  # node name -> nvidia.com/gpu.product
     node_architectures: dict[str, str]  # node name -> architecture (the configured mapping)
     now: datetime
+    refusal: tuple[Reason, str] | None = None  # (reason, message): the quantize stage cannot be planned
 
 
 def node_architecture(labels: Mapping[str, str], config: OperatorConfig) -> str:
@@ -68,8 +69,10 @@ def observe(
     nodes: list[dict[str, Any]],
     config: OperatorConfig,
     now: datetime,
+    refusal: tuple[Reason, str] | None = None,
 ) -> Observed:
-    """What ``decide`` needs from the objects a QuantizationJob owns and the cluster's nodes."""
+    """What ``decide`` needs from the objects a QuantizationJob owns and the cluster's nodes;
+    ``refusal``: why the quantize stage cannot be planned (``attempts.advance``), if it cannot."""
     products, archs = {}, {}
     for node in nodes:
         labels = node["metadata"].get("labels") or {}
@@ -84,6 +87,7 @@ def observe(
         node_products=products,
         node_architectures=archs,
         now=now,
+        refusal=refusal,
     )
 
 
@@ -159,7 +163,8 @@ def classify_failed_pod(pod: dict[str, Any]) -> tuple[str, str]:
     if terminated.get("reason") == "OOMKilled" or code == ExitCode.OUT_OF_MEMORY:
         return Reason.OOM_KILLED, (
             f"the runner ran out of memory{': ' + detail if detail else ''}; raise spec.resources.memory, "
-            "add GPUs (spec.resources.gpus), or lower spec.calibration.batchSize / sequenceLength"
+            "add GPUs (spec.resources.gpus, or 0 to let the operator size and re-plan), or lower "
+            "spec.calibration.batchSize / sequenceLength"
         )
     if code in EXIT_CODE_REASONS and code != ExitCode.TRANSIENT:
         return EXIT_CODE_REASONS[code], detail or f"runner exited with code {code}"
@@ -205,7 +210,7 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
     record = StageStatus(
         name=stage.name,
         architecture=stage.architecture.value if stage.architecture else None,
-        job_name=child_name(ref_name, stage.name) if job else None,
+        job_name=stage.job_name(ref_name) if job else None,
     )
     if job is None:
         return record
@@ -448,6 +453,10 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
             "targetArchitectures": ",".join(a.value for a in spec.target_architectures()) or "none",
         },
     )
+    if obs.refusal and QUANTIZE_STAGE not in obs.stage_jobs:
+        reason, message = obs.refusal
+        set_accepted_condition(draft, stages, [message], reason)
+        return finish(draft, Phase.FAILED, reason, message)
     # The CRD refuses unservable specs at apply; the operator checks again for objects an older CRD let in.
     for reason, problems in (
         (Reason.POLICY_VIOLATION, policy_violations(spec, config)),
@@ -544,13 +553,13 @@ def decide_phase(
     draft: _Draft, obs: Observed, spec: QuantizationJobSpec, records: dict[str, StageStatus], config: OperatorConfig
 ) -> Decision:
     """The job's phase from its stage records; which stage Jobs to stop, suspend or resume."""
-    name, policy, decision = obs.body["metadata"]["name"], spec.run_policy, draft.decision
+    policy, decision = spec.run_policy, draft.decision
     failed = [r for r in records.values() if r.phase == Phase.FAILED]
     if failed:
         first = failed[0]
         # Stop what still runs (and a failed stage whose Job is still active, e.g. unschedulable).
         decision.delete_stage_jobs = [
-            child_name(name, s)
+            records[s].job_name
             for s, job in obs.stage_jobs.items()
             if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
         ]
@@ -570,7 +579,7 @@ def decide_phase(
 
     if not spec.scheduling.queue_name:  # with Kueue, Kueue owns Job.spec.suspend
         decision.suspend_stage_jobs = {
-            child_name(name, s): policy.suspend
+            records[s].job_name: policy.suspend
             for s, job in obs.stage_jobs.items()
             if bool((job.get("spec") or {}).get("suspend")) != policy.suspend
             and records[s].phase not in TERMINAL_PHASES
