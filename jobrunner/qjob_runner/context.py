@@ -10,7 +10,7 @@ from typing import Any
 
 from qjob_api.capabilities import ModelTask
 from qjob_api.runner import CONFIG_ENV, CONFIG_PATH, RunnerConfig
-from qjob_api.v1alpha1 import Artifact, Quality, ServingTarget
+from qjob_api.v1alpha1 import Artifact, ModelSize, Quality, ServingTarget
 
 from .artifacts import Staging
 from .errors import InvalidConfig
@@ -76,6 +76,8 @@ class RunContext:
     serving_targets: dict[str, list[ServingTarget]] = field(default_factory=dict)
     step_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the inspect stage's finding (safetensors headers + config.json)
+    model_size: ModelSize | None = None
     #: background work (e.g. writing resume state) joined before the run reports success
     background: list[Any] = field(default_factory=list)
 

@@ -33,7 +33,7 @@ class Step:
 
 def _plans():
     from . import modelcache, storage
-    from .steps import build, data, evaluate, export, load, quantize, report, resolve, serving
+    from .steps import build, data, evaluate, export, inspect, load, quantize, report, resolve, serving
 
     def preflight(ctx: RunContext) -> None:
         storage.preflight(ctx)
@@ -54,13 +54,16 @@ def _plans():
     ]
     build_plan = [Step("resolve", preflight, 2), Step("build", build.run, 93), Step("report", report.run, 5)]
     fetch_plan = [Step(modelcache.FETCH_STAGE, modelcache.run, 100)]
-    return quantize_plan, build_plan, fetch_plan
+    inspect_plan = [Step("inspect", inspect.run, 100)]
+    return quantize_plan, build_plan, fetch_plan, inspect_plan
 
 
 def plan_for(config: RunnerConfig) -> list[Step]:
-    quantize_plan, build_plan, fetch_plan = _plans()
+    quantize_plan, build_plan, fetch_plan, inspect_plan = _plans()
     if config.stage == "fetch":
         return fetch_plan
+    if config.is_inspect:
+        return inspect_plan
     return build_plan if config.is_build else quantize_plan
 
 
@@ -167,6 +170,7 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         quality=ctx.quality,
         step_seconds={k: round(v, 3) for k, v in ctx.step_seconds.items()},
         versions=library_versions(),
+        model_size=ctx.model_size,
     )
     reporter.close()
     target = Path(result_file) if result_file else result_path(config, paths)
