@@ -58,7 +58,9 @@ def _condition(job: Mapping[str, Any] | None, type_: str) -> bool:
 
 def pods_of_job(pods: Iterable[Mapping[str, Any]], job_name: str) -> list[dict[str, Any]]:
     """The pods of one Job among those of its stage (pods without the label are kept)."""
-    return [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL, job_name) == job_name]
+    return [
+        p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL, job_name) == job_name
+    ]
 
 
 def limits(config: OperatorConfig) -> sizing.Limits:

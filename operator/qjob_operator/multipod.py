@@ -57,9 +57,7 @@ def spread(job: dict[str, Any], plan: QuantizePlan) -> dict[str, Any]:
     name, namespace = meta["name"], meta["namespace"]
     spec.update(completionMode="Indexed", completions=plan.pods, parallelism=plan.pods, backoffLimit=0)
     # A rank that is evicted cannot rejoin a running rendezvous: no failure is ignored here.
-    spec["podFailurePolicy"]["rules"] = [
-        r for r in spec["podFailurePolicy"]["rules"] if r.get("action") != "Ignore"
-    ]
+    spec["podFailurePolicy"]["rules"] = [r for r in spec["podFailurePolicy"]["rules"] if r.get("action") != "Ignore"]
     pod = spec["template"]["spec"]
     pod["subdomain"] = name
     container = pod["containers"][0]

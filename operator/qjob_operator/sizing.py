@@ -270,9 +270,10 @@ def plan_quantize(
             f"{limits.max_pods_per_stage} pods per stage: ask the platform team to raise "
             "policy.maxGpusPerJob / maxPodsPerStage, or choose a smaller model",
         )
-    largest = max(shapes, key=lambda s: (s.memory_mib * s.gpus * s.count))
+    largest = max(shapes, key=lambda s: s.memory_mib * s.gpus * s.count)
     smallest = min(
-        _candidates(size, inputs, [largest], None, correction), key=lambda c: c.estimate.peak_mib - c.estimate.usable_mib
+        _candidates(size, inputs, [largest], None, correction),
+        key=lambda c: c.estimate.peak_mib - c.estimate.usable_mib,
     )
     what = "a plan not tried before" if tried else "it"
     return Refusal(

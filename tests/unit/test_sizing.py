@@ -75,7 +75,9 @@ def test_405b_spans_two_h100_nodes_when_there_is_no_b200():
     assert isinstance(plan, Candidate)
     assert (plan.pods, plan.gpus_per_pod) == (2, 8)
     # Sharded over 16 GPUs, plus the gathered and prefetched layer.
-    assert plan.estimate.weights_mib == pytest.approx((LLAMA_405B.weight_bytes / 16 + 2 * LLAMA_405B.weight_bytes / 126) / 2**20, abs=1)
+    assert plan.estimate.weights_mib == pytest.approx(
+        (LLAMA_405B.weight_bytes / 16 + 2 * LLAMA_405B.weight_bytes / 126) / 2**20, abs=1
+    )
 
 
 def test_plan_beyond_policy_is_refused_with_the_numbers():

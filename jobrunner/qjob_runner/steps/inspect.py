@@ -99,7 +99,9 @@ def hub_size(repo: str, revision: str) -> ModelSize:
         meta = get_safetensors_metadata(repo, revision=revision, token=token)
         config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision, token=token)).read_text())
     except hf_errors.NotASafetensorsRepoError:
-        raise InvalidInput(f"{repo}@{revision} has no safetensors weights, so its size is unknown", NO_SIZE_FIX) from None
+        raise InvalidInput(
+            f"{repo}@{revision} has no safetensors weights, so its size is unknown", NO_SIZE_FIX
+        ) from None
     except (hf_errors.GatedRepoError, hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as exc:
         raise InvalidInput(
             f"cannot read {repo}@{revision}: {type(exc).__name__}",
