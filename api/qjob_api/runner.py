@@ -17,11 +17,11 @@ from .capabilities import GPUArchitecture, ModelTask
 from .v1alpha1 import (
     APIModel,
     Artifact,
-    ModelSize,
     EngineTarget,
     EvaluationSpec,
     ExportSpec,
     HuggingFaceDataset,
+    ModelSize,
     Quality,
     QuantizationSpec,
     ServingSpec,

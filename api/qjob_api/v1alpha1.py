@@ -799,6 +799,12 @@ def _spec_rules() -> list[dict[str, str]]:
             fieldPath=".export.formats",
         ),
         cel(
+            "!has(self.quantization.autoQuantize) || self.resources.gpus != 0",
+            "automatic sizing (spec.resources.gpus: 0) does not model AutoQuantize's gradient pass: set "
+            "spec.resources.gpus to a number",
+            fieldPath=".resources.gpus",
+        ),
+        cel(
             "self.model.task == 'causal-lm' || self.quantization.kvCache == 'none'",
             "a KV cache exists only in causal LMs: set spec.quantization.kvCache to none for an encoder",
             fieldPath=".quantization.kvCache",

@@ -137,7 +137,7 @@ def _auto_plan(
             correction=correction,
             tried=frozenset(_signature(p) for p in failed),
         )
-    except sizing.SizeUnknown as exc:
+    except sizing.SizeUnknownError as exc:
         return sizing.Refusal(Reason.INVALID_INPUT, str(exc))
     if isinstance(found, sizing.Refusal):
         return found

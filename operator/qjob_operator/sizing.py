@@ -106,7 +106,7 @@ class Refusal:
     message: str
 
 
-class SizeUnknown(ValueError):
+class SizeUnknownError(ValueError):
     """The model's config lacks what the memory model needs: no plan without it."""
 
 
@@ -134,7 +134,7 @@ def _require(size: ModelSize) -> tuple[int, int, int, int, int]:
         if not value
     ]
     if missing:
-        raise SizeUnknown(
+        raise SizeUnknownError(
             f"the model's config.json lacks {', '.join(missing)}, which the memory model needs: "
             "set spec.resources.gpus to a number instead of 0 (auto)"
         )

@@ -98,7 +98,7 @@ def test_model_no_node_set_can_hold_is_refused_as_no_matching_nodes():
 
 def test_unknown_architecture_numbers_are_not_guessed():
     size = LLAMA_8B.model_copy(update={"hidden_size": None, "vocab_size": None})
-    with pytest.raises(sizing.SizeUnknown, match="hidden_size, vocab_size"):
+    with pytest.raises(sizing.SizeUnknownError, match="hidden_size, vocab_size"):
         plan_quantize(size, Inputs("max", 512, 512, 0, False, 0), TOPOLOGY, POLICY)
 
 

@@ -91,8 +91,8 @@ def local_size(folder: Path) -> ModelSize:
 
 
 def hub_size(repo: str, revision: str) -> ModelSize:
-    from huggingface_hub import get_safetensors_metadata, hf_hub_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
     token = os.environ.get("HF_TOKEN") or None
     try:

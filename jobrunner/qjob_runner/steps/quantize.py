@@ -63,6 +63,13 @@ def build_quant_config(ctx: RunContext) -> dict[str, Any]:
     for pattern in q.exclude_modules:
         entries.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}*", "enable": False})
     cfg["quant_cfg"] = entries
+    if ctx.config.calibration.layerwise:
+        # One decoder layer at a time, a checkpoint per layer in work_dir: a new attempt resumes
+        # at the last finished layer (ModelOpt's layerwise_calib.detect_resume_point).
+        method = cfg.get("algorithm") or "max"
+        algorithm = dict(method) if isinstance(method, dict) else {"method": method}
+        algorithm["layerwise"] = {"enable": True, "checkpoint_dir": str(ctx.paths.work_dir / "layerwise")}
+        cfg["algorithm"] = algorithm
     return cfg
 
 
