@@ -36,6 +36,7 @@ def _plans():
     from .steps import build, data, evaluate, export, inspect, load, quantize, report, resolve, serving
 
     def preflight(ctx: RunContext) -> None:
+        refuse_multi_rank()
         storage.preflight(ctx)
         resolve.run(ctx)
         if not ctx.config.is_build:
@@ -56,6 +57,20 @@ def _plans():
     fetch_plan = [Step(modelcache.FETCH_STAGE, modelcache.run, 100)]
     inspect_plan = [Step("inspect", inspect.run, 100)]
     return quantize_plan, build_plan, fetch_plan, inspect_plan
+
+
+def refuse_multi_rank() -> None:
+    """torchrun over several pods (a multi-pod plan) needs the FSDP2 path, which this runner
+    does not have yet: fail clearly rather than run N independent calibrations into one folder."""
+    from .errors import InvalidConfig
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:
+        raise InvalidConfig(
+            f"this runner calibrates in one process; it was started as one of {ranks} torchrun ranks "
+            "(a multi-pod plan) and multi-node FSDP2 calibration is not implemented in it yet",
+            "set the operator's policy.maxPodsPerStage to 1, or spec.resources.gpus to a number",
+        )
 
 
 def plan_for(config: RunnerConfig) -> list[Step]:
