@@ -19,7 +19,12 @@ def crds(cluster):
 def operator(crds, tmp_path_factory):
     """One operator for the session, watching all namespaces (tests use one namespace each)."""
     op = OperatorProcess(
-        kubeconfig=crds.kubeconfig, workdir=tmp_path_factory.mktemp("operator"), config=operator_config()
+        kubeconfig=crds.kubeconfig,
+        workdir=tmp_path_factory.mktemp("operator"),
+        config=operator_config(
+            # Multi-pod plans are opt-in (the default is 1); tests/integration/test_scaling.py needs 2.
+            policy={"maxPodsPerStage": 2}
+        ),
     )
     op.start()
     try:

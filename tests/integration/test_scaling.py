@@ -11,9 +11,10 @@ import json
 
 import pytest
 from kubernetes import client
+from qjob_dev.qjobs import create_qjob, get_qjob, make_artifacts_pvc, make_calibration_configmap
+from qjob_dev.waits import wait_for
 
-from tests.cluster_fixtures import wait_for
-from tests.operator_fixtures import basic_spec, create_qjob, get_qjob, make_artifacts_pvc, make_calibration_configmap
+from tests.operator_fixtures import basic_spec
 from tests.unit.test_sizing import LLAMA_8B, LLAMA_405B
 
 pytestmark = pytest.mark.cluster

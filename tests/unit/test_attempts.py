@@ -8,11 +8,11 @@ import json
 
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator import attempts, multipod
-from qjob_operator.builders import JobRef, build_job
+from qjob_operator.builders import QuantizationJobRef, build_job
 from qjob_operator.plan import plan_stages
-from qjob_operator.status import Observed, decide
+from qjob_operator.status import decide, observe
 
-from .conftest import NOW, cr_body
+from .conftest import NOW, cr_body, gpu_node
 from .test_sizing import LLAMA_8B, LLAMA_405B, TOPOLOGY
 
 SIZE_8B = LLAMA_8B.to_api()
@@ -112,6 +112,7 @@ def test_hand_sized_oom_shrinks_the_batch_then_goes_layerwise_then_gives_up(spec
 
 def test_bad_input_is_not_retried_and_a_failed_rank_retries_the_whole_gang(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
+    config.policy.max_pods_per_stage = 2  # multi-pod plans are opt-in
     h100s = attempts.sizing.node_shapes([(81559, 8)] * 2)
     status = {"modelSize": LLAMA_405B.to_api()}
     first = _advance(spec, config, status, shapes=h100s).current
@@ -126,12 +127,23 @@ def test_bad_input_is_not_retried_and_a_failed_rank_retries_the_whole_gang(spec_
     assert len(bad.plans) == 1 and bad.current.outcome == "InvalidInput"
 
 
+def test_default_policy_keeps_a_stage_on_one_pod(spec_dict, config):
+    # The runner has no multi-rank path yet: by default a model beyond one node is refused.
+    spec = _spec(spec_dict, gpus=0)
+    h100s = attempts.sizing.node_shapes([(81559, 8)] * 2)
+    sizing = _advance(spec, config, {"modelSize": LLAMA_405B.to_api()}, shapes=h100s)
+    assert config.policy.max_pods_per_stage == 1 and sizing.plans == []
+    assert sizing.refusal[0] == "PolicyViolation" and "maxPodsPerStage" in sizing.refusal[1]
+    assert "need 2 pod(s) x 8 GPU(s)" in sizing.refusal[1]
+
+
 def test_multi_pod_plan_is_an_indexed_job_with_a_headless_service(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
+    config.policy.max_pods_per_stage = 2  # multi-pod plans are opt-in
     h100s = attempts.sizing.node_shapes([(81559, 8)] * 2)
     plan = _advance(spec, config, {"modelSize": LLAMA_405B.to_api()}, shapes=h100s).current
     stage = next(s for s in plan_stages(spec, config, plan) if s.name == "quantize")
-    job = build_job(JobRef("llama", "ml", "uid-1"), spec, stage, config)
+    job = build_job(QuantizationJobRef("llama", "ml", "uid-1"), spec, stage, config)
     js, pod = job["spec"], job["spec"]["template"]["spec"]
     assert (js["completionMode"], js["completions"], js["parallelism"], js["backoffLimit"]) == ("Indexed", 2, 2, 0)
     assert pod["subdomain"] == "llama-quantize"
@@ -156,7 +168,8 @@ def test_multi_pod_plan_is_an_indexed_job_with_a_headless_service(spec_dict, con
 
 def test_one_pod_quantize_job_fails_at_once_on_oom_for_a_replan(spec, config):
     stage = plan_stages(spec, config)[0]
-    rules = build_job(JobRef("llama", "ml", "uid-1"), spec, stage, config)["spec"]["podFailurePolicy"]["rules"]
+    job = build_job(QuantizationJobRef("llama", "ml", "uid-1"), spec, stage, config)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "onExitCodes": {"containerName": "runner", "operator": "In", "values": [76]}} in rules
 
 
@@ -168,7 +181,8 @@ def test_refused_plan_fails_the_job_at_once_with_its_numbers(spec_dict, config):
     assert sizing.refusal[0] == "PolicyViolation"
     stages = plan_stages(spec, config, sizing.current)
     body = cr_body(spec.to_api())
-    obs = Observed(body, {}, {}, {s.name: ["h100-0"] for s in stages}, {}, NOW, refusal=sizing.refusal)
+    nodes = [gpu_node(f"h100-{i}", "9", "0") for i in range(2)]
+    obs = observe(body, stages, {}, {}, nodes, config, NOW, refusal=sizing.refusal)
     decision = decide(obs, spec, stages, config)
     assert decision.status["phase"] == "Failed" and decision.status["reason"] == "PolicyViolation"
     assert "at most 8 GPUs per job" in decision.status["message"] and not decision.create
@@ -178,7 +192,7 @@ def test_auto_job_starts_with_a_gpu_less_inspect_stage(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
     stages = plan_stages(spec, config)
     assert [s.name for s in stages] == ["inspect", "quantize", "build-hopper"]
-    job = build_job(JobRef("llama", "ml", "uid-1"), spec, stages[0], config)
+    job = build_job(QuantizationJobRef("llama", "ml", "uid-1"), spec, stages[0], config)
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert (
