@@ -1,7 +1,7 @@
 """The plans automatic sizing makes for 70B, 405B and 671B models on 8-GPU H100, H200 and B200
 nodes, with an expected calibration time; printed and saved to benchmarks/results/sizing_plans.json.
 
-    PYTHONPATH=api:operator python benchmarks/sizing_plans.py
+    PYTHONPATH=api:operator:hack python benchmarks/sizing_plans.py
 
 Time model (docs/scaling.md): compute at the FP8 calibration throughput measured on one H100
 (TinyLlama-1.1B shape, 128 x 512 tokens in 5.39 s: benchmarks/results/runner_gpu_h100.json), AWQ
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qjob_api.v1alpha1 import ModelSize
+from qjob_dev.model_sizes import DEEPSEEK_V3, LLAMA_70B, LLAMA_405B
 from qjob_operator.sizing import Candidate, Inputs, Limits, node_shapes, plan_quantize
 
 MEASURED_TOKENS_PER_S = 128 * 512 / 5.39  # TinyLlama-1.1B shape, FP8 calibration, one H100
@@ -28,27 +28,11 @@ NODES = {"H100": 81559, "H200": 143771, "B200": 183359}
 SAMPLES, SEQ = 512, 2048
 
 
-def llm(params, layers, hidden, inter, vocab, kv, head_dim, dtype="BF16", bytes_per=2.0) -> ModelSize:
-    return ModelSize(
-        weight_bytes=int(params * bytes_per),
-        parameters=int(params),
-        dtype=dtype,
-        layers=layers,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        kv_heads=kv,
-        head_dim=head_dim,
-    )
-
-
-# config.json values of the public checkpoints (meta-llama/Llama-3.1-*, deepseek-ai/DeepSeek-V3).
+# (size, parameters active per token): DeepSeek-V3 is a mixture of experts, 37B active per token.
 MODELS = {
-    "Llama-3.1-70B": (llm(70.6e9, 80, 8192, 28672, 128256, 8, 128), 70.6e9),
-    "Llama-3.1-405B": (llm(405.9e9, 126, 16384, 53248, 128256, 8, 128), 405.9e9),
-    # ModelOpt calibrates DeepSeek from BF16 weights (its FP8 checkpoint is dequantized first);
-    # 37B parameters are active per token (MoE).
-    "DeepSeek-V3 671B": (llm(671e9, 61, 7168, 18432, 129280, 128, 128), 37e9),
+    "Llama-3.1-70B": (LLAMA_70B, 70.6e9),
+    "Llama-3.1-405B": (LLAMA_405B, 405.9e9),
+    "DeepSeek-V3 671B": (DEEPSEEK_V3, 37e9),
 }
 FORMATS = {"fp8": "max", "nvfp4": "max", "nvfp4_awq": "awq_lite"}
 

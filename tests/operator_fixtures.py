@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
+from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,14 @@ def operator(crds, tmp_path_factory):
         yield op
     finally:
         op.stop()
+
+
+@pytest.fixture
+def ns(namespace, kube_api, operator):
+    """A test's namespace with the operator running, an artifacts PVC and a calibration ConfigMap."""
+    make_artifacts_pvc(kube_api, namespace)
+    make_calibration_configmap(kube_api, namespace)
+    return namespace
 
 
 def basic_spec(**overrides: Any) -> dict[str, Any]:

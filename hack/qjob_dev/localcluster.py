@@ -55,6 +55,12 @@ KUBERNETES_SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+# Pod annotations telling kwok how a simulated pod ends (hack/localcluster/stages/pods.yaml).
+FAIL_EXIT_CODE_ANNOTATION = "localcluster.qjob.dev/fail-exit-code"
+TERMINATION_MESSAGE_ANNOTATION = "localcluster.qjob.dev/termination-message"
+TERMINATED_REASON_ANNOTATION = "localcluster.qjob.dev/terminated-reason"
+HOLD_ANNOTATION = "localcluster.qjob.dev/hold"
+RUN_DURATION_ANNOTATION = "localcluster.qjob.dev/run-duration"
 
 # Start order; down() stops them in reverse.
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]

@@ -17,7 +17,7 @@ from qjob_api.runner import ExitCode, RunnerConfig, RunnerResult
 
 from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
 from .context import Paths, RunContext
-from .errors import RunnerError, classify
+from .errors import InvalidConfig, RunnerError, classify
 from .reporting import Reporter, make_reporter
 from .versions import library_versions
 
@@ -62,8 +62,6 @@ def _plans():
 def refuse_multi_rank() -> None:
     """torchrun over several pods (a multi-pod plan) needs the FSDP2 path, which this runner
     does not have yet: fail clearly rather than run N independent calibrations into one folder."""
-    from .errors import InvalidConfig
-
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks > 1:
         raise InvalidConfig(

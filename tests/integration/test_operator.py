@@ -11,6 +11,10 @@ from datetime import UTC, datetime
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.localcluster import FAIL_EXIT_CODE_ANNOTATION as FAIL
+from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
+from qjob_dev.localcluster import TERMINATED_REASON_ANNOTATION as TERMINATED_REASON
+from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION as MESSAGE
 from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
@@ -18,8 +22,6 @@ from qjob_dev.qjobs import (
     create_qjob,
     custom_api,
     get_qjob,
-    make_artifacts_pvc,
-    make_calibration_configmap,
     phase_is,
     qjob_manifest,
     wait_qjob,
@@ -29,19 +31,6 @@ from qjob_dev.waits import wait_for
 from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
-
-FAIL = "localcluster.qjob.dev/fail-exit-code"
-MESSAGE = "localcluster.qjob.dev/termination-message"
-TERMINATED_REASON = "localcluster.qjob.dev/terminated-reason"
-HOLD = "localcluster.qjob.dev/hold"
-DURATION = "localcluster.qjob.dev/run-duration"
-
-
-@pytest.fixture
-def ns(namespace, kube_api, operator):
-    make_artifacts_pvc(kube_api, namespace)
-    make_calibration_configmap(kube_api, namespace)
-    return namespace
 
 
 def jobs_of(kube_api, namespace, name):

@@ -11,25 +11,18 @@ import json
 
 import pytest
 from kubernetes import client
-from qjob_dev.qjobs import create_qjob, get_qjob, make_artifacts_pvc, make_calibration_configmap
+from qjob_dev.localcluster import FAIL_EXIT_CODE_ANNOTATION as FAIL
+from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
+from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION as MESSAGE
+from qjob_dev.model_sizes import LLAMA_8B, LLAMA_405B
+from qjob_dev.qjobs import create_qjob, get_qjob
 from qjob_dev.waits import wait_for
 
 from tests.operator_fixtures import basic_spec
-from tests.unit.test_sizing import LLAMA_8B, LLAMA_405B
 
 pytestmark = pytest.mark.cluster
 
-HOLD = "localcluster.qjob.dev/hold"
-FAIL = "localcluster.qjob.dev/fail-exit-code"
-MESSAGE = "localcluster.qjob.dev/termination-message"
 JOB_NAME = "batch.kubernetes.io/job-name"
-
-
-@pytest.fixture
-def ns(namespace, kube_api, operator):
-    make_artifacts_pvc(kube_api, namespace)
-    make_calibration_configmap(kube_api, namespace)
-    return namespace
 
 
 def auto_spec(size) -> dict:

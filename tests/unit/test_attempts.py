@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 
 from qjob_api.v1alpha1 import QuantizationJobSpec
+from qjob_dev.model_sizes import LLAMA_8B, LLAMA_405B
 from qjob_operator import attempts, multipod
 from qjob_operator.builders import QuantizationJobRef, build_job
 from qjob_operator.plan import plan_stages
 from qjob_operator.status import decide, observe
 
 from .conftest import NOW, cr_body, gpu_node
-from .test_sizing import LLAMA_8B, LLAMA_405B, TOPOLOGY
+from .test_sizing import TOPOLOGY
 
 SIZE_8B = LLAMA_8B.to_api()
 

@@ -5,30 +5,13 @@ runner_gpu_h100.json and docs/scaling.md (H100 and 2xH200 runs)."""
 from __future__ import annotations
 
 import pytest
-from qjob_api.v1alpha1 import ModelSize
+from qjob_dev.model_sizes import LLAMA_8B, LLAMA_405B, TINYLLAMA
 from qjob_operator import sizing
 from qjob_operator.sizing import Candidate, Inputs, Limits, Refusal, estimate, node_shapes, plan_quantize
 
 GIB = 2**30
 
 
-def model(params: float, layers, hidden, inter, vocab, kv, head_dim, dtype="BF16", bytes_per=2) -> ModelSize:
-    return ModelSize(
-        weight_bytes=int(params * bytes_per),
-        parameters=int(params),
-        dtype=dtype,
-        layers=layers,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        kv_heads=kv,
-        head_dim=head_dim,
-    )
-
-
-TINYLLAMA = model(1_100_048_384, 22, 2048, 5632, 32000, 4, 64)
-LLAMA_8B = model(8_030_261_248, 32, 4096, 14336, 128256, 8, 128)
-LLAMA_405B = model(405.9e9, 126, 16384, 53248, 128256, 8, 128)
 # The local control plane's topology (hack/localcluster/topology.yaml): L40S, H100, B200 nodes.
 TOPOLOGY = node_shapes([(46068, 8)] * 2 + [(81559, 8)] * 2 + [(183359, 8)])
 POLICY = Limits(max_gpus_per_pod=8, max_gpus_per_job=16, max_pods_per_stage=2)
