@@ -4,12 +4,15 @@ Pure: from the spec, the operator policy, the status written so far (``status.pl
 ``status.modelSize``) and the observed inspect/quantize Jobs and pods, ``advance`` returns the
 plans to record and the one to run now. The status keeps every plan, so a restarted operator
 continues where it was, and an attempt is never re-run with a plan that already failed.
+``observe_attempts`` wraps it for the reconciler: the stages with the current plan and what
+``status.decide`` sees of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from qjob_api.reasons import EXIT_CODE_REASONS, Reason
@@ -18,12 +21,11 @@ from qjob_api.v1alpha1 import ModelSize, QuantizationJobSpec, QuantizePlan, quan
 
 from . import sizing
 from .config import OperatorConfig
+from .multipod import JOB_NAME_LABEL
 from .nodes import node_fits
-from .plan import QUANTIZE_STAGE, NodeRequirement, child_name, quantize_job_name
-from .status import classify_failed_pod, runner_result
+from .plan import QUANTIZE_STAGE, NodeRequirement, Stage, child_name, plan_stages, quantize_job_name
+from .status import Observed, classify_failed_pod, observe, runner_result
 
-#: The Job controller's label naming a pod's Job (attempts of one stage share the stage label).
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 NON_RETRYABLE_REASONS = frozenset(EXIT_CODE_REASONS[c] for c in NON_RETRYABLE_EXIT_CODES)
 #: Batch sizes a hand-sized plan steps down through after an OOM when the runner probed (batch 0).
 MANUAL_BATCHES = (4, 2, 1)
@@ -57,7 +59,8 @@ def _condition(job: Mapping[str, Any] | None, type_: str) -> bool:
 
 
 def pods_of_job(pods: Iterable[Mapping[str, Any]], job_name: str) -> list[dict[str, Any]]:
-    """The pods of one Job among those of its stage (pods without the label are kept)."""
+    """The pods of one Job among those of its stage (attempts of one stage share the stage
+    label; the Job controller's job-name label tells them apart; pods without it are kept)."""
     return [
         p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL, job_name) == job_name
     ]
@@ -267,3 +270,35 @@ def advance(
         )
         return Sizing([*plans, again], size)
     return Sizing(plans, size)
+
+
+def observe_attempts(
+    body: dict[str, Any],
+    spec: QuantizationJobSpec,
+    config: OperatorConfig,
+    stage_jobs: Mapping[str, list[dict[str, Any]]],
+    stage_pods: Mapping[str, list[dict[str, Any]]],
+    nodes: list[dict[str, Any]],
+    now: datetime,
+) -> tuple[list[Stage], Observed, Sizing]:
+    """``stage_jobs``/``stage_pods``: every Job and pod of each stage (a re-planned quantize stage
+    has one Job per attempt). Returns the stages with the current plan, what ``decide`` sees of
+    them (the current attempt's Job and pods only) and the plans to record."""
+    name = body["metadata"]["name"]
+    unplanned = plan_stages(spec, config)
+    jobs = {j["metadata"]["name"]: j for s in unplanned for j in stage_jobs.get(s.name, [])}
+    quantize = next(s for s in unplanned if s.name == QUANTIZE_STAGE)
+    shapes = node_shapes(nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
+    found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
+    stages = plan_stages(spec, config, found.current)
+    obs = observe(
+        body,
+        stages,
+        {s.name: jobs.get(s.job_name(name)) for s in stages},
+        {s.name: pods_of_job(stage_pods.get(s.name, []), s.job_name(name)) for s in stages},
+        nodes,
+        config,
+        now,
+        refusal=found.refusal,
+    )
+    return stages, obs, found

@@ -1,5 +1,5 @@
-"""Runs ``status.observe`` and ``status.decide`` for one QuantizationJob at a time and carries
-out the decision.
+"""Runs ``attempts.observe_attempts`` (``status.observe``) and ``status.decide`` for one
+QuantizationJob at a time and carries out the decision.
 
 Reconciles are level-based and idempotent: any event (the job, one of its Jobs or Pods, a node)
 schedules a reconcile of the job; a job already being reconciled is marked dirty and runs once
@@ -27,7 +27,7 @@ from .config import OperatorConfig
 from .kube import Kube
 from .metrics import Metrics
 from .plan import Stage, plan_stages
-from .status import decide, fmt_time, observe, parse_time, transition_events
+from .status import decide, fmt_time, parse_time, transition_events
 
 log = logging.getLogger(__name__)
 
@@ -202,25 +202,15 @@ class Reconciler:
                     stages=[],
                 )
             return
-        unplanned = plan_stages(spec, self.config)
-        owned = {
-            j["metadata"]["name"]: j for s in unplanned for j in self.indexes.jobs_of_stage((namespace, name, s.name))
-        }
-        pods = {s.name: self.indexes.stage_pods((namespace, name, s.name)) for s in unplanned}
-        nodes = self.indexes.all_nodes()
-        quantize = next(s for s in unplanned if s.name == QUANTIZE_STAGE)
-        shapes = attempts.node_shapes(nodes, quantize.requirement, self.config) if spec.resources.gpus == 0 else []
-        sizing = attempts.advance(spec, self.config, name, old, owned, pods, shapes)
-        stages = plan_stages(spec, self.config, sizing.current)
-        obs = observe(
+        names = [s.name for s in plan_stages(spec, self.config)]
+        stages, obs, sizing = attempts.observe_attempts(
             body,
-            stages,
-            {s.name: owned.get(s.job_name(name)) for s in stages},
-            {s.name: attempts.pods_of_job(pods[s.name], s.job_name(name)) for s in stages},
-            nodes,
+            spec,
             self.config,
+            {s: self.indexes.jobs_of_stage((namespace, name, s)) for s in names},
+            {s: self.indexes.stage_pods((namespace, name, s)) for s in names},
+            self.indexes.all_nodes(),
             self.clock(),
-            refusal=sizing.refusal,
         )
         decision = decide(obs, spec, stages, self.config)
         if decision.status is not None:

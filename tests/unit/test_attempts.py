@@ -200,3 +200,28 @@ def test_auto_job_starts_with_a_gpu_less_inspect_stage(spec_dict, config):
         json.loads(next(e["value"] for e in container["env"] if e["name"] == "QJOB_RUNNER_CONFIG"))["stage"]
         == "inspect"
     )
+
+
+def test_after_an_oom_the_reconcile_creates_the_next_attempts_job(spec_dict, config):
+    spec = _spec(spec_dict, gpus=0)
+    nodes = [gpu_node(f"h100-{i}", "9", "0") for i in range(2)]
+    inspected = {"outcome": "Succeeded", "stage": "inspect", "modelSize": SIZE_8B}
+    jobs = {"inspect": [_job("llama-inspect", "Complete")], "quantize": []}
+    pods = {"inspect": [_pod("llama-inspect", 0, json.dumps(inspected), phase="Succeeded")]}
+    body = cr_body(spec.to_api())
+    stages, obs, sizing = attempts.observe_attempts(body, spec, config, jobs, pods, nodes, NOW)
+    assert [s.name for s in decide(obs, spec, stages, config).create] == ["quantize"]
+    first = sizing.current
+    body["status"] = sizing.status_fields()
+
+    # Attempt 1 ran out of memory: its Job and pod stay, but decide sees attempt 2, not yet created.
+    jobs["quantize"] = [_job(first.job_name, "Failed")]
+    pods["quantize"] = [_pod(first.job_name, 76, "CUDA out of memory")]
+    stages, obs, sizing = attempts.observe_attempts(body, spec, config, jobs, pods, nodes, NOW)
+    quantize = next(s for s in stages if s.name == "quantize")
+    assert quantize.job_name("llama") == "llama-quantize-2" and "quantize" not in obs.stage_jobs
+    assert obs.stage_pods["quantize"] == []
+    decision = decide(obs, spec, stages, config)
+    assert [s.job_name("llama") for s in decision.create] == ["llama-quantize-2"]
+    assert decision.status["phase"] != "Failed"
+    assert [p.outcome for p in sizing.plans] == ["OOMKilled", None]
