@@ -117,7 +117,29 @@ def test_oom_replans_bigger_in_a_new_job(kube_api, ns):
     assert quantize["jobName"] == f"{name}-quantize-2"
 
 
+def wait_nodes_idle(kube_api, prefix, timeout=120):
+    """Until no pod holds GPUs on the nodes named ``prefix*``: held runner pods of earlier tests
+    stay until their namespace is gone (the Job controller must drop its finalizer first)."""
+    core = client.CoreV1Api(kube_api)
+    busy = {}
+
+    def idle():
+        busy["pods"] = [
+            f"{p.metadata.namespace}/{p.metadata.name} on {p.spec.node_name}"
+            for p in core.list_pod_for_all_namespaces().items
+            if (p.spec.node_name or "").startswith(prefix) and p.status.phase in ("Pending", "Running")
+        ]
+        return not busy["pods"]
+
+    try:
+        wait_for(idle, timeout=timeout, what=f"no pod on the {prefix}* nodes")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {busy['pods']}") from None
+
+
 def test_multi_node_stage_spreads_ranks_and_retries_as_a_whole(kube_api, ns):
+    # Two ranks of 8 GPUs need both 8-GPU H100 nodes whole.
+    wait_nodes_idle(kube_api, "hopper-h100-")
     name = create_qjob(kube_api, ns, auto_spec(LLAMA_405B))
     (plan,) = run_inspect(kube_api, ns, name)["plans"]
     assert (plan["pods"], plan["gpusPerPod"]) == (2, 8)  # 812 GB of weights: two 8 x H100 nodes
