@@ -28,7 +28,7 @@ from .v1alpha1 import (
 )
 
 RUNNER_API_VERSION = "qjob.dev/runner/v1"
-#: The stage that only reads the model's size (auto sizing), on a pod without GPUs.
+#: The stage that only reads the model's size (auto sizing without a fetch stage), on a pod without GPUs.
 INSPECT_STAGE = "inspect"
 
 #: Where the runner reads its config when the env var is unset; the env var holds a path or inline
@@ -173,7 +173,7 @@ class RunnerResult(APIModel):
     quality: Quality | None = None
     step_seconds: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
-    model_size: ModelSize | None = Field(None, description="Set by the inspect stage.")
+    model_size: ModelSize | None = Field(None, description="Set by the fetch and inspect stages.")
 
     def termination_message(self) -> str:
         """JSON that fits Kubernetes' 4096-byte termination message (drops detail if needed)."""

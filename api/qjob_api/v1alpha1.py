@@ -487,7 +487,8 @@ class ResourcesSpec(APIModel):
         ge=0,
         le=8,
         description="GPUs per pod; the model is spread across them when it does not fit on one. 0 (auto): the "
-        "operator reads the model's size from its safetensors headers (a short `inspect` pod without GPUs) and "
+        "operator reads the model's size from its safetensors headers (in the fetch stage, else a short `inspect` "
+        "pod without GPUs) and "
         "plans GPUs per pod and pods for the quantize stage from the GPU memory of the nodes that can run it "
         "(status.plans shows the plan and its numbers); a plan larger than one node runs as several pods with "
         "torchrun. Build stages use 1 GPU when auto.",
@@ -890,7 +891,7 @@ class Condition(APIModel):
 class StageStatus(APIModel):
     """One runner Job: calibrate/quantize/export, or an engine build for one architecture."""
 
-    name: str = Field(description="Stage name: `fetch`, `quantize` or `build-<architecture>`.")
+    name: str = Field(description="Stage name: `fetch` or `inspect`, `quantize`, `build-<architecture>`.")
     job_name: str | None = Field(None, description="The batch/v1 Job running this stage.")
     architecture: str | None = Field(None, description="Architecture the stage requires (builds only).")
     phase: str = Field("Pending", description="Pending, Running, Succeeded or Failed.")
@@ -904,7 +905,7 @@ class StageStatus(APIModel):
 
 
 class ModelSize(APIModel):
-    """What the `inspect` stage read from the model's safetensors headers and config.json."""
+    """What the model stage (`fetch`, else `inspect`) read from the model's safetensors headers and config.json."""
 
     weight_bytes: int = Field(description="Bytes of all weight tensors, summed over the safetensors headers.")
     parameters: int = Field(description="Number of weight elements.")
@@ -1000,8 +1001,9 @@ class RunnerReport(APIModel):
 
     step: str | None = Field(
         None,
-        description="Runner step in progress: fetch (the fetch stage), resolve, load, data, baseline, quantize, "
-        "evaluate, export, serving (checks the checkpoint against spec.serving), build, report.",
+        description="Runner step in progress: fetch (the fetch stage), inspect (the inspect stage), resolve, load, "
+        "data, baseline, quantize, evaluate, export, serving (checks the checkpoint against spec.serving), build, "
+        "report.",
     )
     percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
     eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")
@@ -1009,9 +1011,6 @@ class RunnerReport(APIModel):
     artifacts: list[Artifact] = Field(default=[], description="Artifacts this stage finished.")
     quality: Quality | None = Field(None, description="Quality measured by this stage.")
     step_seconds: dict[str, float] = Field(default={}, description="Wall time of each finished step.")
-    model_bytes: int | None = Field(
-        None, description="Weight bytes of the model the fetch stage put in the cache (sizes later pods' disk)."
-    )
     updated_at: datetime | None = Field(None, description="When the runner wrote this report.")
 
 
@@ -1032,7 +1031,11 @@ class QuantizationJobStatus(APIModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     stages: list[StageStatus] = Field(default=[], description="One record per runner Job.")
-    model_size: ModelSize | None = Field(None, description="The model's size, when spec.resources.gpus is 0 (auto).")
+    model_size: ModelSize | None = Field(
+        None,
+        description="The model's size as the fetch or inspect stage read it: sizes the later pods' disk, and "
+        "their GPUs when spec.resources.gpus is 0 (auto).",
+    )
     plans: list[QuantizePlan] = Field(
         default=[], description="One plan per attempt of the quantize stage; the last one is current."
     )

@@ -1,4 +1,4 @@
-"""Sizes of public checkpoints as the inspect stage reports them (``ModelSize``), from their
+"""Sizes of public checkpoints as the fetch or inspect stage reports them (``ModelSize``), from their
 config.json values, for the sizing tests and benchmarks/sizing_plans.py."""
 
 from __future__ import annotations

@@ -42,12 +42,12 @@ from qjob_api.runner import RunnerModel, RunnerS3
 from .artifacts import atomic_write_text
 from .context import RunContext
 from .errors import InvalidInput, TransientError
+from .steps import inspect
 from .storage import ObjectStore, RateMeter, join_key, message_only, relative_key
 
 log = logging.getLogger("qjob_runner.modelcache")
 
 FETCH_STAGE = "fetch"
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 Sink = Callable[[str, float, float], None]
 
 
@@ -376,9 +376,9 @@ def run(ctx: RunContext) -> None:
         "job": ctx.config.job,
     }
     atomic_write_text(ref, json.dumps(record))
-    weights = sum(p.stat().st_size for pattern in WEIGHT_FILES for p in entry.rglob(pattern))
-    ctx.metrics["modelWeightBytes"] = weights
-    ctx.reporter.set_model_bytes(weights)  # the operator sizes the GPU pods' scratch disk from it
+    # The inspect step's reading of the fetched files: the operator sizes the GPU pods (disk, and
+    # GPUs when sized automatically) from it, so no separate inspect stage runs.
+    ctx.model_size = inspect.fetched_size(entry)
     ctx.reporter.update(
         message=f"model ready in the cache: {record['entry']} ({record['bytesFetched']} bytes fetched)", percent=100
     )

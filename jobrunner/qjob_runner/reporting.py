@@ -39,7 +39,6 @@ class ProgressState:
     artifacts: list[Artifact] = field(default_factory=list)
     quality: Quality | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
-    model_bytes: int | None = None
 
     def to_report(self) -> RunnerReport:
         return RunnerReport(
@@ -50,7 +49,6 @@ class ProgressState:
             artifacts=list(self.artifacts),
             quality=self.quality,
             step_seconds={k: round(v, 3) for k, v in self.step_seconds.items()},
-            model_bytes=self.model_bytes,
             updated_at=datetime.now(UTC),
         )
 
@@ -105,9 +103,6 @@ class Reporter:
 
     def set_quality(self, quality: Quality) -> None:
         self.state.quality = quality
-
-    def set_model_bytes(self, size: int) -> None:
-        self.state.model_bytes = size
 
     def _push(self, final: bool) -> None:
         if not self._threads:

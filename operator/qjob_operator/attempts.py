@@ -1,10 +1,10 @@
 """Attempts of the quantize stage and their plans: the first plan, and a bigger one after an OOM.
 
 Pure: from the spec, the operator policy, the status written so far (``status.plans``,
-``status.modelSize``) and the observed inspect/quantize Jobs and pods, ``advance`` returns the
-plans to record and the one to run now. The status keeps every plan, so a restarted operator
-continues where it was, and an attempt is never re-run with a plan that already failed.
-``observe_attempts`` wraps it for the reconciler: the stages with the current plan and what
+``status.modelSize``) and the observed Jobs and pods of the model stage (fetch or inspect) and
+of quantize, ``advance`` returns the plans to record and the one to run now. The status keeps
+every plan, so a restarted operator continues where it was, and an attempt is never re-run with
+a plan that already failed. ``observe_attempts`` wraps it for the reconciler: the stages with the current plan and what
 ``status.decide`` sees of them.
 """
 
@@ -23,7 +23,7 @@ from . import sizing
 from .config import OperatorConfig
 from .multipod import JOB_NAME_LABEL
 from .nodes import node_fits
-from .plan import QUANTIZE_STAGE, NodeRequirement, Stage, child_name, plan_stages, quantize_job_name
+from .plan import QUANTIZE_STAGE, NodeRequirement, Stage, child_name, model_stage, plan_stages, quantize_job_name
 from .status import Observed, classify_failed_pod, observe, runner_result
 
 NON_RETRYABLE_REASONS = frozenset(EXIT_CODE_REASONS[c] for c in NON_RETRYABLE_EXIT_CODES)
@@ -193,7 +193,7 @@ def _manual_plan(spec: QuantizationJobSpec, job: str, tried: list[QuantizePlan])
     )
 
 
-def _inspected_size(pods: list[dict[str, Any]]) -> ModelSize | None:
+def _reported_size(pods: list[dict[str, Any]]) -> ModelSize | None:
     for pod in pods:
         result = runner_result(pod)
         if result and result.outcome == "Succeeded" and result.model_size:
@@ -214,19 +214,29 @@ def advance(
     plans = [QuantizePlan.model_validate(p) for p in status.get("plans") or []]
     size = ModelSize.model_validate(status["modelSize"]) if status.get("modelSize") else None
     auto = spec.resources.gpus == 0
-    if auto and size is None:
-        inspect = jobs.get(child_name(job, INSPECT_STAGE))
-        if not _condition(inspect, "Complete"):
-            return Sizing()  # the inspect stage runs first
-        size = _inspected_size(pods.get(INSPECT_STAGE, []))
-        if size is None:
-            return Sizing(
-                refusal=(
-                    Reason.INVALID_INPUT,
-                    "the inspect stage finished without reporting the model's size (no safetensors weights?): "
-                    "set spec.resources.gpus to a number",
-                )
+    pre = model_stage(spec, config)
+    if auto and pre == INSPECT_STAGE and spec.model.s3:
+        return Sizing(
+            refusal=(
+                Reason.INVALID_CONFIG,
+                "automatic sizing reads an S3 model's size in the fetch stage, and this job has no model cache: "
+                "set spec.model.cacheClaimName (or the operator's modelCache.claimName), or spec.resources.gpus "
+                "to a number",
             )
+        )
+    done = pre is not None and _condition(jobs.get(child_name(job, pre)), "Complete")
+    if size is None and done:
+        size = _reported_size(pods.get(pre, []))
+    if auto and size is None:
+        if not done:
+            return Sizing()  # the model stage runs first
+        return Sizing(
+            refusal=(
+                Reason.INVALID_INPUT,
+                f"the {pre} stage finished without reporting the model's size (no safetensors weights?): "
+                "set spec.resources.gpus to a number",
+            )
+        )
     if not plans:
         first = _auto_plan(spec, config, size, shapes, job, []) if auto else _manual_plan(spec, job, [])
         if isinstance(first, sizing.Refusal):
@@ -290,7 +300,7 @@ def observe_attempts(
     quantize = next(s for s in unplanned if s.name == QUANTIZE_STAGE)
     shapes = node_shapes(nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
     found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
-    stages = plan_stages(spec, config, found.current)
+    stages = plan_stages(spec, config, found.current, found.model_size)
     obs = observe(
         body,
         stages,

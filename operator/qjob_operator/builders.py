@@ -10,6 +10,7 @@ from typing import Any
 
 from qjob_api.runner import (
     CONFIG_ENV,
+    INSPECT_STAGE,
     NON_RETRYABLE_EXIT_CODES,
     ExitCode,
     Reporting,
@@ -29,6 +30,7 @@ from .plan import (
     LABEL_QUANTIZATION_JOB,
     LABEL_STAGE,
     MANAGED_BY,
+    MODEL_STAGES,
     QUANTIZE_STAGE,
     NodeRequirement,
     Stage,
@@ -305,14 +307,12 @@ def build_job(
     gpu = config.node_labels.gpu_resource
     if stage.name == FETCH_STAGE:
         resources = fetch_resources(config)
+    elif stage.name == INSPECT_STAGE:
+        resources = {"requests": dict(INSPECT_RESOURCES), "limits": {"memory": INSPECT_RESOURCES["memory"]}}
     else:
-        gpus = {gpu: str(stage.requirement.gpus)} if stage.requirement.gpus else {}
-        cpu, memory = (
-            (INSPECT_RESOURCES["cpu"], INSPECT_RESOURCES["memory"])
-            if not stage.requirement.gpus
-            else (spec.resources.cpu, spec.resources.memory)
-        )
-        resources = {"requests": {"cpu": cpu, "memory": memory, **gpus}, "limits": {"memory": memory, **gpus}}
+        gpus = {gpu: str(stage.requirement.gpus)}
+        requests = {"cpu": spec.resources.cpu, "memory": spec.resources.memory, **gpus}
+        resources = {"requests": requests, "limits": {"memory": spec.resources.memory, **gpus}}
     resources["requests"]["ephemeral-storage"] = quantity(scratch_plan(spec, stage, config).request_bytes)
     container = {
         "name": RUNNER_CONTAINER,
@@ -344,7 +344,7 @@ def build_job(
     }
     if spec.scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)
-    if stage.name == FETCH_STAGE:
+    if stage.name in MODEL_STAGES:
         pod_spec["affinity"] = prefer_nodes_without_gpus(config)
     elif affinity := node_affinity(stage.requirement, config):
         pod_spec["affinity"] = affinity

@@ -5,7 +5,7 @@ that outgrows it instead of letting it fill a shared GPU node's disk. Pure funct
 The scratch volume (/var/cache/qjob) holds what a pod downloads or stages locally: the model when
 the pod downloads it itself (no fetch stage), and an S3 output's artifacts before the upload. Its
 size comes from ``spec.resources.scratchStorage``, else from the model's weight bytes when the
-fetch stage measured them, else the operator's ``runner.scratchSize``.
+model stage reported them (status.modelSize), else the operator's ``runner.scratchSize``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from qjob_api.capabilities import ExportFormat
 from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
 
 from .config import OperatorConfig
-from .fetch import FETCH_STAGE, cache_claim
-from .plan import Stage
+from .fetch import cache_claim
+from .plan import MODEL_STAGES, Stage
 
 MiB = 1 << 20
 #: Hugging Face metadata, tokenizer and compile caches, logs.
@@ -49,7 +49,7 @@ def staged_output_bytes(spec: QuantizationJobSpec, stage: Stage, model_bytes: in
 
 def scratch_plan(spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> ScratchPlan:
     tmp = quantity_to_mib(config.runner.tmp_size) * MiB
-    if stage.name == FETCH_STAGE:  # it writes to the cache PVC
+    if stage.name in MODEL_STAGES:  # fetch writes to the cache PVC; inspect reads headers only
         return ScratchPlan(HEADROOM, tmp)
     if spec.resources.scratch_storage:
         return ScratchPlan(quantity_to_mib(spec.resources.scratch_storage) * MiB, tmp)

@@ -4,20 +4,19 @@ With a cache claim (``spec.model.cacheClaimName``, else the operator's ``modelCa
 and a Hugging Face or S3 model, the plan becomes ``fetch -> quantize -> build-*``. The fetch
 Job requests no GPU and prefers nodes without GPUs; it mounts the cache read-write. GPU stages
 mount it read-only and start from the entry the fetch stage recorded, so no GPU waits for a
-download and a second job (or a retry) on the same model downloads nothing. Pure functions only.
+download and a second job (or a retry) on the same model downloads nothing. The fetch stage
+also reads the fetched files' safetensors headers and reports the model's size
+(``status.modelSize``: it sizes the GPU pods' disk, and automatic sizing plans from it, so no
+separate inspect stage runs). Pure functions only.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qjob_api.v1alpha1 import QuantizationJobSpec, RunnerReport
+from qjob_api.v1alpha1 import QuantizationJobSpec
 
 from .config import OperatorConfig
-
-if TYPE_CHECKING:  # plan.py imports this module
-    from .plan import Stage
 
 FETCH_STAGE = "fetch"
 MODEL_CACHE_ROOT = "/mnt/model-cache"
@@ -57,11 +56,3 @@ def cache_volume(claim: str, stage_name: str) -> tuple[dict[str, Any], dict[str,
     read_only = stage_name != FETCH_STAGE
     volume = {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
     return volume, {"name": CACHE_VOLUME, "mountPath": MODEL_CACHE_ROOT, "readOnly": read_only}
-
-
-def with_model_bytes(stage: Stage, reports: dict[str, RunnerReport]) -> Stage:
-    """The stage, carrying the weight bytes the fetch stage reported (its pods' disk is sized from them)."""
-    fetched = reports.get(FETCH_STAGE)
-    if fetched is None or fetched.model_bytes is None or stage.name == FETCH_STAGE:
-        return stage
-    return dataclasses.replace(stage, model_bytes=fetched.model_bytes)

@@ -1,7 +1,9 @@
 """Stages of a QuantizationJob (each one a batch/v1 Job) and what each needs from a node.
 
-``fetch`` (only with a shared model cache, see fetch.py) downloads the model without GPUs;
-``quantize`` (calibrate, quantize, export, evaluate) then runs on any GPU node that fits;
+At most one GPU-less *model stage* comes first (``model_stage``): ``fetch`` with a shared model
+cache (fetch.py) downloads the model and reports its size; without a cache, ``inspect`` reads only
+the size when GPUs are sized automatically. ``quantize`` (calibrate, quantize, export, evaluate)
+then runs on any GPU node that fits;
 ``build-<arch>`` stages then run in parallel, one per engine target, each on a node of that
 architecture because an engine only runs on the compute capability that built it.
 """
@@ -14,10 +16,13 @@ from typing import Any
 
 from qjob_api.capabilities import GPUArchitecture
 from qjob_api.runner import INSPECT_STAGE
-from qjob_api.v1alpha1 import QuantizationJobSpec, QuantizePlan, quantity_to_mib
+from qjob_api.v1alpha1 import ModelSize, QuantizationJobSpec, QuantizePlan, quantity_to_mib
 
 from .config import OperatorConfig
 from .fetch import FETCH_STAGE, cache_claim
+
+#: The GPU-less stages that come before ``quantize`` (a job has at most one of them).
+MODEL_STAGES = (FETCH_STAGE, INSPECT_STAGE)
 
 QUANTIZE_STAGE = "quantize"
 LABEL_PREFIX = "qjob.dev"
@@ -60,7 +65,7 @@ class Stage:
     requirement: NodeRequirement
     after: tuple[str, ...] = ()
     architecture: GPUArchitecture | None = None
-    #: Weight bytes the fetch stage measured (set when the stage is created after it; sizes its disk).
+    #: Weight bytes the model stage reported (status.modelSize; sizes the disk of the stages after it).
     model_bytes: int | None = None
     #: The quantize stage's current plan (GPUs, pods, batch); its attempt names the Job.
     plan: QuantizePlan | None = None
@@ -78,9 +83,24 @@ def quantize_job_name(job_name: str, attempt: int) -> str:
     return child_name(job_name, QUANTIZE_STAGE if attempt == 1 else f"{QUANTIZE_STAGE}-{attempt}")
 
 
-def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig, plan: QuantizePlan | None = None) -> list[Stage]:
-    """The stages of a job, in order: ``inspect`` first when GPUs are sized automatically
-    (spec.resources.gpus 0), then ``quantize`` (with ``plan`` once there is one), then the builds."""
+def model_stage(spec: QuantizationJobSpec, config: OperatorConfig) -> str | None:
+    """The one GPU-less stage before ``quantize``, if any: ``fetch`` with a shared model cache (it
+    downloads the model and reports its size), else ``inspect`` when GPUs are sized automatically
+    (spec.resources.gpus 0: it only reads the size), else none."""
+    if cache_claim(spec, config):
+        return FETCH_STAGE
+    return INSPECT_STAGE if spec.resources.gpus == 0 else None
+
+
+def plan_stages(
+    spec: QuantizationJobSpec,
+    config: OperatorConfig,
+    plan: QuantizePlan | None = None,
+    model_size: ModelSize | None = None,
+) -> list[Stage]:
+    """The stages of a job, in order: the model stage (``model_stage``), then ``quantize`` (with
+    ``plan`` once there is one), then the builds. ``model_size``: what the model stage reported
+    (sizes the later stages' disk)."""
     memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
     tolerations = (*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations))
 
@@ -94,27 +114,23 @@ def plan_stages(spec: QuantizationJobSpec, config: OperatorConfig, plan: Quantiz
             tolerations=tolerations,
         )
 
-    auto = spec.resources.gpus == 0
     calibration = spec.scheduling.calibration_architecture
-    stages = []
-    if cache_claim(spec, config):  # the download runs first, without GPUs
-        no_gpu = NodeRequirement(None, (), 0, None, dict(spec.scheduling.node_selector))
-        stages.append(Stage(FETCH_STAGE, no_gpu))
-    if auto:
-        stages.append(Stage(INSPECT_STAGE, requirement(None, 0, None)))
-    after = tuple(s.name for s in stages)
+    weights = model_size.weight_bytes if model_size else None
+    first = model_stage(spec, config)
+    stages = [Stage(first, requirement(None, 0, None))] if first else []
     if plan:
         planned_memory = max(memory or 0, plan.gpu_memory_mib or 0) or None
         quantize = requirement(calibration, plan.gpus_per_pod, planned_memory)
     else:
         quantize = requirement(calibration, spec.resources.gpus or 1)
-    stages.append(Stage(QUANTIZE_STAGE, quantize, after=after, plan=plan))
+    stages.append(Stage(QUANTIZE_STAGE, quantize, after=(first,) if first else (), plan=plan, model_bytes=weights))
     stages += [
         Stage(
             build_stage(e.architecture),
             requirement(e.architecture, spec.resources.gpus or 1),
             after=(QUANTIZE_STAGE,),
             architecture=e.architecture,
+            model_bytes=weights,
         )
         for e in spec.engines
     ]

@@ -230,6 +230,10 @@ def _candidates(
     return found
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _cost(c: Candidate) -> tuple:
     # Fewest GPUs, then fewest pods, then the largest batch (fastest), full forward before
     # layer-wise, then the smallest GPUs (leave the big ones to jobs that need them).
@@ -266,8 +270,8 @@ def plan_quantize(
         return Refusal(
             Reason.POLICY_VIOLATION,
             f"{weights} need {best.describe()}, but the operator policy allows at most "
-            f"{limits.max_gpus_per_job} GPUs per job, {limits.max_gpus_per_pod} per pod and "
-            f"{limits.max_pods_per_stage} pods per stage: ask the platform team to raise "
+            f"{_count(limits.max_gpus_per_job, 'GPU')} per job, {limits.max_gpus_per_pod} per pod and "
+            f"{_count(limits.max_pods_per_stage, 'pod')} per stage: ask the platform team to raise "
             "policy.maxGpusPerJob / maxPodsPerStage, or choose a smaller model",
         )
     largest = max(shapes, key=lambda s: s.memory_mib * s.gpus * s.count)

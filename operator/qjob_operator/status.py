@@ -29,9 +29,9 @@ from qjob_api.v1alpha1 import (
 
 from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
-from .fetch import FETCH_STAGE, with_model_bytes
+from .fetch import FETCH_STAGE
 from .nodes import matching_nodes
-from .plan import QUANTIZE_STAGE, Stage
+from .plan import MODEL_STAGES, QUANTIZE_STAGE, Stage
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 
@@ -269,10 +269,12 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
 
 
 def _weights(stages: list[Stage]) -> dict[str, float]:
-    builds = [s for s in stages if s.name not in (QUANTIZE_STAGE, FETCH_STAGE)]
+    builds = [s for s in stages if s.name not in (QUANTIZE_STAGE, *MODEL_STAGES)]
     weights = {QUANTIZE_STAGE: 0.6, **{s.name: 0.4 / len(builds) for s in builds}} if builds else {QUANTIZE_STAGE: 1.0}
-    if any(s.name == FETCH_STAGE for s in stages):  # a download of a large model takes a while too
-        weights = {FETCH_STAGE: 0.2, **{name: 0.8 * w for name, w in weights.items()}}
+    first = next((s.name for s in stages if s.name in MODEL_STAGES), None)
+    if first:  # a download of a large model takes a while; reading its headers does not
+        share = 0.2 if first == FETCH_STAGE else 0.02
+        weights = {first: share, **{name: (1 - share) * w for name, w in weights.items()}}
     return weights
 
 
@@ -531,7 +533,7 @@ def decide_stage_records(
         if stage.name in obs.stage_jobs:
             continue
         if all(records[d].phase == Phase.SUCCEEDED for d in stage.after):
-            draft.decision.create.append(with_model_bytes(stage, reports))
+            draft.decision.create.append(stage)
             record.reason = Reason.PENDING
         else:
             record.reason = Reason.WAITING

@@ -5,9 +5,13 @@ fetched model's size calls for."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from kubernetes import client
 from kubernetes.utils import parse_quantity
+from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION as MESSAGE
+from qjob_dev.model_sizes import LLAMA_8B
 from qjob_dev.qjobs import (
     create_qjob,
     make_artifacts_pvc,
@@ -23,10 +27,12 @@ from tests.operator_fixtures import basic_spec
 pytestmark = pytest.mark.cluster
 
 
-def _release(kube_api, ns, pods):
+def _release(kube_api, ns, pods, result=None):
+    """Let held pods finish; ``result``: the runner result their termination message carries."""
+    annotations = {HOLD: "false", **({MESSAGE: json.dumps(result)} if result else {})}
     for pod in pods:
         client.CoreV1Api(kube_api).patch_namespaced_pod(
-            pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}}
+            pod.metadata.name, ns, {"metadata": {"annotations": annotations}}
         )
 
 
@@ -52,14 +58,16 @@ def test_fetch_without_gpus_then_quantize_from_the_read_only_cache(kube_api, nam
 
     runner = runner_client(kube_api, namespace, f"{name}-runner")
     message = "downloading s3://models/llama: 512/1024 MiB at 96.0 MiB/s, 5 s left"
-    progress = {"step": "fetch", "percent": 50, "etaSeconds": 5, "message": message, "modelBytes": 16 << 30}
+    progress = {"step": "fetch", "percent": 50, "etaSeconds": 5, "message": message}
     report(runner, namespace, name, "fetch", progress)
     obj = wait_qjob(
         kube_api, namespace, name, lambda s: (s.get("progress") or {}).get("percent") == 10, operator=operator
     )
     assert obj["status"]["progress"]["stage"] == "fetch/fetch"
     assert obj["status"]["progress"]["message"] == message and obj["status"]["progress"]["etaSeconds"] == 5
-    _release(kube_api, namespace, [fetch_pod])
+    # The fetch stage's result carries the size it read from the fetched safetensors headers.
+    size = LLAMA_8B.model_copy(update={"weight_bytes": 16 << 30})
+    _release(kube_api, namespace, [fetch_pod], {"outcome": "Succeeded", "stage": "fetch", "modelSize": size.to_api()})
 
     [quantize_pod] = wait_for(
         lambda: [p for p in pods_of(kube_api, namespace, name, "quantize") if p.spec.node_name],
@@ -70,6 +78,9 @@ def test_fetch_without_gpus_then_quantize_from_the_read_only_cache(kube_api, nam
     [cache] = [v for v in quantize_pod.spec.volumes if v.name == "model-cache"]
     assert cache.persistent_volume_claim.read_only
     # Its scratch disk (S3 output staging) is sized from the weight bytes the fetch stage reported.
+    assert wait_qjob(kube_api, namespace, name, lambda s: s.get("modelSize"))["status"]["modelSize"]["weightBytes"] == (
+        16 << 30
+    )
     [scratch] = [v for v in quantize_pod.spec.volumes if v.name == "cache"]
     assert parse_quantity(scratch.empty_dir.size_limit) == (2 + 16) << 30
     requested = quantize_pod.spec.containers[0].resources.requests["ephemeral-storage"]
@@ -79,3 +90,4 @@ def test_fetch_without_gpus_then_quantize_from_the_read_only_cache(kube_api, nam
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     stages = {s["name"]: s for s in obj["status"]["stages"]}
     assert stages["fetch"]["phase"] == "Succeeded" and not stages["fetch"].get("gpuProduct")  # a node without GPUs
+    assert "inspect" not in stages and len(obj["status"]["plans"]) == 1  # one model stage; one attempt

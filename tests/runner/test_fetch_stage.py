@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 
 import pytest
@@ -56,8 +57,12 @@ def test_fetch_then_quantize_from_the_shared_cache(s3_server, s3_bucket, s3_cred
     reporter = Recording("fetch")
     fetch = run(_config(s3_server, s3_bucket, cache, calib_jsonl, out, "fetch"), reporter=reporter)
     assert fetch.outcome == "Succeeded", fetch.message
-    # The operator sizes the GPU pods' scratch disk from the weight bytes in the fetch report.
-    assert reporter.state.model_bytes == (tiny_llama / "model.safetensors").stat().st_size
+    # The fetch stage reads the fetched safetensors headers (no separate inspect stage): the operator
+    # sizes the GPU pods (disk; GPUs when automatic) from the size in its result.
+    header_bytes = 8 + struct.unpack("<Q", (tiny_llama / "model.safetensors").read_bytes()[:8])[0]
+    assert fetch.model_size.weight_bytes == (tiny_llama / "model.safetensors").stat().st_size - header_bytes
+    assert fetch.model_size.layers == json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert _fetched(out / "result-fetch.json")["modelSize"]["weightBytes"] == fetch.model_size.weight_bytes
     progress = [u for u in reporter.updates if u.get("message") and "MiB/s" in u["message"]]
     assert progress and progress[-1]["percent"] == 100 and progress[-1]["eta_seconds"] == 0
     [ref] = (cache / "refs").glob("*.json")

@@ -202,6 +202,40 @@ def test_auto_job_starts_with_a_gpu_less_inspect_stage(spec_dict, config):
     )
 
 
+def test_with_a_model_cache_the_fetch_stage_is_the_only_model_stage(spec_dict, config):
+    # One GPU-less stage before quantize: the fetch stage's result carries the size, no inspect.
+    config.model_cache.claim_name = "model-cache"
+    spec = _spec(spec_dict, gpus=0)
+    stages = plan_stages(spec, config)
+    assert [s.name for s in stages] == ["fetch", "quantize", "build-hopper"]
+    assert stages[1].after == ("fetch",)
+    assert _advance(spec, config, {}, [_job("llama-fetch", None)]).plans == []  # still downloading
+    result = {"outcome": "Succeeded", "stage": "fetch", "modelSize": SIZE_8B}
+    fetch_pod = _pod("llama-fetch", 0, json.dumps(result), phase="Succeeded")
+    sizing = _advance(spec, config, {}, [_job("llama-fetch", "Complete")], {"fetch": [fetch_pod]})
+    assert sizing.current.gpus_per_pod == 1 and "16.06 GB of BF16 weights" in sizing.current.reason
+    assert sizing.status_fields()["modelSize"]["weightBytes"] == LLAMA_8B.weight_bytes
+    quantize = next(s for s in plan_stages(spec, config, sizing.current, sizing.model_size) if s.name == "quantize")
+    assert quantize.model_bytes == LLAMA_8B.weight_bytes  # the same size sizes its disk
+    # Sized by hand, the fetch stage's size is still recorded (disk) and there is still no inspect stage.
+    manual = _spec(spec_dict, gpus=1)
+    assert [s.name for s in plan_stages(manual, config)] == ["fetch", "quantize", "build-hopper"]
+    found = _advance(manual, config, {}, [_job("llama-fetch", "Complete")], {"fetch": [fetch_pod]})
+    assert found.model_size == LLAMA_8B and found.current.gpus_per_pod == 1
+    # A fetched checkpoint without safetensors has no size: automatic sizing refuses, naming the stage.
+    bare = _pod("llama-fetch", 0, json.dumps({"outcome": "Succeeded", "stage": "fetch"}), phase="Succeeded")
+    refused = _advance(spec, config, {}, [_job("llama-fetch", "Complete")], {"fetch": [bare]})
+    assert refused.refusal[0] == "InvalidInput" and "the fetch stage finished without" in refused.refusal[1]
+
+
+def test_auto_sizing_of_an_s3_model_without_a_cache_is_refused_at_once(spec_dict, config):
+    spec_dict["model"] = {"s3": {"bucket": "models", "prefix": "llama"}}
+    spec = _spec(spec_dict, gpus=0)
+    assert [s.name for s in plan_stages(spec, config)][0] == "inspect"
+    sizing = _advance(spec, config, {})
+    assert sizing.refusal[0] == "InvalidConfig" and "spec.model.cacheClaimName" in sizing.refusal[1]
+
+
 def test_after_an_oom_the_reconcile_creates_the_next_attempts_job(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
     nodes = [gpu_node(f"h100-{i}", "9", "0") for i in range(2)]

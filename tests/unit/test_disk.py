@@ -1,15 +1,14 @@
 """Bounded disk: every emptyDir has a sizeLimit, pods request ephemeral-storage for them, sized
-from the model's weight bytes when the fetch stage measured them."""
+from the model's weight bytes when the fetch stage reported them (status.modelSize)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-from qjob_api.v1alpha1 import QuantizationJobSpec, RunnerReport
+from qjob_api.v1alpha1 import ModelSize, QuantizationJobSpec
 from qjob_operator.builders import QuantizationJobRef, build_job
 from qjob_operator.config import OperatorConfig
-from qjob_operator.fetch import with_model_bytes
 from qjob_operator.plan import plan_stages
 
 REF = QuantizationJobRef("llama", "ml", "uid-1")
@@ -71,11 +70,12 @@ def test_s3_output_staging_is_sized_from_the_fetched_weight_bytes(spec_dict):
     spec_dict["export"] = {"formats": ["hf", "tensorrt_llm"]}
     config = OperatorConfig.model_validate({"modelCache": {"claimName": "model-cache"}})
     spec = QuantizationJobSpec.model_validate(spec_dict)
-    fetch, quantize, build = plan_stages(spec, config)
-    report = {"fetch": RunnerReport(model_bytes=16 * GiB)}
-    assert with_model_bytes(fetch, report) == fetch
-    quantize, build = with_model_bytes(quantize, report), with_model_bytes(build, report)
-    assert quantize.model_bytes == 16 * GiB
+    assert [s.model_bytes for s in plan_stages(spec, config)] == [None, None, None]  # nothing reported yet
+    fetch, quantize, build = plan_stages(
+        spec, config, model_size=ModelSize(weight_bytes=16 * GiB, parameters=8 * 10**9, dtype="BF16")
+    )
+    assert fetch.model_bytes is None  # the fetch stage writes to the cache PVC, sized by itself
+    assert quantize.model_bytes == build.model_bytes == 16 * GiB
     q_limits, q_request = _disk(build_job(REF, spec, quantize, config))
     assert q_limits["cache"] == 2048 + 2 * 16 * 1024  # two export formats, each at most one copy
     b_limits, _ = _disk(build_job(REF, spec, build, config))

@@ -69,7 +69,7 @@ def test_plan_beyond_policy_is_refused_with_the_numbers():
     assert isinstance(refusal, Refusal) and refusal.reason == "PolicyViolation"
     assert "811.8 GB of BF16 weights" in refusal.message
     assert "2 pod(s) x 8 GPU(s) of 81559 MiB" in refusal.message
-    assert "at most 8 GPUs per job" in refusal.message and "1 pods per stage" in refusal.message
+    assert "at most 8 GPUs per job" in refusal.message and "1 pod per stage" in refusal.message
 
 
 def test_model_no_node_set_can_hold_is_refused_as_no_matching_nodes():

@@ -1,7 +1,8 @@
 """inspect: the model's size from its safetensors headers and config.json, without the weights.
 
 The operator runs this as a short pod without GPUs before it sizes the quantize stage
-(spec.resources.gpus 0). A local folder (a mounted PVC) is read directly: each safetensors file
+(spec.resources.gpus 0) when the job has no fetch stage; a fetch stage reads the same headers of
+the files it downloaded (``fetched_size``). A local folder (a mounted PVC) is read directly: each safetensors file
 starts with an 8-byte header length and a JSON header giving every tensor's dtype, shape and byte
 range. A Hugging Face repository is read with ``huggingface_hub.get_safetensors_metadata``, which
 fetches only those headers. ``.bin`` (pickle) checkpoints carry no such header: the size is then
@@ -88,6 +89,14 @@ def local_size(folder: Path) -> ModelSize:
         dtype=dtype,
         **architecture_facts(json.loads((folder / "config.json").read_text())),
     )
+
+
+def fetched_size(folder: Path) -> ModelSize | None:
+    """The size of a model the fetch stage downloaded; None for a checkpoint without safetensors
+    weights (no header to read: the operator then refuses automatic sizing rather than guess)."""
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        return None
+    return local_size(folder)
 
 
 def hub_size(repo: str, revision: str) -> ModelSize:
