@@ -16,15 +16,21 @@ def crds(cluster):
     return cluster
 
 
+# Tests named test_operator_runs_with_* start an operator of their own (the namespace fixture names
+# namespaces after the test); the session operator must not race it for their QuantizationJobs.
+OWN_OPERATOR_NAMESPACES = "test-operator-runs-with-*"
+
+
 @pytest.fixture(scope="session")
 def operator(crds, tmp_path_factory):
-    """One operator for the session, watching all namespaces (tests use one namespace each)."""
+    """One operator for the session, watching all namespaces but those of tests that bring their own."""
     op = OperatorProcess(
         kubeconfig=crds.kubeconfig,
         workdir=tmp_path_factory.mktemp("operator"),
         config=operator_config(
+            namespaces=[f"!{OWN_OPERATOR_NAMESPACES}"],
             # Multi-pod plans are opt-in (the default is 1); tests/integration/test_scaling.py needs 2.
-            policy={"maxPodsPerStage": 2}
+            policy={"maxPodsPerStage": 2},
         ),
     )
     op.start()
