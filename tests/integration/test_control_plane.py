@@ -214,9 +214,8 @@ def test_serviceaccount_without_binding_is_forbidden(cluster, kube_api, namespac
     cfg = client.Configuration()
     cfg.host = cluster.server
     cfg.ssl_ca_cert = kube_api.configuration.ssl_ca_cert
-    cfg.api_key = {"authorization": token}
-    cfg.api_key_prefix = {"authorization": "Bearer"}
-    with client.ApiClient(cfg) as sa_api:
+    # The header itself: the generated clients' api_key names differ between versions.
+    with client.ApiClient(cfg, header_name="Authorization", header_value=f"Bearer {token}") as sa_api:
         review = client.AuthenticationV1Api(sa_api).create_self_subject_review(client.V1SelfSubjectReview())
         assert review.status.user_info.username == f"system:serviceaccount:{namespace}:nobody"
         with pytest.raises(ApiException) as e:

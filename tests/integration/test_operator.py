@@ -59,8 +59,7 @@ def runner_client(kube_api, namespace, service_account):
     cfg = client.Configuration()
     cfg.host = kube_api.configuration.host
     cfg.ssl_ca_cert = kube_api.configuration.ssl_ca_cert
-    cfg.api_key = {"authorization": f"Bearer {token}"}
-    return client.ApiClient(cfg)
+    return client.ApiClient(cfg, header_name="Authorization", header_value=f"Bearer {token}")
 
 
 def report(api, namespace, name, stage, body):
