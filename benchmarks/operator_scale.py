@@ -1,6 +1,7 @@
-"""Operator throughput, API cost and memory on the local control plane.
+"""Operator throughput, API cost, reconcile latency and memory on the local control plane.
 
-  make bench            (or: python benchmarks/operator_scale.py [--jobs 500] [--memory-jobs 2000])
+  make bench   (or: python benchmarks/operator_scale.py [--jobs 500] [--memory-jobs 2000] [--nodes 5000]
+                [--baseline RESULTS.json])
 
 In one run, on one freshly started local cluster (real apiserver/etcd/scheduler/controllers,
 kwok nodes), with the operator running under the chart's own RBAC (a ServiceAccount token):
@@ -12,9 +13,12 @@ kwok nodes), with the operator running under the chart's own RBAC (a ServiceAcco
 3. API requests per job lifecycle: the apiserver's audit log, requests made by the operator's
    identity, for one two-stage job alone and for LIFECYCLE such jobs competing for the Hopper
    GPUs, from creation to Succeeded (kwok completes the pods).
-4. operator resident memory with M QuantizationJobs in the cluster.
+4. operator resident memory and reconcile latency with M QuantizationJobs in the cluster, then
+   the same with NODES more (simulated, not kwok-run) GPU nodes in the node index.
 
-Figures are printed and written to benchmarks/results/operator_scale.json.
+Figures are printed and written to benchmarks/results/operator_scale.json. With --baseline (the
+results file of a run of another revision, e.g. main's, made in the same sitting: the machine is
+shared, so only figures of one sitting compare), a before/after table is printed and saved too.
 """
 
 from __future__ import annotations
@@ -23,19 +27,19 @@ import argparse
 import json
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
 from kubernetes import client
 from kubernetes import config as kconfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_dev import localcluster
-from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
+from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
 from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
 from qjob_dev.waits import wait_for
 from qjob_operator.builders import QuantizationJobRef, build_job
@@ -45,8 +49,6 @@ from qjob_operator.plan import plan_stages
 ROOT = localcluster.REPO_ROOT
 
 RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
-OPERATOR_NS = "qjob-system"
-OPERATOR_SA = "qjob-operator"
 
 
 def spec(suspend: bool = False, engines: list | None = None) -> dict:
@@ -91,41 +93,130 @@ def namespace(core: client.CoreV1Api, name: str) -> str:
     return name
 
 
-def install_operator_identity(
-    cluster: localcluster.LocalCluster, api: client.ApiClient, workdir: Path
-) -> tuple[Path, str]:
-    """The chart's ServiceAccount and RBAC, applied as rendered; returns a kubeconfig with a token
-    of that ServiceAccount, and its user name as the apiserver's audit log records it."""
-    rendered = subprocess.run(
-        [
-            str(cluster.helm),
-            "template",
-            "qjob-operator",
-            str(ROOT / "charts" / "qjob-operator"),
-            "--namespace",
-            OPERATOR_NS,
-            "--kube-version",
-            "v1.36.3",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    objects = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in rbac_kinds]
-    manifest = workdir / "rbac.json"
-    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    kubectl = [str(cluster.kubectl), f"--kubeconfig={cluster.kubeconfig}"]
-    subprocess.run([*kubectl, "create", "namespace", OPERATOR_NS], check=False, capture_output=True)
-    subprocess.run([*kubectl, "apply", "-f", str(manifest)], check=True, capture_output=True)
-    sa_name = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
-    token = (
-        client.CoreV1Api(api)
-        .create_namespaced_service_account_token(sa_name, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}})
-        .status.token
+def histogram_quantile(metrics: str, name: str, q: float) -> float | None:
+    """Prometheus' histogram_quantile over one unlabelled histogram in a /metrics text."""
+    buckets = []
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = bound, count
+    return lower
+
+
+def latency(operator: OperatorProcess) -> dict:
+    """Reconcile time (the operator's own work) and the wait of status writes for their turn,
+    p50/p99 over the whole run so far (histogram_quantile over the operator's histograms)."""
+    text = operator.metrics()
+    figures = {}
+    for name, metric in (("reconcile", "qjob_reconcile_duration_seconds"),
+                         ("status_write_wait", "qjob_status_write_wait_seconds")):  # fmt: skip
+        for q in (0.5, 0.99):
+            value = histogram_quantile(text, metric, q)
+            figures[f"{name}_seconds_p{int(q * 100)}"] = None if value is None else round(value, 4)
+    return figures
+
+
+def first_job_latency(custom, batch, ns: str) -> dict:
+    """Seconds from each QuantizationJob's creation to its first Job's (1 s timestamp resolution)."""
+    created = {
+        o["metadata"]["name"]: o["metadata"]["creationTimestamp"]
+        for o in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+    }
+    seconds = sorted(
+        (j.metadata.creation_timestamp - parse(created[j.metadata.labels["qjob.dev/job-name"]])).total_seconds()
+        for j in batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items
     )
-    kubeconfig = localcluster.token_kubeconfig(cluster.kubeconfig, token, workdir / "operator.kubeconfig")
-    return kubeconfig, f"system:serviceaccount:{OPERATOR_NS}:{sa_name}"
+    return {
+        "create_to_first_job_seconds_p50": statistics.median(seconds),
+        "create_to_first_job_seconds_p99": seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))],
+    }
+
+
+def parse(timestamp: str):
+    from datetime import datetime
+
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def add_nodes(core: client.CoreV1Api, count: int) -> None:
+    """Simulated GPU nodes for the node index only: no kwok annotation (nothing runs them, the
+    node controller taints them not-ready), the labels GPU feature discovery sets."""
+    kinds = [
+        ("NVIDIA-H100-80GB-HBM3", "hopper", "9", "0", "81559"),
+        ("NVIDIA-L40S", "ada", "8", "9", "46068"),
+        ("NVIDIA-B200", "blackwell", "10", "0", "183359"),
+        ("NVIDIA-A100-SXM4-80GB", "ampere", "8", "0", "81920"),
+    ]
+
+    def make(i: int) -> None:
+        product, family, major, minor, memory = kinds[i % len(kinds)]
+        labels = {
+            "kubernetes.io/hostname": f"sim-{i}",
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.product": product,
+            "nvidia.com/gpu.family": family,
+            "nvidia.com/gpu.compute.major": major,
+            "nvidia.com/gpu.compute.minor": minor,
+            "nvidia.com/gpu.memory": memory,
+            "nvidia.com/gpu.count": "8",
+            "node.kubernetes.io/instance-type": f"sim-{family}",
+            "topology.kubernetes.io/zone": f"zone-{i % 3}",
+        }
+        core.create_node({"metadata": {"name": f"sim-{i}", "labels": labels},
+                          "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]}})  # fmt: skip
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(make, range(count)))
+
+
+def comparison_table(baseline: dict, current: dict) -> str:
+    def get(results: dict, *path):
+        for key in path:
+            if not isinstance(results, dict) or key not in results:
+                return None
+            results = results[key]
+        return results
+
+    def per_lifecycle(results: dict, index: int):
+        runs = results.get("api_requests_per_lifecycle") or []
+        return runs[index]["requests_per_job"] if len(runs) > index else None
+
+    rows = [
+        ("throughput ratio operator/direct (500 jobs)", get(baseline, "throughput", "ratio_operator_to_direct"),
+         get(current, "throughput", "ratio_operator_to_direct"), ">= 0.5"),
+        ("operator jobs/s", get(baseline, "throughput", "operator_jobs_per_second"),
+         get(current, "throughput", "operator_jobs_per_second"), ""),
+        ("direct jobs/s (same run)", get(baseline, "throughput", "direct_jobs_per_second"),
+         get(current, "throughput", "direct_jobs_per_second"), ""),
+        ("ratio bound: direct / QuantizationJob creates alone", get(baseline, "throughput", "best_possible_ratio"),
+         get(current, "throughput", "best_possible_ratio"), ""),
+        ("operator API writes per 2-stage lifecycle, alone", per_lifecycle(baseline, 0), per_lifecycle(current, 0),
+         "<= 8"),
+        ("... with 50 jobs competing for GPUs", per_lifecycle(baseline, 1), per_lifecycle(current, 1), ""),
+        ("operator RSS MiB, 2,000 jobs", get(baseline, "memory", "operator_rss_mib"),
+         get(current, "memory", "operator_rss_mib"), "<= 150"),
+        ("operator RSS MiB, 2,000 jobs + 5,000 nodes", get(baseline, "memory_with_nodes", "operator_rss_mib"),
+         get(current, "memory_with_nodes", "operator_rss_mib"), "<= 150"),
+        ("reconcile p50 s, 2,000 jobs", get(baseline, "memory", "reconcile_seconds_p50"),
+         get(current, "memory", "reconcile_seconds_p50"), ""),
+        ("reconcile p99 s, 2,000 jobs", get(baseline, "memory", "reconcile_seconds_p99"),
+         get(current, "memory", "reconcile_seconds_p99"), ""),
+    ]  # fmt: skip
+    lines = [f"{'figure':<50} {'before':>10} {'after':>10}  goal", "-" * 80]
+    lines += [
+        f"{name:<50} {'-' if a is None else a:>10} {'-' if b is None else b:>10}  {goal}" for name, a, b, goal in rows
+    ]
+    return "\n".join(lines)
 
 
 def audit_requests(audit_log: Path, user: str, namespace: str, since: float, until: float) -> Counter:
@@ -179,6 +270,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--lifecycle", type=int, default=50)
     parser.add_argument("--memory-jobs", type=int, default=2000)
+    parser.add_argument("--nodes", type=int, default=5000, help="simulated nodes added for the last memory figure")
+    parser.add_argument(
+        "--baseline", type=Path, help="results file of another revision's run, for a before/after table"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="qjob-bench-"))
@@ -189,7 +284,18 @@ def main() -> None:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
         core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
         install_crds(cluster)
-        op_kubeconfig, op_user = install_operator_identity(cluster, api, workdir)
+        op_kubeconfig, op_user = chart_identity(cluster, api, workdir)
+
+        # 0. the user's QuantizationJob creates alone (no operator yet): what admission, schema
+        #    and CEL validation cost; the operator phase cannot be faster than this.
+        alone_ns = namespace(core, "bench-alone")
+        t0 = time.monotonic()
+        for i in range(args.jobs):
+            custom.create_namespaced_custom_object(GROUP, VERSION, alone_ns, PLURAL, qjob_manifest(f"a-{i}", spec()))
+        alone_s = time.monotonic() - t0
+        core.delete_namespace(alone_ns, propagation_policy="Background")
+        wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == alone_ns],
+                 timeout=600, interval=2, what="namespace of lone creates deleted")  # fmt: skip
         operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config())
         operator.start()
         idle_rss = rss_mib(operator.proc.pid)
@@ -242,12 +348,15 @@ def main() -> None:
             "jobs": args.jobs,
             "direct_seconds": round(direct_s, 2),
             "direct_jobs_per_second": round(args.jobs / direct_s, 1),
+            "quantizationjob_creates_alone_seconds": round(alone_s, 2),
+            "best_possible_ratio": round(direct_s / alone_s, 3),
             "operator_create_seconds": round(created_s, 2),
             "operator_seconds_to_all_first_jobs": round(operator_s, 2),
             "operator_jobs_per_second": round(args.jobs / operator_s, 1),
             "ratio_operator_to_direct": round(direct_s / operator_s, 3),
             "cpu_seconds_direct_phase": direct_cpu,
             "cpu_seconds_operator_phase": operator_cpu,
+            **first_job_latency(custom, batch, ns),
         }
         print(json.dumps(results["throughput"], indent=2), flush=True)
 
@@ -280,9 +389,32 @@ def main() -> None:
             "of_which_with_children": args.jobs + args.lifecycle + 1,
             "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
             "operator_idle_rss_mib": round(idle_rss, 1),
+            **latency(operator),
         }
         print(json.dumps(results["memory"], indent=2), flush=True)
+
+        # 5. the same jobs with a large node index (every job's fit re-evaluated as nodes arrive)
+        if args.nodes:
+            t0 = time.monotonic()
+            add_nodes(core, args.nodes)
+            # a job that matches no node yet re-checks on every node change: the costly case
+            unfit = spec(engines=[{"architecture": "blackwell"}])
+            unfit["resources"]["minGpuMemory"] = "500Gi"
+            custom.create_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL, qjob_manifest("unfit", unfit))
+            time.sleep(30)  # node controller taints, watch events, fit re-evaluations settle
+            results["memory_with_nodes"] = {
+                "nodes_added": args.nodes,
+                "seconds_to_add_nodes": round(time.monotonic() - t0 - 30, 1),
+                "quantization_jobs": results["memory"]["quantization_jobs"] + 1,
+                "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
+                **latency(operator),
+            }
+            print(json.dumps(results["memory_with_nodes"], indent=2), flush=True)
         results["command"] = "python benchmarks/operator_scale.py " + " ".join(sys.argv[1:])
+        if args.baseline:
+            baseline = json.loads(args.baseline.read_text())
+            results["before_after"] = {"baseline": str(args.baseline), "table": comparison_table(baseline, results)}
+            print(results["before_after"]["table"])
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         print(f"written to {RESULTS.relative_to(ROOT)}")

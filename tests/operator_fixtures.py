@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
+from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
 from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap
 
 
@@ -22,16 +22,17 @@ OWN_OPERATOR_NAMESPACES = "test-operator-runs-with-*"
 
 
 @pytest.fixture(scope="session")
-def operator(crds, tmp_path_factory):
-    """One operator for the session, watching all namespaces but those of tests that bring their own."""
+def operator(crds, kube_api, tmp_path_factory):
+    """One operator for the session, with the chart's own RBAC (a ServiceAccount token), never the
+    admin's, watching all namespaces (tests use one namespace each) but those of tests that bring their own."""
+    workdir = tmp_path_factory.mktemp("operator")
+    kubeconfig, user = chart_identity(crds, kube_api, workdir)
     op = OperatorProcess(
-        kubeconfig=crds.kubeconfig,
-        workdir=tmp_path_factory.mktemp("operator"),
-        config=operator_config(
-            namespaces=[f"!{OWN_OPERATOR_NAMESPACES}"],
-            # Multi-pod plans are opt-in (the default is 1); tests/integration/test_scaling.py needs 2.
-            policy={"maxPodsPerStage": 2},
-        ),
+        kubeconfig=kubeconfig,
+        workdir=workdir,
+        # Multi-pod plans are opt-in (the default is 1); tests/integration/test_scaling.py needs 2.
+        config=operator_config(namespaces=[f"!{OWN_OPERATOR_NAMESPACES}"], policy={"maxPodsPerStage": 2}),
+        user=user,
     )
     op.start()
     try:

@@ -110,13 +110,20 @@ class RunnerCalibration(APIModel):
     layerwise: bool = False
 
 
-class Reporting(APIModel):
-    """Where progress goes besides the log. ``kubernetes`` patches the job's status with the
-    pod's own ServiceAccount (a Role limited to that one QuantizationJob)."""
+#: Where runner pods find their report token: a projected ServiceAccount token for the report
+#: endpoint's audience, bound to the pod (the kubelet rotates it).
+REPORT_TOKEN_PATH = "/var/run/secrets/qjob.dev/report/token"
 
-    kind: Literal["file", "kubernetes"] = "file"
-    namespace: str | None = None
-    name: str | None = None
+
+class Reporting(APIModel):
+    """Where progress goes besides the log. ``operator`` POSTs each report (a ``RunnerReport``)
+    to the operator's report endpoint over HTTPS with the pod's projected ServiceAccount token:
+    an audience the Kubernetes API refuses, so the runner holds no API credential at all."""
+
+    kind: Literal["file", "operator"] = "file"
+    url: str | None = Field(None, description="The stage's report URL (`operator` only).")
+    ca_cert: str | None = Field(None, description="PEM of the CA that signed the endpoint's certificate.")
+    token_path: str = Field(REPORT_TOKEN_PATH, description="File holding the pod's report token.")
 
 
 class RunnerConfig(APIModel):

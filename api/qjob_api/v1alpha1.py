@@ -997,25 +997,29 @@ class Quality(APIModel):
 
 
 class RunnerReport(APIModel):
-    """What a runner pod reported about its stage (written by the runner through its own Role)."""
+    """A runner pod's progress report about its stage. Runners send it to the operator's report
+    endpoint (authenticated as their own pod); the operator copies it here. Progress only: phase,
+    conditions, artifacts and quality come from what the operator observes (Jobs, pods, the
+    runner's termination message), never from a report."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
     step: str | None = Field(
         None,
+        max_length=64,
         description="Runner step in progress: fetch (the fetch stage), inspect (the inspect stage), resolve, load, "
         "data, baseline, quantize, evaluate, export, serving (checks the checkpoint against spec.serving), build, "
         "report.",
     )
     percent: int = Field(0, ge=0, le=100, description="Percent of this stage done.")
     eta_seconds: int | None = Field(None, description="Estimated seconds left in this stage.")
-    message: str | None = Field(None, description="Latest progress message.")
-    artifacts: list[Artifact] = Field(default=[], description="Artifacts this stage finished.")
-    quality: Quality | None = Field(None, description="Quality measured by this stage.")
-    step_seconds: dict[str, float] = Field(default={}, description="Wall time of each finished step.")
-    updated_at: datetime | None = Field(None, description="When the runner wrote this report.")
+    message: str | None = Field(None, max_length=1024, description="Latest progress message.")
+    step_seconds: dict[str, float] = Field(default={}, max_length=32, description="Wall time of each finished step.")
+    updated_at: datetime | None = Field(None, description="When the runner sent this report.")
 
 
 class QuantizationJobStatus(APIModel):
-    """Observed state, written by the operator (and `runnerReports` by the runner pods)."""
+    """Observed state, written by the operator only."""
 
     phase: str = Field(
         "Pending", description="Pending, Running, Succeeded, Failed or Suspended.", json_schema_extra={"enum": PHASES}
@@ -1046,7 +1050,7 @@ class QuantizationJobStatus(APIModel):
     artifacts: list[Artifact] = Field(default=[], description="Finished artifacts.")
     quality: Quality | None = Field(None, description="Quality before and after quantization.")
     runner_reports: dict[str, RunnerReport] = Field(
-        default={}, description="Raw reports of each stage's runner, keyed by stage name."
+        default={}, description="Latest progress report of each stage's runner, keyed by stage name."
     )
     start_time: datetime | None = Field(None, description="When the first runner pod started.")
     completion_time: datetime | None = Field(None, description="When the job reached Succeeded or Failed.")

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from qjob_api.v1alpha1 import PLURAL
 
-from .localcluster import REPO_ROOT, LocalCluster, free_ports
+from .localcluster import REPO_ROOT, LocalCluster, free_ports, token_kubeconfig
 from .waits import wait_for
 
 
@@ -27,10 +27,15 @@ class OperatorProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     starts: int = 0
+    user: str = ""  # the apiserver's name for its identity, when known
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.config['metricsPort']}/metrics"
+
+    @property
+    def report_url(self) -> str:
+        return self.config["reports"]["url"]
 
     @property
     def health_url(self) -> str:
@@ -105,12 +110,47 @@ def install_crds(cluster: LocalCluster) -> None:
 
 
 def operator_config(**overrides: Any) -> dict[str, Any]:
-    metrics_port, health_port = free_ports(2)
+    """A config for an operator process on this machine: its report endpoint on loopback (runner
+    processes of the pod runner reach it there) with an in-memory certificate, no Lease."""
+    metrics_port, health_port, report_port = free_ports(3)
     config = {
         "runner": {"image": "registry.example/qjob-runner:test"},
         "metricsPort": metrics_port,
         "healthPort": health_port,
         "resyncSeconds": 2,
+        "reports": {"port": report_port, "url": f"https://127.0.0.1:{report_port}", "tlsSecret": ""},
+        "leaderElection": {"enabled": False},
     }
     config.update(overrides)
     return config
+
+
+OPERATOR_NS = "qjob-test-operator"  # not qjob-system: test_chart.py creates and deletes that one
+
+
+def chart_identity(cluster: LocalCluster, kube_api, workdir: Path, release: str = "qjob-operator") -> tuple[Path, str]:
+    """The chart's ServiceAccount and RBAC (cluster-wide mode), applied as `helm template` renders
+    them; returns a kubeconfig with a token of that ServiceAccount, as the operator's pod has, and
+    the user name the apiserver knows it by. Operators started with it have exactly the chart's
+    permissions, not the admin's."""
+    from kubernetes import client
+
+    rendered = subprocess.run(
+        [str(cluster.helm), "template", release, str(REPO_ROOT / "charts" / "qjob-operator"),
+         "--namespace", OPERATOR_NS, "--kube-version", "v1.36.3"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    objects = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in rbac_kinds]
+    manifest = workdir / f"{release}-rbac.yaml"
+    manifest.write_text(yaml.safe_dump_all(objects))
+    cluster.run_kubectl("create", "namespace", OPERATOR_NS, check=False)
+    cluster.run_kubectl("apply", "-f", str(manifest))
+    sa = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
+    token = (
+        client.CoreV1Api(kube_api)
+        .create_namespaced_service_account_token(sa, OPERATOR_NS, {"spec": {"expirationSeconds": 86400}})
+        .status.token
+    )
+    kubeconfig = token_kubeconfig(cluster.kubeconfig, token, workdir / f"{release}.kubeconfig")
+    return kubeconfig, f"system:serviceaccount:{OPERATOR_NS}:{sa}"

@@ -11,9 +11,12 @@ the real scheduler has bound to a simulated node, and for each one does what a k
   written to files; emptyDirs are fresh folders. Mount paths are mapped to those folders by
   rewriting the mount-path prefixes in the container's command, args and env values, and in the
   files projected from ConfigMaps (the runner's config carries in-pod paths) — no root, no mounts.
-- identity: a token for the pod's own ServiceAccount from the TokenRequest API (bound to the
-  pod), handed to the process as a kubeconfig in ``QJOB_KUBECONFIG`` and ``KUBECONFIG``; RBAC
-  applies as in a real cluster.
+- identity: projected ``serviceAccountToken`` volume sources get a token from the TokenRequest
+  API for the pod's ServiceAccount with the source's audience and expiry, bound to the pod (as
+  the kubelet does), written to the source's path. Unless the pod sets
+  ``automountServiceAccountToken: false``, the process also gets an API token (bound to the pod)
+  as a kubeconfig in ``KUBECONFIG``; RBAC applies as in a real cluster. Processes run on this
+  machine, so endpoints on loopback (the operator's report endpoint in tests) are reachable.
 - env: literal values, ``secretKeyRef`` / ``configMapKeyRef`` (read as the kubelet would) and
   ``fieldRef`` (node name, pod name, namespace).
 - status: Running when the process starts; Succeeded/Failed with the exit code and the
@@ -160,7 +163,7 @@ class PodRunner:
                     raise RuntimeError(f"PV {pv.metadata.name} is not a hostPath volume; the harness cannot map it")
                 folders[vol.name] = Path(pv.spec.host_path.path)
                 folders[vol.name].mkdir(parents=True, exist_ok=True)
-            elif vol.config_map or vol.secret:
+            elif vol.config_map or vol.secret or vol.projected:
                 target = root / "volumes" / vol.name
                 target.mkdir(parents=True, exist_ok=True)
                 folders[vol.name] = target
@@ -184,6 +187,11 @@ class PodRunner:
                 data = self.core.read_namespaced_secret(vol.secret.secret_name, ns).data or {}
                 for key, value in data.items():
                     (folders[vol.name] / key).write_bytes(base64.b64decode(value))
+            elif vol.projected:
+                for source in vol.projected.sources or []:
+                    if sat := source.service_account_token:
+                        token = self._token(pod, [sat.audience] if sat.audience else [], sat.expiration_seconds)
+                        (folders[vol.name] / sat.path).write_text(token)
 
     def _env(self, pod: client.V1Pod, container: client.V1Container, paths: PathMap) -> dict[str, str]:
         import base64
@@ -213,23 +221,22 @@ class PodRunner:
                 }.get(field, "")
         return env
 
-    def _kubeconfig(self, pod: client.V1Pod, root: Path) -> Path:
-        """The pod's ServiceAccount identity, as the kubelet would project it (bound to the pod)."""
-        token = self.core.create_namespaced_service_account_token(
-            pod.spec.service_account_name or "default",
-            pod.metadata.namespace,
-            {
-                "spec": {
-                    "expirationSeconds": 3600,
-                    "boundObjectRef": {
-                        "kind": "Pod",
-                        "apiVersion": "v1",
-                        "name": pod.metadata.name,
-                        "uid": pod.metadata.uid,
-                    },
-                }
-            },
+    def _token(self, pod: client.V1Pod, audiences: list[str], expiration: int | None = None) -> str:
+        """A token of the pod's ServiceAccount bound to the pod, as the kubelet requests it
+        (empty audiences: the apiserver's own)."""
+        spec: dict[str, Any] = {
+            "expirationSeconds": expiration or 3600,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid},
+        }
+        if audiences:
+            spec["audiences"] = audiences
+        return self.core.create_namespaced_service_account_token(
+            pod.spec.service_account_name or "default", pod.metadata.namespace, {"spec": spec}
         ).status.token
+
+    def _kubeconfig(self, pod: client.V1Pod, root: Path) -> Path:
+        """The pod's API identity, as the kubelet would mount it (bound to the pod)."""
+        token = self._token(pod, [])
         return token_kubeconfig(self.kubeconfig, token, root / "kubeconfig", pod.metadata.namespace)
 
     def _set_status(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
@@ -255,9 +262,10 @@ class PodRunner:
             paths.add(container.termination_message_path or "/dev/termination-log", termination_log)
             self._project(pod, folders, paths)
             env = self._env(pod, container, paths)
-            # The pod's identity, for the runner (QJOB_KUBECONFIG) and for any client that
-            # falls back to a kubeconfig when it finds no in-cluster token (the operator).
-            env["QJOB_KUBECONFIG"] = env["KUBECONFIG"] = str(self._kubeconfig(pod, root))
+            # The pod's API identity, for clients that fall back to a kubeconfig when they find no
+            # in-cluster token (the operator's pod); none for pods that opt out (runner pods).
+            if pod.spec.automount_service_account_token is not False:
+                env["KUBECONFIG"] = str(self._kubeconfig(pod, root))
             argv = [paths.rewrite(a) for a in [*(container.command or []), *(container.args or [])]]
             argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
         except Exception as exc:  # noqa: BLE001 - report like a kubelet that cannot set up a pod

@@ -1,18 +1,15 @@
-"""Progress reporting: log lines always; in a cluster also the QuantizationJob's status.
+"""Progress reporting: log lines always; in a cluster also the operator's report endpoint.
 
-``Reporter.update()`` is cheap and never raises. The Kubernetes sink runs in a background thread
+``Reporter.update()`` is cheap and never raises. The operator sink runs in a background thread
 that sends the *latest* report at most once every ``min_interval`` seconds (plus a final one on
-``close()``), so a slow or unreachable API server never slows or fails the run.
+``close()``), so a slow or unreachable operator never slows or fails the run. Reports carry
+progress only: artifacts and quality reach the operator in the termination message.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 import ssl
-import tempfile
 import threading
 import time
 import urllib.error
@@ -22,12 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from qjob_api.runner import Reporting
-from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION, Artifact, Quality, RunnerReport
+from qjob_api.v1alpha1 import Artifact, Quality, RunnerReport
 
 log = logging.getLogger("qjob_runner.report")
-
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-KUBECONFIG_ENV = "QJOB_KUBECONFIG"
 
 
 @dataclass
@@ -46,8 +40,6 @@ class ProgressState:
             percent=max(0, min(100, int(self.percent))),
             eta_seconds=None if self.eta_seconds is None else int(self.eta_seconds),
             message=self.message,
-            artifacts=list(self.artifacts),
-            quality=self.quality,
             step_seconds={k: round(v, 3) for k, v in self.step_seconds.items()},
             updated_at=datetime.now(UTC),
         )
@@ -167,122 +159,45 @@ class _ThrottledSender:
         self.sink.close()
 
 
-# ------------------------------------------------------------------------------ kubernetes sink
+# -------------------------------------------------------------------------------- operator sink
 
 
-@dataclass
-class ApiEndpoint:
-    server: str
-    ssl_context: ssl.SSLContext | None
-    token: str | None = None
+class OperatorSink(Sink):
+    """POSTs each report to the operator's report endpoint (HTTPS, the CA from the RunnerConfig)
+    with the pod's projected report token, read anew each time (the kubelet rotates it). The
+    token is for the endpoint's audience only: the runner holds no Kubernetes API credential."""
 
+    RETRIES = 3  # a standby replica answers 503; a new connection may reach the active one
 
-def _endpoint_from_service_account() -> ApiEndpoint | None:
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-    token_file = SERVICE_ACCOUNT_DIR / "token"
-    if not host or not token_file.exists():
-        return None
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # IPv6
-    ctx = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT_DIR / "ca.crt"))
-    return ApiEndpoint(f"https://{host}:{port}", ctx, token_file.read_text().strip())
-
-
-def _endpoint_from_kubeconfig(path: str) -> ApiEndpoint:
-    import yaml
-
-    doc = yaml.safe_load(Path(path).read_text())
-    base = Path(path).parent
-    ctx_name = doc.get("current-context")
-    contexts = {c["name"]: c["context"] for c in doc.get("contexts", [])}
-    context = contexts.get(ctx_name) or next(iter(contexts.values()))
-    cluster = {c["name"]: c["cluster"] for c in doc.get("clusters", [])}[context["cluster"]]
-    user = {u["name"]: u.get("user") or {} for u in doc.get("users", [])}.get(context.get("user"), {})
-    server = cluster["server"].rstrip("/")
-    ssl_ctx = None
-    if server.startswith("https"):
-        ssl_ctx = ssl.create_default_context()
-        if cluster.get("insecure-skip-tls-verify"):
-            ssl_ctx.check_hostname = False
-            ssl_ctx.verify_mode = ssl.CERT_NONE
-        elif cluster.get("certificate-authority-data"):
-            ssl_ctx.load_verify_locations(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
-        elif cluster.get("certificate-authority"):
-            ssl_ctx.load_verify_locations(cafile=str(base / cluster["certificate-authority"]))
-
-        def material(key: str) -> str | None:
-            if user.get(f"{key}-data"):
-                f = tempfile.NamedTemporaryFile("wb", delete=False, suffix=".pem")  # noqa: SIM115
-                f.write(base64.b64decode(user[f"{key}-data"]))
-                f.close()
-                os.chmod(f.name, 0o600)
-                return f.name
-            return str(base / user[key]) if user.get(key) else None
-
-        cert, key = material("client-certificate"), material("client-key")
-        if cert:
-            ssl_ctx.load_cert_chain(cert, key)
-    token = user.get("token")
-    if not token and user.get("tokenFile"):
-        token = Path(user["tokenFile"]).read_text().strip()
-    return ApiEndpoint(server, ssl_ctx, token)
-
-
-class KubernetesSink(Sink):
-    """JSON merge patch of ``status.runnerReports.<stage>`` on the job's status subresource."""
-
-    def __init__(self, namespace: str, name: str, stage: str, endpoint: ApiEndpoint, timeout: float = 10.0):
-        self.url = f"{endpoint.server}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
-        self.endpoint = endpoint
-        self.stage = stage
-        self.timeout = timeout
+    def __init__(self, url: str, ssl_context: ssl.SSLContext, token_path: Path, timeout: float = 10.0):
+        self.url, self.ssl_context, self.token_path, self.timeout = url, ssl_context, token_path, timeout
 
     @classmethod
-    def from_environment(cls, reporting: Reporting, stage: str) -> KubernetesSink | None:
-        namespace = reporting.namespace or _own_namespace()
-        if not (namespace and reporting.name):
-            log.warning("reporting kind kubernetes needs namespace and name; status will not be patched")
+    def from_reporting(cls, reporting: Reporting) -> OperatorSink | None:
+        if not reporting.url:
+            log.warning("reporting kind operator needs a url; progress goes to the log only")
             return None
-        try:
-            if os.environ.get(KUBECONFIG_ENV):
-                endpoint = _endpoint_from_kubeconfig(os.environ[KUBECONFIG_ENV])
-            else:
-                endpoint = _endpoint_from_service_account()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("cannot read Kubernetes credentials (%s); status will not be patched", exc)
-            return None
-        if endpoint is None:
-            log.warning("no in-cluster ServiceAccount and no %s; status will not be patched", KUBECONFIG_ENV)
-            return None
-        return cls(namespace, reporting.name, stage, endpoint)
-
-    def body(self, report: RunnerReport) -> bytes:
-        payload = {"status": {"runnerReports": {self.stage: report.to_api()}}}
-        return json.dumps(payload).encode()
+        ctx = ssl.create_default_context(cadata=reporting.ca_cert) if reporting.ca_cert else None
+        return cls(reporting.url, ctx or ssl.create_default_context(), Path(reporting.token_path))
 
     def send(self, report: RunnerReport, final: bool) -> None:
-        req = urllib.request.Request(self.url, data=self.body(report), method="PATCH")
-        req.add_header("Content-Type", "application/merge-patch+json")
-        req.add_header("Accept", "application/json")
-        if self.endpoint.token:
-            req.add_header("Authorization", f"Bearer {self.endpoint.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self.endpoint.ssl_context) as resp:
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode(errors="replace")
-            raise RuntimeError(f"PATCH {self.url}: HTTP {exc.code} {detail}") from None
-
-
-def _own_namespace() -> str | None:
-    f = SERVICE_ACCOUNT_DIR / "namespace"
-    return f.read_text().strip() if f.exists() else None
+        body = report.model_dump_json(by_alias=True, exclude_none=True).encode()
+        for attempt in range(self.RETRIES):
+            req = urllib.request.Request(self.url, data=body, method="POST")
+            req.add_header("Content-Type", "application/json")
+            req.add_header("Authorization", f"Bearer {self.token_path.read_text().strip()}")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout, context=self.ssl_context) as resp:
+                    resp.read()
+                return
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:300].decode(errors="replace")
+                if exc.code != 503 or attempt == self.RETRIES - 1:
+                    raise RuntimeError(f"POST {self.url}: HTTP {exc.code} {detail}") from None
 
 
 def make_reporter(reporting: Reporting, stage: str, min_interval: float = 2.0) -> Reporter:
     sinks: list[Sink] = []
-    if reporting.kind == "kubernetes":
-        sink = KubernetesSink.from_environment(reporting, stage)
-        if sink:
-            sinks.append(sink)
+    if reporting.kind == "operator" and (sink := OperatorSink.from_reporting(reporting)):
+        sinks.append(sink)
     return Reporter(stage, sinks, min_interval=min_interval)

@@ -22,7 +22,7 @@ from qjob_api.v1alpha1 import ModelSize, QuantizationJobSpec, QuantizePlan, quan
 from . import sizing
 from .config import OperatorConfig
 from .multipod import JOB_NAME_LABEL
-from .nodes import node_fits
+from .nodes import NodeFit, node_fits
 from .plan import QUANTIZE_STAGE, NodeRequirement, Stage, child_name, model_stage, plan_stages, quantize_job_name
 from .status import Observed, classify_failed_pod, observe, runner_result
 
@@ -288,7 +288,7 @@ def observe_attempts(
     config: OperatorConfig,
     stage_jobs: Mapping[str, list[dict[str, Any]]],
     stage_pods: Mapping[str, list[dict[str, Any]]],
-    nodes: list[dict[str, Any]],
+    nodes: NodeFit,
     now: datetime,
 ) -> tuple[list[Stage], Observed, Sizing]:
     """``stage_jobs``/``stage_pods``: every Job and pod of each stage (a re-planned quantize stage
@@ -298,7 +298,7 @@ def observe_attempts(
     unplanned = plan_stages(spec, config)
     jobs = {j["metadata"]["name"]: j for s in unplanned for j in stage_jobs.get(s.name, [])}
     quantize = next(s for s in unplanned if s.name == QUANTIZE_STAGE)
-    shapes = node_shapes(nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
+    shapes = node_shapes(nodes.nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
     found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
     stages = plan_stages(spec, config, found.current, found.model_size)
     obs = observe(
@@ -307,7 +307,6 @@ def observe_attempts(
         {s.name: jobs.get(s.job_name(name)) for s in stages},
         {s.name: pods_of_job(stage_pods.get(s.name, []), s.job_name(name)) for s in stages},
         nodes,
-        config,
         now,
         refusal=found.refusal,
     )

@@ -12,6 +12,7 @@ from qjob_api.runner import (
     CONFIG_ENV,
     INSPECT_STAGE,
     NON_RETRYABLE_EXIT_CODES,
+    REPORT_TOKEN_PATH,
     ExitCode,
     Reporting,
     RunnerCalibration,
@@ -19,7 +20,7 @@ from qjob_api.runner import (
     RunnerDataset,
     RunnerModel,
 )
-from qjob_api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, PVCLocation, QuantizationJobSpec, quantity_to_mib
+from qjob_api.v1alpha1 import API_VERSION, KIND, PVCLocation, QuantizationJobSpec, quantity_to_mib
 
 from . import multipod
 from .config import OperatorConfig
@@ -34,7 +35,6 @@ from .plan import (
     QUANTIZE_STAGE,
     NodeRequirement,
     Stage,
-    runner_service_account,
 )
 
 RUNNER_CONTAINER = "runner"
@@ -158,48 +158,17 @@ def build_runner_config(
         output_dir=f"{CACHE_ROOT}/output" if output_s3 else pvc_path(output_location(ref, spec)),
         output_uri=output_uri(ref, spec),
         output_s3=output_s3.runner() if output_s3 else None,
-        reporting=Reporting(kind="kubernetes", namespace=ref.namespace, name=ref.name),
+        reporting=report_channel(ref, stage, config),
     )
 
 
-# -------------------------------------------------------------------------------------------- RBAC
-
-
-def build_service_account(ref: QuantizationJobRef, config: OperatorConfig) -> dict[str, Any]:
-    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(ref, runner_service_account(ref.name))}
-    if config.runner.image_pull_secrets:
-        sa["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
-    return sa
-
-
-def build_role(ref: QuantizationJobRef) -> dict[str, Any]:
-    """The runner may read its own QuantizationJob and patch its status: nothing else (no
-    Secrets: the token Secret reaches the pod as an env var resolved by the kubelet)."""
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _metadata(ref, runner_service_account(ref.name)),
-        "rules": [
-            {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [ref.name], "verbs": ["get"]},
-            {
-                "apiGroups": [GROUP],
-                "resources": [f"{PLURAL}/status"],
-                "resourceNames": [ref.name],
-                "verbs": ["get", "patch"],
-            },
-        ],
-    }
-
-
-def build_role_binding(ref: QuantizationJobRef) -> dict[str, Any]:
-    name = runner_service_account(ref.name)
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _metadata(ref, name),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ref.namespace}],
-    }
+def report_channel(ref: QuantizationJobRef, stage: Stage, config: OperatorConfig) -> Reporting:
+    """How a runner pod reports progress: to the operator's endpoint, as its own pod."""
+    return Reporting(
+        kind="operator",
+        url=config.reports.stage_url(ref.namespace, ref.name, stage.name),
+        ca_cert=config.reports.ca_cert or None,
+    )
 
 
 # ----------------------------------------------------------------------------------- scheduling
@@ -304,6 +273,26 @@ def build_job(
     volumes, mounts = _volumes(ref, spec, stage, config)
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.runner.shm_size}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    # The runner's only credential: a token for the report endpoint's audience, bound to this pod
+    # (invalid once the pod is gone). The Kubernetes API refuses it.
+    token_dir, token_file = REPORT_TOKEN_PATH.rsplit("/", 1)
+    volumes.append(
+        {
+            "name": "report-token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": config.reports.audience,
+                            "expirationSeconds": 3600,
+                            "path": token_file,
+                        }
+                    }
+                ]
+            },
+        }
+    )
+    mounts.append({"name": "report-token", "mountPath": token_dir, "readOnly": True})
     gpu = config.node_labels.gpu_resource
     if stage.name == FETCH_STAGE:
         resources = fetch_resources(config)
@@ -331,7 +320,8 @@ def build_job(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": runner_service_account(ref.name),
+        "serviceAccountName": config.runner.service_account_name,
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": config.runner.run_as_user,

@@ -64,6 +64,9 @@ class RunnerSettings(_Settings):
     scratch_size: str = "200Gi"
     tmp_size: str = "4Gi"
     run_as_user: int = 1000
+    # The pods' ServiceAccount. They get no API token from it (automountServiceAccountToken is
+    # off), only a projected token for the report endpoint's audience, so its RBAC never applies.
+    service_account_name: str = "default"
     # Child Jobs are kept for inspection until the QuantizationJob is deleted; set to clean them earlier.
     job_ttl_seconds_after_finished: int | None = None
 
@@ -83,6 +86,35 @@ class ModelCacheSettings(_Settings):
     memory: str = "4Gi"
 
 
+class ReportSettings(_Settings):
+    """The HTTPS endpoint runner pods send progress to (see reports.py)."""
+
+    port: int = 8443
+    # How runner pods reach it (the chart's Service); its host is the serving certificate's name.
+    url: str = "https://qjob-operator.qjob-system.svc:8443"
+    # Audience of the runners' projected ServiceAccount tokens (TokenReview checks it).
+    audience: str = "qjob.dev/report"
+    # Secret (in the operator's namespace) holding ca.crt, tls.crt, tls.key, shared by replicas:
+    # created by the first replica when missing, or provided (e.g. by cert-manager). Empty: a
+    # certificate made in memory at start (one replica, development).
+    tls_secret: str = "qjob-operator-report-tls"
+    # Filled in at start from the serving certificate (runner pods trust it); never from the file.
+    ca_cert: str = Field("", exclude=True)
+
+    def stage_url(self, namespace: str, name: str, stage: str) -> str:
+        return f"{self.url.rstrip('/')}/v1/namespaces/{namespace}/quantizationjobs/{name}/stages/{stage}/progress"
+
+
+class LeaderElection(_Settings):
+    """Active/standby replicas: only the holder of the Lease reconciles (client-go's semantics)."""
+
+    enabled: bool = True
+    lease_name: str = "qjob-operator"
+    lease_duration_seconds: float = Field(15.0, gt=0)
+    renew_deadline_seconds: float = Field(10.0, gt=0)
+    retry_period_seconds: float = Field(2.0, gt=0)
+
+
 class OperatorConfig(_Settings):
     """Top-level operator settings."""
 
@@ -95,10 +127,17 @@ class OperatorConfig(_Settings):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     policy: Policy = Field(default_factory=Policy)
     model_cache: ModelCacheSettings = Field(default_factory=ModelCacheSettings)
+    reports: ReportSettings = Field(default_factory=ReportSettings)
+    leader_election: LeaderElection = Field(default_factory=LeaderElection)
+    # Where the Lease and the TLS Secret live ($POD_NAMESPACE in the chart's pod).
+    operator_namespace: str = "qjob-system"
     metrics_port: int = 9090
     health_port: int = 8080
     # Status writes per second, all jobs together (bursts of new jobs then create Jobs first).
     status_writes_per_second: float = Field(20.0, gt=0)
+    # Per job: a status change that is not a phase or reason change (progress, stage details)
+    # waits until this long after the job's previous write; the changes in between coalesce.
+    status_write_interval_seconds: float = Field(5.0, ge=0)
     # How often every unfinished job is re-checked for deadlines (events drive everything else).
     resync_seconds: float = Field(30.0, gt=0)
 
@@ -123,7 +162,7 @@ class OperatorConfig(_Settings):
 
 def load_config(path: str | os.PathLike | None = None) -> OperatorConfig:
     """Reads the config file (``$QJOB_OPERATOR_CONFIG``, else the default path if present).
-    ``QJOB_NAMESPACES`` (comma-separated) and ``QJOB_RUNNER_IMAGE`` override the file."""
+    ``QJOB_NAMESPACES`` (comma-separated), ``QJOB_RUNNER_IMAGE`` and ``POD_NAMESPACE`` override the file."""
     path = path or os.environ.get(CONFIG_ENV) or (DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None)
     data = yaml.safe_load(Path(path).read_text()) if path else {}
     config = OperatorConfig.model_validate(data or {})
@@ -131,4 +170,6 @@ def load_config(path: str | os.PathLike | None = None) -> OperatorConfig:
         config.namespaces = [n.strip() for n in namespaces.split(",") if n.strip()]
     if image := os.environ.get("QJOB_RUNNER_IMAGE"):
         config.runner.image = image
+    if namespace := os.environ.get("POD_NAMESPACE"):
+        config.operator_namespace = namespace
     return config

@@ -4,16 +4,15 @@ reconcile; the decisions live in ``status.decide`` and the actions in ``reconcil
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import sys
 from typing import Any
 
 import kopf
 from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
 
-from .config import load_config
-from .kube import Kube, connect
-from .metrics import Metrics
 from .plan import LABEL_PREFIX, LABEL_QUANTIZATION_JOB, LABEL_STAGE
 from .reconciler import Reconciler
 
@@ -23,8 +22,8 @@ OWNED = {LABEL_QUANTIZATION_JOB: kopf.PRESENT, LABEL_STAGE: kopf.PRESENT}
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    # Our own prefixes: kopf's defaults collide between operators in one cluster.
-    settings.persistence.finalizer = f"{LABEL_PREFIX}/finalizer"
+    # No finalizer: there is no deletion handler (children go by owner references), so a job can
+    # be deleted with the operator gone. Our own prefixes in case kopf stores anything.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=LABEL_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=LABEL_PREFIX)
     # Events are posted deliberately (kopf.event); handler log lines stay in the log.
@@ -35,13 +34,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     owned = ",".join(OWNED)
     settings.watching.label_selectors["batch", "jobs"] = owned
     settings.watching.label_selectors["", "pods"] = owned
-    config = load_config()
-    metrics = Metrics()
-    memo.reconciler = Reconciler(config, Kube(await connect(), metrics, config.status_writes_per_second), metrics)
-    metrics.watch_phases(memo.reconciler.phases)
-    metrics.serve(config.metrics_port)
+    # main.py built the reconciler (the report endpoint and the probes use it too).
+    config = memo.reconciler.config
     memo.resync = asyncio.create_task(_resync(memo.reconciler, config.resync_seconds))
-    logger.info("qjob-operator started: runner image %s, metrics on :%d", config.runner.image, config.metrics_port)
+    logger.info("qjob-operator active: runner image %s", config.runner.image)
 
 
 async def _resync(reconciler: Reconciler, every: float) -> None:
@@ -55,7 +51,6 @@ async def _resync(reconciler: Reconciler, every: float) -> None:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
     await memo.reconciler.drain()
-    await memo.reconciler.kube.api.close()
 
 
 # Indexes: kopf lists these fully before any handler runs, so a reconcile after a restart sees
@@ -66,7 +61,9 @@ def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
     meta = body["metadata"]
     status = body.get("status") or {}
     return {
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "creationTimestamp", "labels")},
+        "metadata": {
+            k: meta.get(k) for k in ("name", "namespace", "uid", "creationTimestamp", "labels", "ownerReferences")
+        },
         "spec": dict(body.get("spec") or {}),
         "status": {k: status[k] for k in status_keys if k in status},
     }
@@ -90,16 +87,23 @@ def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) ->
     return {(namespace, labels[LABEL_QUANTIZATION_JOB], labels[LABEL_STAGE]): trimmed}
 
 
-@kopf.index("", "v1", "nodes")
-def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
+def _shared(mapping: dict[str, str] | None) -> dict[str, str]:
+    # Thousands of nodes repeat the same label keys and values: one string object each.
+    return {sys.intern(k): sys.intern(str(v)) for k, v in (mapping or {}).items()}
+
+
+def _node_view(name: str, body: kopf.Body) -> dict[str, Any]:
     spec, status = body.get("spec") or {}, body.get("status") or {}
     return {
-        name: {
-            "metadata": {"name": name, "labels": dict(body["metadata"].get("labels") or {})},
-            "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
-            "status": {"allocatable": dict(status.get("allocatable") or {})},
-        }
+        "metadata": {"name": name, "labels": _shared(body["metadata"].get("labels"))},
+        "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
+        "status": {"allocatable": _shared(status.get("allocatable"))},
     }
+
+
+@kopf.index("", "v1", "nodes")
+def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
+    return {name: _node_view(name, body)}
 
 
 @kopf.on.event(*QJOB)
@@ -116,18 +120,12 @@ async def quantizationjob_event(
 ) -> None:
     reconciler: Reconciler = memo.reconciler
     reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_nodes)
+    if reconciler.kopf_context is None:
+        reconciler.kopf_context = contextvars.copy_context()
     if event.get("type") == "DELETED":
         reconciler.forget((namespace, name))
     else:
         reconciler.track((namespace, name), body)
-
-
-@kopf.on.delete(*QJOB)
-async def quantizationjob_deleted(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    # Children carry owner references and are garbage-collected; this hook (and its finalizer)
-    # makes sure the in-memory state goes too, even if the DELETED event is missed.
-    memo.reconciler.forget((namespace, name))
-    logger.info("QuantizationJob deleted; its Jobs, pods, config and RBAC are garbage-collected")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
@@ -137,6 +135,9 @@ async def child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_:
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_event(memo: kopf.Memo, **_: Any) -> None:
-    # A node appearing may unblock jobs waiting with NoMatchingNodes.
-    memo.reconciler.schedule_all(lambda b: (b.get("status") or {}).get("reason") == Reason.NO_MATCHING_NODES)
+async def node_event(event: dict, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # Heartbeats change nothing that fit depends on; a node appearing or changing may unblock
+    # jobs waiting with NoMatchingNodes.
+    view = None if event.get("type") == "DELETED" else _node_view(name, body)
+    if memo.reconciler.node_fit.changed(name, view):
+        memo.reconciler.schedule_all(lambda b: (b.get("status") or {}).get("reason") == Reason.NO_MATCHING_NODES)

@@ -1,15 +1,140 @@
-"""``qjob-operator``: runs the controller."""
+"""``qjob-operator``: runs the controller.
 
+Every replica serves the probes (``healthPort``: /healthz, /readyz), metrics and the runners'
+report endpoint (``reports.port``, HTTPS); with ``leaderElection.enabled`` only the holder of the
+Lease runs the controller (kopf) and accepts reports, the others stand by (leader.py).
+"""
+
+# ruff: noqa: E402  (the client libraries are kept out before anything imports kopf)
 from __future__ import annotations
+
+import sys
+
+# kopf imports the kubernetes and kubernetes_asyncio clients when they are installed (development
+# virtualenvs have them), to recognise their objects and borrow their login; the operator uses
+# neither (kube.py is plain REST with kopf's own login), and their generated models cost ~50 MiB.
+# The `qjob` CLI, a separate process, still uses kubernetes_asyncio.
+for _client in ("kubernetes", "kubernetes_asyncio"):
+    sys.modules.setdefault(_client, None)
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
+import socket
+import uuid
+from collections.abc import Callable
 
 import kopf
+from aiohttp import web
 
-from .config import CONFIG_ENV, load_config
+from .certificates import generate, shared_certificate
+from .config import CONFIG_ENV, OperatorConfig, load_config
+from .kube import Kube, connect
+from .leader import LeaderElector
+from .metrics import Metrics
+from .reconciler import Reconciler
+from .reports import ReportServer
+from .tokenreview import TokenReviewer
+
+log = logging.getLogger("qjob_operator")
+
+
+async def _probes(port: int, active: Callable[[], bool]) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "active": active()})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", healthz)  # ready once it serves: a standby is ready to take over
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+async def run(config: OperatorConfig, namespaces: list[str]) -> int:
+    api = await connect()
+    metrics = Metrics()
+    kube = Kube(api, metrics, config.status_writes_per_second)
+    reports = config.reports
+    if reports.tls_secret:
+        certificate = await shared_certificate(kube, config.operator_namespace, reports.tls_secret, reports.url)
+    else:
+        certificate = generate(reports.url)
+    reports.ca_cert = certificate.ca_pem
+    reconciler = Reconciler(config, kube, metrics)
+    metrics.watch_phases(reconciler.phases)
+    metrics.serve(config.metrics_port)
+
+    election = config.leader_election
+    elector = None
+    if election.enabled:
+        identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        elector = LeaderElector(kube, config.operator_namespace, identity, election)
+    controller_started = asyncio.Event()
+
+    def active() -> bool:
+        return controller_started.is_set() and (elector is None or elector.is_leader)
+
+    server = ReportServer(
+        TokenReviewer(kube.review_token, reports.audience),
+        reconciler.stage_of,
+        reconciler.receive_report,
+        active,
+        lambda outcome: metrics.reports.labels(outcome).inc(),
+    )
+    await server.start("0.0.0.0", reports.port, certificate.server_context())
+    probes = await _probes(config.health_port, active)
+    log.info("metrics on :%d, probes on :%d, reports on :%d (%s)", config.metrics_port, config.health_port,
+             reports.port, reports.url)  # fmt: skip
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        if elector:
+            acquiring = asyncio.create_task(elector.acquire())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                acquiring.cancel()
+                return 0
+        controller_started.set()
+        controller = asyncio.create_task(
+            kopf.operator(
+                standalone=True,  # one active replica at a time: the Lease decides, not kopf peering
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                memo=kopf.Memo(reconciler=reconciler),
+                stop_flag=stop,
+            )
+        )
+        waits = {controller}
+        if elector:
+            waits.add(asyncio.create_task(elector.hold()))
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if controller not in done:
+            # Lost the Lease: another replica may be active already. Stop at once; the pod
+            # restarts as a candidate (client-go's leader election exits the same way).
+            controller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await controller
+            code = 1
+        else:
+            controller.result()
+    finally:
+        if elector and code == 0:
+            await elector.release()
+        await server.stop()
+        await probes.cleanup()
+        await api.close()
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,25 +152,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.config:
-        os.environ[CONFIG_ENV] = args.config  # the startup handler reads it from there
+        os.environ[CONFIG_ENV] = args.config
     config = load_config()
     namespaces = args.namespace or config.namespaces
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
-    logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
     if not args.verbose:
         # kopf logs every handler call ("Handler ... succeeded"): thousands a minute at scale.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from . import handlers  # noqa: F401  registers the handlers
 
-    # One replica, no peering: the chart deploys it with strategy Recreate.
-    asyncio.run(
-        kopf.operator(
-            standalone=True,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-        )
-    )
+    sys.exit(asyncio.run(run(config, namespaces)))
 
 
 if __name__ == "__main__":

@@ -73,12 +73,25 @@ class Metrics:
         )
         self.reconcile_duration = Histogram(
             "qjob_reconcile_duration_seconds",
-            "Time spent in one reconcile.",
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            "Time spent in one reconcile, without waiting for a status write's turn.",
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
+            registry=r,
+        )
+        self.status_write_wait = Histogram(
+            "qjob_status_write_wait_seconds",
+            "Time a status write waited for its turn (Job creates first, statusWritesPerSecond).",
+            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
             registry=r,
         )
         self.api_requests = Counter(
             "qjob_api_requests_total", "Kubernetes API requests the operator made, by verb.", ["verb"], registry=r
+        )
+        self.reports = Counter(
+            "qjob_runner_reports_total",
+            "Runner progress reports at the report endpoint, by outcome (accepted, unauthenticated, "
+            "forbidden, invalid, standby).",
+            ["outcome"],
+            registry=r,
         )
 
     def watch_phases(self, phases: Callable[[], Iterable[str]]) -> None:

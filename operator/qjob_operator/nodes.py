@@ -1,12 +1,15 @@
 """Which nodes could ever run a stage: the fail-fast check behind ``NoMatchingNodes``.
 
 Evaluated on the operator's in-memory node index, from the same ``NodeRequirement`` that the
-Job's node affinity is built from, so the check and the scheduler agree.
+Job's node affinity is built from, so the check and the scheduler agree. ``NodeFit`` evaluates
+each distinct requirement (tolerations included) once per change of the node index, not per reconcile:
+on a 5,000-node cluster a reconcile then costs a dictionary lookup, not a pass over every node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .config import OperatorConfig
@@ -55,3 +58,59 @@ def node_fits(node: Mapping[str, Any], req: NodeRequirement, config: OperatorCon
 
 def matching_nodes(nodes: Iterable[Mapping[str, Any]], req: NodeRequirement, config: OperatorConfig) -> list[str]:
     return sorted(n["metadata"]["name"] for n in nodes if node_fits(n, req, config))
+
+
+def node_architecture(labels: Mapping[str, str], config: OperatorConfig) -> str:
+    """A node's GPU architecture from its compute capability labels, by the operator's configured
+    mapping (the one scheduling uses); else its family label; else ``unknown``."""
+    keys = config.node_labels
+    try:
+        arch = config.architecture_of(labels[keys.compute_major], labels[keys.compute_minor])
+    except (KeyError, TypeError, ValueError):
+        arch = None
+    return arch.value if arch else labels.get(keys.family, "unknown")
+
+
+class NodeFit:
+    """Node facts and fit results, cached until the node index changes (``changed()``)."""
+
+    def __init__(self, config: OperatorConfig):
+        self.config = config
+        self.revision = 0  # bumped by changed()
+        self._fingerprints: dict[str, int] = {}
+        self._computed_at = -1
+        self.nodes: list[Mapping[str, Any]] = []  # the index's, as of the last refresh()
+        self._matches: dict[str, list[str]] = {}  # repr(requirement) -> node names
+        self.products: dict[str, str] = {}  # node -> GPU product
+        self.architectures: dict[str, str] = {}  # node -> GPU architecture
+
+    def changed(self, name: str, node: Mapping[str, Any] | None) -> bool:
+        """Records a node event (None: deleted); True if what fit depends on changed."""
+        if node is None:
+            found = self._fingerprints.pop(name, None) is not None
+        else:
+            fingerprint = hash(json.dumps(node, sort_keys=True, default=str))
+            found = self._fingerprints.get(name) != fingerprint
+            self._fingerprints[name] = fingerprint
+        if found:
+            self.revision += 1
+        return found
+
+    def refresh(self, nodes: Callable[[], list[Mapping[str, Any]]]) -> None:
+        if self._computed_at == self.revision:
+            return
+        self.nodes = nodes()
+        self._matches = {}
+        self.products, self.architectures = {}, {}
+        for node in self.nodes:
+            labels = node["metadata"].get("labels") or {}
+            name = node["metadata"]["name"]
+            self.products[name] = labels.get(self.config.node_labels.product, "")
+            self.architectures[name] = node_architecture(labels, self.config)
+        self._computed_at = self.revision
+
+    def matching(self, req: NodeRequirement) -> list[str]:
+        key = repr(req)  # its dicts make it unhashable; its repr is exact
+        if key not in self._matches:
+            self._matches[key] = matching_nodes(self.nodes, req, self.config)
+        return self._matches[key]

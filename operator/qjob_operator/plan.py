@@ -144,7 +144,3 @@ def child_name(job_name: str, suffix: str) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{job_name[: 63 - len(suffix) - 10]}-{digest}-{suffix}"[:63]
-
-
-def runner_service_account(job_name: str) -> str:
-    return child_name(job_name, "runner")

@@ -5,13 +5,18 @@ Reconciles are level-based and idempotent: any event (the job, one of its Jobs o
 schedules a reconcile of the job; a job already being reconciled is marked dirty and runs once
 more afterwards, so bursts of events coalesce and one job never reconciles concurrently.
 Inputs come from kopf's in-memory indexes (kopf holds handlers back until they are fully listed),
-so a reconcile costs no API reads; it writes only what changed.
+so a reconcile costs no API reads; it writes only what changed, and a status change that is not a
+phase or reason change waits until ``statusWriteIntervalSeconds`` after the job's previous write
+(the changes in between go out in one patch). Runner progress arrives through the report
+endpoint (reports.py) and goes out with the job's next status write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -19,14 +24,15 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 from qjob_api.reasons import Reason
-from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec
+from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec, RunnerReport
 
 from . import attempts, multipod
-from .builders import QuantizationJobRef, build_job, build_role, build_role_binding, build_service_account
+from .builders import QuantizationJobRef, build_job
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import Metrics
-from .plan import Stage, plan_stages
+from .nodes import NodeFit
+from .plan import LABEL_PREFIX, Stage, plan_stages
 from .status import decide, fmt_time, parse_time, transition_events
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,23 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5.0
 DEBOUNCE_SECONDS = 1.0
+# Versions up to 0.1 had kopf put this finalizer on every job; it is removed on sight (children
+# are garbage-collected through owner references, so deleting a job needs no operator).
+LEGACY_FINALIZER = f"{LABEL_PREFIX}/finalizer"
+
+
+class ParsedSpec:
+    """A job's spec parsed once per generation (the spec is immutable but for runPolicy)."""
+
+    def __init__(self, body: Mapping[str, Any], config: OperatorConfig):
+        meta = body["metadata"]
+        self.uid, self.generation = meta.get("uid"), meta.get("generation")
+        self.spec = QuantizationJobSpec.model_validate(body.get("spec") or {})
+        self.stages = plan_stages(self.spec, config)
+
+    def current(self, body: Mapping[str, Any]) -> bool:
+        meta = body["metadata"]
+        return (self.uid, self.generation) == (meta.get("uid"), meta.get("generation"))
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,6 +85,20 @@ def apply_merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> di
         else:
             result[key] = value
     return result
+
+
+# What reconciles, Events and the report endpoint read of a job's metadata (kopf's bodies carry
+# much more: managedFields, annotations, labels).
+_KEPT_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "finalizers",
+)
 
 
 def _revision(body: Mapping[str, Any]) -> int:
@@ -108,6 +145,17 @@ class Reconciler:
         self._tasks: dict[Key, asyncio.Task] = {}
         self._dirty: set[Key] = set()
         self._created: set[tuple[str, str]] = set()  # (uid, Job name): created, maybe not indexed yet
+        self._parsed: dict[Key, ParsedSpec] = {}
+        self.node_fit = NodeFit(config)
+        self.reports: dict[Key, dict[str, RunnerReport]] = {}  # accepted, not yet written
+        self._written_at: dict[Key, float] = {}  # monotonic time of each job's last status write
+        self._deferred: dict[Key, asyncio.TimerHandle] = {}
+        self._stale: set[Key] = set()  # skipped one write for a newer state (see _write)
+        self._waited: dict[Key, float] = {}  # seconds the running reconcile waited for a write turn
+        # kopf's context (its Event queue lives in a context variable), taken in a handler: a
+        # reconcile asked for by a timer, the resync or a runner report runs in it too, so its
+        # kopf.event() calls work wherever it was scheduled from.
+        self.kopf_context: contextvars.Context | None = None
         self.debounce_seconds = DEBOUNCE_SECONDS
 
     # ------------------------------------------------------------------------------ scheduling
@@ -121,14 +169,43 @@ class Reconciler:
             or _revision(body) >= _revision(known)
             or known["metadata"].get("uid") != body["metadata"].get("uid")
         ):
-            self.bodies[key] = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+            meta = body["metadata"]
+            kept: dict[str, Any] = {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
+                "status": body.get("status") or {},
+            }
+            # The spec only until it is parsed (once per generation): the parsed form is kept.
+            parsed = self._parsed.get(key)
+            if parsed is None or not parsed.current(body):
+                kept["spec"] = body.get("spec") or {}
+            self.bodies[key] = kept
         self.schedule(key)
 
     def forget(self, key: Key) -> None:
         body = self.bodies.pop(key, None)
+        for table in (self._parsed, self.reports, self._written_at):
+            table.pop(key, None)
+        self._stale.discard(key)
+        if timer := self._deferred.pop(key, None):
+            timer.cancel()
         if body:
             uid = body["metadata"]["uid"]
             self._created = {c for c in self._created if c[0] != uid}
+
+    # --------------------------------------------------------------------------- runner reports
+
+    def stage_of(self, namespace: str, name: str, stage: str) -> tuple[str | None, list[dict], list[dict]]:
+        """The job's uid, the stage's Jobs (one per attempt) and pods, as the report endpoint checks a report."""
+        body = self.bodies.get((namespace, name))
+        uid = body["metadata"].get("uid") if body else None
+        key = (namespace, name, stage)
+        return uid, self.indexes.jobs_of_stage(key), self.indexes.stage_pods(key)
+
+    def receive_report(self, key: Key, stage: str, report: RunnerReport) -> None:
+        self.reports.setdefault(key, {})[stage] = report
+        self.schedule(key)
 
     def phases(self) -> list[str]:
         return [(b.get("status") or {}).get("phase") or Phase.PENDING for b in self.bodies.values()]
@@ -141,7 +218,11 @@ class Reconciler:
         if task and not task.done():
             self._dirty.add(key)
             return
-        self._tasks[key] = asyncio.create_task(self._run(key), name=f"reconcile {key[0]}/{key[1]}")
+        self._tasks[key] = asyncio.create_task(
+            self._run(key),
+            name=f"reconcile {key[0]}/{key[1]}",
+            context=self.kopf_context.copy() if self.kopf_context else None,
+        )
 
     async def _settle(self) -> None:
         """Events come in bursts (a Job and its pod change together); waiting a moment lets one
@@ -157,7 +238,8 @@ class Reconciler:
         while True:
             await self._settle()
             self._dirty.discard(key)
-            started = self.clock()
+            started = time.monotonic()
+            self._waited[key] = 0.0
             try:
                 await self.reconcile(key)
             except Exception:  # noqa: BLE001 - any failure is retried; the loop must survive
@@ -165,7 +247,8 @@ class Reconciler:
                 log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, RETRY_SECONDS)
                 self.schedule(key, RETRY_SECONDS)
             finally:
-                self.metrics.reconcile_duration.observe((self.clock() - started).total_seconds())
+                # Its own work, without the wait for a status write's turn (measured apart).
+                self.metrics.reconcile_duration.observe(time.monotonic() - started - self._waited.pop(key, 0.0))
             if key not in self._dirty:
                 break
         self._tasks.pop(key, None)
@@ -178,12 +261,20 @@ class Reconciler:
 
     async def reconcile(self, key: Key) -> None:
         body = self.bodies.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        if body is None:
             return
         namespace, name = key
+        finalizers = body["metadata"].get("finalizers") or []
+        if LEGACY_FINALIZER in finalizers:
+            await self.kube.remove_finalizer(namespace, name, finalizers, LEGACY_FINALIZER)
+        if body["metadata"].get("deletionTimestamp"):
+            return
         old = body.get("status") or {}
         try:
-            spec = QuantizationJobSpec.model_validate(body.get("spec") or {})
+            parsed = self._parsed.get(key)
+            if parsed is None or not parsed.current(body):
+                parsed = self._parsed[key] = ParsedSpec(body, self.config)
+            body.pop("spec", None)
         except ValidationError as exc:
             if old.get("phase") not in TERMINAL_PHASES:
                 # The CRD schema should have refused it; say why instead of failing silently.
@@ -202,14 +293,20 @@ class Reconciler:
                     stages=[],
                 )
             return
-        names = [s.name for s in plan_stages(spec, self.config)]
+        spec = parsed.spec
+        # Reports accepted since the last write count as written for this decision.
+        if fresh := self.reports.get(key):
+            body = {**body, "status": {**old, "runnerReports": {**(old.get("runnerReports") or {}), **{
+                s: r.to_api() for s, r in fresh.items()}}}}  # fmt: skip
+        self.node_fit.refresh(self.indexes.all_nodes)
+        names = [s.name for s in parsed.stages]
         stages, obs, sizing = attempts.observe_attempts(
             body,
             spec,
             self.config,
             {s: self.indexes.jobs_of_stage((namespace, name, s)) for s in names},
             {s: self.indexes.stage_pods((namespace, name, s)) for s in names},
-            self.indexes.all_nodes(),
+            self.node_fit,
             self.clock(),
         )
         decision = decide(obs, spec, stages, self.config)
@@ -228,11 +325,13 @@ class Reconciler:
         for job_name, suspend in decision.suspend_stage_jobs.items():
             await self.kube.set_batch_job_suspend(namespace, job_name, suspend)
         if decision.status is not None:
+            if fresh:
+                decision.status["runnerReports"] = body["status"]["runnerReports"]
             fmt = spec.quantization.format.value if spec.quantization.format else "auto"
             job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in obs.stage_jobs.items()}
             await self._write(
                 key,
-                body,
+                self.bodies[key],
                 decision.status,
                 spec_format=fmt,
                 gpus=sizing.current.gpus_per_pod * sizing.current.pods if sizing.current else spec.resources.gpus,
@@ -247,19 +346,24 @@ class Reconciler:
         todo = [s for s in create if (ref.uid, s.job_name(ref.name)) not in self._created]
         if not todo:
             return
-        first = any(not s.after for s in todo)  # the stage that starts the job (fetch or quantize)
-        if first:
-            # The pod needs its ServiceAccount to exist when the Job controller creates it.
-            await self.kube.create(build_service_account(ref, self.config))
+        # Runner pods need no API identity (see reports.py): a stage is its Job (and, spread over
+        # several pods, the headless Service its ranks find each other through).
         manifests = [build_job(ref, spec, s, self.config) for s in todo]
-        # A multi-pod stage's ranks find each other through its headless Service.
         services = [multipod.build_rank_service(j) for s, j in zip(todo, manifests, strict=True) if s.pods > 1]
         await asyncio.gather(*(self.kube.create(m) for m in services))
         await asyncio.gather(*(self.kube.create(m) for m in manifests))
         self._created.update((ref.uid, s.job_name(ref.name)) for s in todo)
-        if first:
-            # The runner needs its Role only when it first reports, well after its pod starts.
-            await asyncio.gather(self.kube.create(build_role(ref)), self.kube.create(build_role_binding(ref)))
+
+    def _defer(self, key: Key, delay: float) -> None:
+        """One reconcile of ``key`` in ``delay`` seconds, however many ask for it meanwhile."""
+        if key in self._deferred:
+            return
+
+        def fire() -> None:
+            self._deferred.pop(key, None)
+            self.schedule(key)
+
+        self._deferred[key] = asyncio.get_running_loop().call_later(delay, fire)
 
     async def _write(
         self,
@@ -273,15 +377,36 @@ class Reconciler:
         job_created: dict | None = None,
         archs: dict[str, str] | None = None,
     ) -> None:
-        old = {k: v for k, v in (body.get("status") or {}).items() if k != "runnerReports"}
+        old = body.get("status") or {}
         patch = merge_patch(old, status)
         if not patch:
             return
+        news = "phase" in patch or "reason" in patch
+        wait = self._written_at.get(key, -1e9) + self.config.status_write_interval_seconds - time.monotonic()
+        if not news and wait > 0:
+            self._defer(key, wait)  # progress and stage details go out with the next write
+            return
+        waiting = time.monotonic()
+        await self.kube.status_write_turn()
+        self._waited[key] = self._waited.get(key, 0.0) + time.monotonic() - waiting
+        self.metrics.status_write_wait.observe(time.monotonic() - waiting)
+        if key in self._dirty and key not in self._stale:
+            # The job changed while this write waited for its turn (bursts): the rerun that is
+            # due writes the newer state instead, once; so a waiting job writes once, not twice.
+            self.kube.status_writes.give_back()
+            self._stale.add(key)
+            return
+        self._stale.discard(key)
         written = await self.kube.patch_status(key[0], key[1], patch)
         if written is None:
             return
+        self._written_at[key] = time.monotonic()
+        if self.reports.get(key) and all(
+            status.get("runnerReports", {}).get(s) == r.to_api() for s, r in self.reports[key].items()
+        ):
+            self.reports.pop(key, None)
         new = apply_merge_patch(old, patch)
-        body["status"] = {**new, "runnerReports": (written.get("status") or {}).get("runnerReports") or {}}
+        body["status"] = new
         body["metadata"] = {**body["metadata"], "resourceVersion": written["metadata"]["resourceVersion"]}
         for event in transition_events(old, new):
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)

@@ -30,7 +30,7 @@ from qjob_api.v1alpha1 import (
 from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
 from .fetch import FETCH_STAGE
-from .nodes import matching_nodes
+from .nodes import NodeFit
 from .plan import MODEL_STAGES, QUANTIZE_STAGE, Stage
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -50,42 +50,25 @@ class Observed:
     refusal: tuple[Reason, str] | None = None  # (reason, message): the quantize stage cannot be planned
 
 
-def node_architecture(labels: Mapping[str, str], config: OperatorConfig) -> str:
-    """A node's GPU architecture from its compute capability labels, by the operator's configured
-    mapping (the one scheduling uses); else its family label; else ``unknown``."""
-    keys = config.node_labels
-    try:
-        arch = config.architecture_of(labels[keys.compute_major], labels[keys.compute_minor])
-    except (KeyError, TypeError, ValueError):
-        arch = None
-    return arch.value if arch else labels.get(keys.family, "unknown")
-
-
 def observe(
     body: dict[str, Any],
     stages: list[Stage],
     stage_jobs: Mapping[str, dict[str, Any]],
     stage_pods: Mapping[str, list[dict[str, Any]]],
-    nodes: list[dict[str, Any]],
-    config: OperatorConfig,
+    nodes: NodeFit,
     now: datetime,
     refusal: tuple[Reason, str] | None = None,
 ) -> Observed:
-    """What ``decide`` needs from the objects a QuantizationJob owns and the cluster's nodes;
+    """What ``decide`` needs from the objects a QuantizationJob owns and the cluster's nodes
+    (``nodes`` refreshed: its facts and fit results are computed once per node-index change);
     ``refusal``: why the quantize stage cannot be planned (``attempts.advance``), if it cannot."""
-    products, archs = {}, {}
-    for node in nodes:
-        labels = node["metadata"].get("labels") or {}
-        name = node["metadata"]["name"]
-        products[name] = labels.get(config.node_labels.product, "")
-        archs[name] = node_architecture(labels, config)
     return Observed(
         body=body,
         stage_jobs={s.name: stage_jobs[s.name] for s in stages if stage_jobs.get(s.name)},
         stage_pods={s.name: list(stage_pods.get(s.name, [])) for s in stages},
-        node_matches={s.name: matching_nodes(nodes, s.requirement, config) for s in stages},
-        node_products=products,
-        node_architectures=archs,
+        node_matches={s.name: nodes.matching(s.requirement) for s in stages},
+        node_products=nodes.products,
+        node_architectures=nodes.architectures,
         now=now,
         refusal=refusal,
     )
@@ -295,22 +278,22 @@ def progress(stages: list[Stage], records: dict[str, StageStatus], reports: dict
     return Progress(stage=current, percent=min(100, int(percent)), eta_seconds=eta, message=message)
 
 
-def _collect(
-    stages: list[Stage], obs: Observed, reports: dict[str, RunnerReport]
-) -> tuple[list[Artifact], Quality | None]:
-    """Artifacts and quality from runner reports, completed by termination messages (which
-    survive a status patch the runner could not make)."""
+def _collect(stages: list[Stage], obs: Observed) -> tuple[list[Artifact], Quality | None]:
+    """Artifacts and quality from the termination messages of succeeded runner pods: written by
+    the runner when it exits 0, read by the kubelet, so only a finished pod of ours can claim
+    them (a progress report cannot)."""
     artifacts: dict[str, Artifact] = {}
     quality = None
     for stage in stages:
-        results = [
-            r for p in obs.stage_pods.get(stage.name, []) if (r := runner_result(p)) and r.outcome == "Succeeded"
-        ]
-        sources = [reports[stage.name]] if stage.name in reports else []
-        for source in [*sources, *results]:
-            for artifact in source.artifacts:
-                artifacts.setdefault(artifact.uri, artifact)
-            quality = quality or source.quality
+        job_uid = ((obs.stage_jobs.get(stage.name) or {}).get("metadata") or {}).get("uid")
+        for pod in obs.stage_pods.get(stage.name, []):
+            owner = next((r for r in pod["metadata"].get("ownerReferences") or [] if r.get("controller")), {})
+            if not job_uid or owner.get("uid") != job_uid or (pod.get("status") or {}).get("phase") != "Succeeded":
+                continue
+            if (result := runner_result(pod)) and result.outcome == "Succeeded":
+                for artifact in result.artifacts:
+                    artifacts.setdefault(artifact.uri, artifact)
+                quality = quality or result.quality
     return list(artifacts.values()), quality
 
 
@@ -541,7 +524,7 @@ def decide_stage_records(
     status = draft.status
     status["stages"] = [r.to_api() for r in records.values()]
     status["progress"] = progress(stages, records, reports).to_api()
-    artifacts, quality = _collect(stages, obs, reports)
+    artifacts, quality = _collect(stages, obs)
     status["artifacts"] = [a.to_api() for a in artifacts]
     if quality:
         status["quality"] = quality.to_api()
@@ -620,30 +603,14 @@ _WARNING_REASONS = {Reason.NO_MATCHING_NODES, Reason.UNSCHEDULABLE, Reason.IMAGE
 
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
-    """Kubernetes Events for what a user should see: a stage starting on a node, a stage's
-    outcome, the job starting, finishing, or getting stuck. Nothing for internal churn."""
-    events = []
-    old_stages = {s["name"]: s for s in old.get("stages") or []}
-    for stage in new.get("stages") or []:
-        before = old_stages.get(stage["name"], {})
-        if stage.get("phase") == before.get("phase") or stage.get("phase") not in (
-            Phase.RUNNING,
-            Phase.SUCCEEDED,
-            Phase.FAILED,
-        ):
-            continue
-        where = f" on node {stage['node']} ({stage.get('gpuProduct') or 'unknown GPU'})" if stage.get("node") else ""
-        text = f"stage {stage['name']} {stage['phase'].lower()}{where}"
-        if stage.get("message") and stage["phase"] == Phase.FAILED:
-            text += f": {stage['message']}"
-        events.append(Event("Warning" if stage["phase"] == Phase.FAILED else "Normal", f"Stage{stage['phase']}", text))
+    """Kubernetes Events only for what status alone does not tell a user watching Events: the
+    job finished (Succeeded, or Failed with its reason) or got stuck (a Warning reason). Stage
+    starts and ends are in status.stages; an Event each would double the job's API writes."""
     phase, reason = new.get("phase"), new.get("reason")
     if not phase or (phase, reason) == (old.get("phase"), old.get("reason")):
-        return events
+        return []
     if phase == Phase.FAILED or reason in _WARNING_REASONS:
-        events.append(Event("Warning", reason or phase, new.get("message") or phase))
-    elif phase in (Phase.SUCCEEDED, Phase.SUSPENDED) or (phase == Phase.RUNNING and old.get("phase") != Phase.RUNNING):
-        events.append(
-            Event("Normal", phase if phase != Phase.SUCCEEDED else Reason.SUCCEEDED, new.get("message") or phase)
-        )
-    return events
+        return [Event("Warning", reason or phase, new.get("message") or phase)]
+    if phase == Phase.SUCCEEDED:
+        return [Event("Normal", Reason.SUCCEEDED, new.get("message") or phase)]
+    return []

@@ -94,7 +94,7 @@ def test_quantization_job_runs_the_real_runner_to_succeeded(kube_api, cluster, e
     assert node.metadata.labels["nvidia.com/gpu.compute.major"] == "9"  # calibrationArchitecture: hopper
     assert status["progress"]["percent"] == 100
 
-    # The runner reported through its own ServiceAccount, and the artifacts are really there.
+    # The runner reported to the operator with its pod's token, and the artifacts are really there.
     report = status["runnerReports"]["quantize"]
     assert report["percent"] == 100 and report["stepSeconds"]["quantize"] > 0
     checkpoint = next(a for a in status["artifacts"] if a["kind"] == "checkpoint")

@@ -3,8 +3,8 @@
 What is tested is the objects, not the operator pod: there is no image registry here, so the
 Deployment's pod never runs a real container (kwok may still report it Running on a simulated
 node). RBAC is checked by acting as the operator's ServiceAccount (impersonation), doing what the
-operator does: the same pure builders create a job's ServiceAccount, Role, RoleBinding, ConfigMap
-and Job, which proves the operator can grant its runners their Role without `escalate`/`bind`.
+operator does (the same pure builders create a job's Job), and by running the real operator process
+with the chart's rendered config and a token of its ServiceAccount (Lease, TLS Secret, Jobs, status).
 """
 
 from __future__ import annotations
@@ -220,30 +220,41 @@ def test_config_is_what_the_operator_reads(cluster, tmp_path):
     assert (cfg.metrics_port, cfg.health_port, cfg.resync_seconds) == (9191, 8181, 10)
     (dep,) = by_kind(objs, "Deployment")
     (container,) = dep["spec"]["template"]["spec"]["containers"]
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9191, "health": 8181}
-    (svc,) = by_kind(objs, "Service")
-    assert svc["spec"]["ports"][0]["port"] == 9191
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 9191,
+        "health": 8181,
+        "reports": 8443,
+    }
+    services = {o["metadata"]["name"]: o["spec"]["ports"][0]["port"] for o in by_kind(objs, "Service")}
+    assert services == {"qjob-operator-metrics": 9191, "qjob-operator": 8443}  # metrics; runners' reports
 
 
 def test_rbac_modes(cluster, tmp_path):
     cluster_wide = render(cluster)
     names = {o["metadata"]["name"] for o in by_kind(cluster_wide, "ClusterRole")}
     assert names == {"qjob-operator", "qjob-operator-edit", "qjob-operator-view"}
-    assert not by_kind(cluster_wide, "Role")
+    # in its own namespace only: the Lease and the TLS Secret, by name
+    assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in by_kind(cluster_wide, "Role")] == [
+        ("qjob-operator-self", "qjob-test")
+    ]
     (main,) = [o for o in by_kind(cluster_wide, "ClusterRole") if o["metadata"]["name"] == "qjob-operator"]
     assert any("namespaces" in r["resources"] for r in main["rules"]), "kopf watches namespaces cluster-wide"
 
     namespaced = render(cluster, "-f", values_file(tmp_path, {"watchNamespaces": ["team-a", "team-b"]}))
     roles = by_kind(namespaced, "Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(namespaced, "RoleBinding")) == ["team-a", "team-b"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["qjob-test", "team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(namespaced, "RoleBinding")) == [
+        "qjob-test",
+        "team-a",
+        "team-b",
+    ]
     (cluster_reads,) = [
         o for o in by_kind(namespaced, "ClusterRole") if o["metadata"]["name"] == "qjob-operator-cluster"
     ]
     resources = {res for r in cluster_reads["rules"] for res in r["resources"]}
-    assert resources == {"nodes", "customresourcedefinitions", "namespaces"}, "only cluster-scoped reads cluster-wide"
+    assert resources == {"nodes", "customresourcedefinitions", "namespaces", "tokenreviews"}, "only cluster-scoped"
     for rule in cluster_reads["rules"]:
-        assert set(rule["verbs"]) == {"get", "list", "watch"}
+        assert set(rule["verbs"]) == ({"create"} if rule["resources"] == ["tokenreviews"] else {"get", "list", "watch"})
 
     without_aggregation = render(cluster, "--set", "rbac.aggregateToDefaultRoles=false")
     assert {o["metadata"]["name"] for o in by_kind(without_aggregation, "ClusterRole")} == {"qjob-operator"}
@@ -270,7 +281,7 @@ def test_service_monitor_is_optional(cluster):
 
 
 def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace, tmp_path):
-    core, apps = client.CoreV1Api(kube_api), client.AppsV1Api(kube_api)
+    core, apps, policy = client.CoreV1Api(kube_api), client.AppsV1Api(kube_api), client.PolicyV1Api(kube_api)
     rbac, ext = client.RbacAuthorizationV1Api(kube_api), client.ApiextensionsV1Api(kube_api)
     # The operator pod must pass the "restricted" Pod Security Standard: enforce it here, so a
     # violation leaves the ReplicaSet without a pod.
@@ -293,7 +304,10 @@ def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace
     assert "/metrics" in out.stdout
     assert exists(ext.read_custom_resource_definition, CRD_NAME), "helm installs the CRD from crds/"
     dep = apps.read_namespaced_deployment(release, namespace)
-    assert dep.spec.strategy.type == "Recreate" and dep.spec.replicas == 1
+    assert dep.spec.strategy.type == "RollingUpdate" and dep.spec.replicas == 2
+    assert policy.read_namespaced_pod_disruption_budget(release, namespace).spec.max_unavailable == 1
+    assert core.read_namespaced_service(release, namespace).spec.ports[0].port == 8443  # the report endpoint
+    assert not core.read_namespaced_secret(f"{release}-report-tls", namespace).data  # filled by the operator
     cm = core.read_namespaced_config_map(f"{release}-config", namespace)
     cfg = OperatorConfig.model_validate(yaml.safe_load(cm.data["config.yaml"]))
     assert cfg.namespaces == [] and cfg.runner.image == "ghcr.io/qjob-dev/qjob-runner:0.1.0"
@@ -344,14 +358,8 @@ def test_install_upgrade_uninstall(cluster, kube_api, namespace, extra_namespace
 
 def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
     """Act as the operator's ServiceAccount and do what the operator does for one job."""
-    from qjob_operator.builders import (
-        QuantizationJobRef,
-        build_job,
-        build_role,
-        build_role_binding,
-        build_service_account,
-    )
-    from qjob_operator.plan import plan_stages, runner_service_account
+    from qjob_operator.builders import QuantizationJobRef, build_job
+    from qjob_operator.plan import plan_stages
 
     release = f"qjob-operator-{uuid.uuid4().hex[:6]}"
     helm(cluster, "install", release, str(CHART), "--namespace", namespace)
@@ -369,16 +377,21 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
             ("watch", "pods", "", None),
             ("create", "events", "", None),
             ("create", "events", "events.k8s.io", None),
-            ("create", "roles", "rbac.authorization.k8s.io", None),
-            ("create", "rolebindings", "rbac.authorization.k8s.io", None),
-            ("create", "serviceaccounts", "", None),
         ]
         for verb, resource, group, _ in needed:
             assert can_i(kube_api, operator, verb, resource, group=group, namespace=namespace), (verb, resource)
         assert can_i(kube_api, operator, "patch", PLURAL, group=GROUP, namespace=namespace, subresource="status")
         assert can_i(kube_api, operator, "watch", "nodes")
         assert can_i(kube_api, operator, "watch", "customresourcedefinitions", group="apiextensions.k8s.io")
-        # ... and what it must not have.
+        assert can_i(kube_api, operator, "create", "tokenreviews", group="authentication.k8s.io")
+        # its own Lease and TLS Secret, by name, in its own namespace only
+        for verb, resource, group, name in (("update", "leases", "coordination.k8s.io", release),
+                                            ("get", "secrets", "", f"{release}-report-tls"),
+                                            ("update", "secrets", "", f"{release}-report-tls")):  # fmt: skip
+            assert can_i(kube_api, operator, verb, resource, group=group, namespace=namespace, name=name)
+            assert not can_i(kube_api, operator, verb, resource, group=group, namespace="default", name=name)
+        assert not can_i(kube_api, operator, "get", "secrets", namespace=namespace, name="someone-elses")
+        # ... and what it must not have: nothing to grant runners (they get no API identity).
         refused = [
             ("get", "secrets", ""),
             ("list", "secrets", ""),
@@ -391,6 +404,10 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
             ("bind", "roles", "rbac.authorization.k8s.io"),
             ("create", "clusterroles", "rbac.authorization.k8s.io"),
             ("create", "deployments", "apps"),
+            ("create", "serviceaccounts", ""),
+            ("create", "roles", "rbac.authorization.k8s.io"),
+            ("create", "rolebindings", "rbac.authorization.k8s.io"),
+            ("update", "quantizationjobs", GROUP),
         ]
         for verb, resource, group in refused:
             assert not can_i(kube_api, operator, verb, resource, group=group, namespace=namespace), (verb, resource)
@@ -415,10 +432,6 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         as_operator = impersonating(cluster, operator)
         try:
             core = client.CoreV1Api(as_operator)
-            rbac = client.RbacAuthorizationV1Api(as_operator)
-            core.create_namespaced_service_account(namespace, build_service_account(ref, cfg))
-            rbac.create_namespaced_role(namespace, build_role(ref))  # no escalate: it holds these verbs
-            rbac.create_namespaced_role_binding(namespace, build_role_binding(ref))
             client.BatchV1Api(as_operator).create_namespaced_job(namespace, build_job(ref, spec, stages[0], cfg))
             client.CustomObjectsApi(as_operator).patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, ref.name, {"status": {"phase": "Pending"}}
@@ -430,17 +443,12 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         finally:
             as_operator.close()
 
-        # The runner's identity: its own job and status, nothing else.
-        runner = service_account_user(namespace, runner_service_account(ref.name))
-        assert can_i(kube_api, runner, "get", PLURAL, group=GROUP, namespace=namespace, name=ref.name)
-        assert can_i(
+        # The runners' ServiceAccount is the namespace's default one, untouched: nothing was bound.
+        runner = service_account_user(namespace, cfg.runner.service_account_name)
+        assert not can_i(kube_api, runner, "get", PLURAL, group=GROUP, namespace=namespace, name=ref.name)
+        assert not can_i(
             kube_api, runner, "patch", PLURAL, group=GROUP, namespace=namespace, name=ref.name, subresource="status"
         )
-        assert not can_i(kube_api, runner, "get", PLURAL, group=GROUP, namespace=namespace, name="another-job")
-        assert not can_i(kube_api, runner, "list", PLURAL, group=GROUP, namespace=namespace)
-        assert not can_i(kube_api, runner, "patch", PLURAL, group=GROUP, namespace=namespace, name=ref.name)
-        assert not can_i(kube_api, runner, "get", "secrets", namespace=namespace)
-        assert not can_i(kube_api, runner, "list", "pods", namespace=namespace)
     finally:
         helm(cluster, "uninstall", release, "--namespace", namespace)
 
@@ -491,13 +499,14 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
                                                        tmp_path, mode):  # fmt: skip
     """The real operator process, with the ConfigMap the chart rendered and a token of the chart's
     ServiceAccount: it starts (kopf's own watches allowed), serves /healthz and /metrics on the
-    configured ports, and handles a QuantizationJob (creates the runner's RBAC, writes status)
-    without a single Forbidden."""
-    metrics_port, health_port = localcluster.free_ports(2)
+    configured ports, and handles a QuantizationJob (creates its Job, writes status)
+    without a single Forbidden, taking the chart's Lease and filling the chart's empty TLS Secret."""
+    metrics_port, health_port, report_port = localcluster.free_ports(3)
     watched = extra_namespace if mode == "namespaced" else namespace
     values = {
         "metrics": {"port": metrics_port},
         "healthPort": health_port,
+        "reports": {"port": report_port},
         "watchNamespaces": [extra_namespace] if mode == "namespaced" else [],
         "runner": {"image": {"repository": "registry.invalid/qjob-runner", "tag": "test"}},
     }
@@ -527,13 +536,10 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
             timeout=60,
             what=f"the operator to handle {watched}/{name} (log: {op.log_path})",
         )
-        from qjob_operator.plan import runner_service_account
-
-        rbac = client.RbacAuthorizationV1Api(kube_api)
         wait_for(
-            lambda: rbac.read_namespaced_role(runner_service_account(name), watched),
+            lambda: client.BatchV1Api(kube_api).list_namespaced_job(watched).items,
             timeout=30,
-            what="the runner Role the operator grants",
+            what="the stage Job the operator creates",
         )
         wait_for(
             lambda: (
@@ -547,6 +553,14 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
         )
         text = op.metrics()
         assert metric(text, "qjob_reconcile_errors_total") == 0, op.log_tail()
+        core = client.CoreV1Api(kube_api)
+        assert set(core.read_namespaced_secret(f"{release}-report-tls", namespace).data) == {
+            "ca.crt",
+            "tls.crt",
+            "tls.key",
+        }
+        lease = client.CoordinationV1Api(kube_api).read_namespaced_lease(release, namespace)
+        assert lease.spec.holder_identity
         # RBAC denials only (other tests' namespaces being deleted also answer 403, for another reason).
         denied = [line for line in op.log_path.read_text().splitlines() if f'User "{user}" cannot' in line]
         assert denied == [], "\n".join(denied[:5])

@@ -21,7 +21,7 @@ from qjob_dev.qjobs import (
 )
 from qjob_dev.waits import wait_for
 
-from tests.integration.test_operator import HOLD, jobs_of, node_labels, pods_of, report, runner_client
+from tests.integration.test_operator import HOLD, jobs_of, node_labels, pods_of, report
 from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
@@ -56,10 +56,9 @@ def test_fetch_without_gpus_then_quantize_from_the_read_only_cache(kube_api, nam
     assert cache.persistent_volume_claim.claim_name == "model-cache" and not cache.persistent_volume_claim.read_only
     assert [j.metadata.name for j in jobs_of(kube_api, namespace, name)] == [f"{name}-fetch"]
 
-    runner = runner_client(kube_api, namespace, f"{name}-runner")
     message = "downloading s3://models/llama: 512/1024 MiB at 96.0 MiB/s, 5 s left"
     progress = {"step": "fetch", "percent": 50, "etaSeconds": 5, "message": message}
-    report(runner, namespace, name, "fetch", progress)
+    report(kube_api, operator, namespace, name, "fetch", progress)
     obj = wait_qjob(
         kube_api, namespace, name, lambda s: (s.get("progress") or {}).get("percent") == 10, operator=operator
     )

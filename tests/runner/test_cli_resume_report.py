@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from qjob_api.runner import RunnerConfig, RunnerResult
+from qjob_api.runner import Reporting, RunnerConfig, RunnerResult
 from qjob_api.v1alpha1 import RunnerReport
 from qjob_runner import run
-from qjob_runner.reporting import KubernetesSink, Reporter, make_reporter
+from qjob_runner.reporting import OperatorSink, Reporter, make_reporter
 
 from .helpers import runner_config
 
@@ -114,18 +114,20 @@ def test_resume_skips_calibration(tmp_path, tiny_llama, calib_jsonl):
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    calls: list = []
+    """The operator's report endpoint as the runner sees it: HTTPS, POST, bearer token."""
 
-    def do_PATCH(self):  # noqa: N802
+    calls: list = []
+    standby_answers = 0  # answer this many requests with 503, as a standby replica does
+
+    def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).standby_answers > 0:
+            type(self).standby_answers -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
         type(self).calls.append(
-            (
-                self.path,
-                self.headers["Content-Type"],
-                self.headers.get("Authorization"),
-                json.loads(body),
-                time.monotonic(),
-            )
+            (self.path, self.headers["Content-Type"], self.headers.get("Authorization"), json.loads(body))
         )
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -136,65 +138,71 @@ class _Recorder(BaseHTTPRequestHandler):
         pass
 
 
-def test_kubernetes_reporter_patches_status_throttled(tmp_path, monkeypatch):
-    server = HTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "t",
-                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-                "users": [{"name": "u", "user": {"token": "secret-token"}}],
-                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}],
-            }
-        )
-    )
-    monkeypatch.setenv("QJOB_KUBECONFIG", str(kubeconfig))
-    from qjob_api.runner import Reporting
+@pytest.fixture
+def endpoint(tmp_path):
+    """A TLS server on loopback with a certificate from the operator's own CA maker."""
+    from qjob_operator.certificates import generate
 
-    rep = make_reporter(
-        Reporting(kind="kubernetes", namespace="team-a", name="llama-fp8"), "quantize", min_interval=0.5
-    )
-    assert isinstance(rep.sinks[0], KubernetesSink)
+    _Recorder.calls, _Recorder.standby_answers = [], 0
+    server = HTTPServer(("127.0.0.1", 0), _Recorder)
+    certificate = generate("https://127.0.0.1")
+    server.socket = certificate.server_context().wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("token-1\n")
+    url = f"https://127.0.0.1:{server.server_port}/v1/namespaces/team-a/quantizationjobs/llama-fp8/stages/quantize/progress"
+    yield Reporting(kind="operator", url=url, ca_cert=certificate.ca_pem, token_path=str(token)), token
+    server.shutdown()
+
+
+def test_reporter_posts_to_the_operator_throttled(endpoint):
+    reporting, token = endpoint
+    rep = make_reporter(reporting, "quantize", min_interval=0.5)
+    assert isinstance(rep.sinks[0], OperatorSink)
     for i in range(50):  # a burst of updates ...
         rep.update(step="calibrate", percent=i, message=f"batch {i}")
         time.sleep(0.01)
+        if i == 25:
+            token.write_text("token-2")  # the kubelet rotates the projected token
     rep.close()
-    server.shutdown()
     calls = _Recorder.calls
     assert 1 <= len(calls) <= 4, len(calls)  # ... throttled, plus the final one
-    path, ctype, auth, body, _ = calls[-1]
-    assert path == "/apis/qjob.dev/v1alpha1/namespaces/team-a/quantizationjobs/llama-fp8/status"
-    assert ctype == "application/merge-patch+json" and auth == "Bearer secret-token"
-    report = RunnerReport.model_validate(body["status"]["runnerReports"]["quantize"])
+    path, ctype, auth, body = calls[-1]
+    assert path == "/v1/namespaces/team-a/quantizationjobs/llama-fp8/stages/quantize/progress"
+    assert ctype == "application/json" and auth == "Bearer token-2"
+    report = RunnerReport.model_validate(body)  # progress only: the model refuses anything else
     assert report.percent == 49 and report.message == "batch 49"
 
 
-def test_reporter_never_raises_when_api_unreachable(monkeypatch, tmp_path):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "current-context": "t",
-                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
-                "users": [{"name": "u", "user": {}}],
-                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}],
-            }
-        )
-    )
-    monkeypatch.setenv("QJOB_KUBECONFIG", str(kubeconfig))
-    from qjob_api.runner import Reporting
+def test_reporter_retries_a_standby_replica(endpoint):
+    reporting, _ = endpoint
+    _Recorder.standby_answers = 2
+    rep = make_reporter(reporting, "quantize", min_interval=0.1)
+    rep.update(step="load", percent=5, message="x")
+    rep.close(timeout=10)
+    assert [RunnerReport.model_validate(c[3]).percent for c in _Recorder.calls] == [5]
 
-    rep = make_reporter(Reporting(kind="kubernetes", namespace="n", name="j"), "quantize", min_interval=0.1)
+
+def test_reporter_refuses_an_endpoint_it_cannot_verify(endpoint):
+    from qjob_operator.certificates import generate
+
+    reporting, _ = endpoint
+    strange_ca = generate("https://127.0.0.1").ca_pem  # not the CA that signed the endpoint
+    rep = make_reporter(reporting.model_copy(update={"ca_cert": strange_ca}), "quantize", min_interval=0.1)
+    rep.update(step="load", percent=5, message="x")
+    rep.close(timeout=5)  # logs a warning, does not raise
+    assert _Recorder.calls == []
+
+
+def test_reporter_never_raises_when_operator_unreachable(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t")
+    url = "https://127.0.0.1:9/v1/namespaces/n/quantizationjobs/j/stages/quantize/progress"
+    rep = make_reporter(Reporting(kind="operator", url=url, token_path=str(token)), "quantize", min_interval=0.1)
     rep.update(step="load", percent=5, message="x")
     rep.close(timeout=5)  # logs a warning, does not raise
 
 
-def test_reporter_without_cluster_is_log_only():
-    from qjob_api.runner import Reporting
-
-    rep = make_reporter(Reporting(kind="kubernetes", namespace="n", name="j"), "quantize")
+def test_reporter_without_endpoint_is_log_only():
+    rep = make_reporter(Reporting(kind="operator"), "quantize")
     assert isinstance(rep, Reporter) and rep.sinks == []

@@ -59,3 +59,12 @@ def gpu_node(
         "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]},
         "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}},
     }
+
+
+def fitted(nodes, config):
+    """A NodeFit over a fixed node list, as the reconciler holds one over the node index."""
+    from qjob_operator.nodes import NodeFit
+
+    fit = NodeFit(config)
+    fit.refresh(lambda: list(nodes))
+    return fit

@@ -13,7 +13,7 @@ from qjob_operator.builders import QuantizationJobRef, build_job
 from qjob_operator.plan import plan_stages
 from qjob_operator.status import decide, observe
 
-from .conftest import NOW, cr_body, gpu_node
+from .conftest import NOW, cr_body, fitted, gpu_node
 from .test_sizing import TOPOLOGY
 
 SIZE_8B = LLAMA_8B.to_api()
@@ -183,7 +183,7 @@ def test_refused_plan_fails_the_job_at_once_with_its_numbers(spec_dict, config):
     stages = plan_stages(spec, config, sizing.current)
     body = cr_body(spec.to_api())
     nodes = [gpu_node(f"h100-{i}", "9", "0") for i in range(2)]
-    obs = observe(body, stages, {}, {}, nodes, config, NOW, refusal=sizing.refusal)
+    obs = observe(body, stages, {}, {}, fitted(nodes, config), NOW, refusal=sizing.refusal)
     decision = decide(obs, spec, stages, config)
     assert decision.status["phase"] == "Failed" and decision.status["reason"] == "PolicyViolation"
     assert "at most 8 GPUs per job" in decision.status["message"] and not decision.create
@@ -243,7 +243,7 @@ def test_after_an_oom_the_reconcile_creates_the_next_attempts_job(spec_dict, con
     jobs = {"inspect": [_job("llama-inspect", "Complete")], "quantize": []}
     pods = {"inspect": [_pod("llama-inspect", 0, json.dumps(inspected), phase="Succeeded")]}
     body = cr_body(spec.to_api())
-    stages, obs, sizing = attempts.observe_attempts(body, spec, config, jobs, pods, nodes, NOW)
+    stages, obs, sizing = attempts.observe_attempts(body, spec, config, jobs, pods, fitted(nodes, config), NOW)
     assert [s.name for s in decide(obs, spec, stages, config).create] == ["quantize"]
     first = sizing.current
     body["status"] = sizing.status_fields()
@@ -251,7 +251,7 @@ def test_after_an_oom_the_reconcile_creates_the_next_attempts_job(spec_dict, con
     # Attempt 1 ran out of memory: its Job and pod stay, but decide sees attempt 2, not yet created.
     jobs["quantize"] = [_job(first.job_name, "Failed")]
     pods["quantize"] = [_pod(first.job_name, 76, "CUDA out of memory")]
-    stages, obs, sizing = attempts.observe_attempts(body, spec, config, jobs, pods, nodes, NOW)
+    stages, obs, sizing = attempts.observe_attempts(body, spec, config, jobs, pods, fitted(nodes, config), NOW)
     quantize = next(s for s in stages if s.name == "quantize")
     assert quantize.job_name("llama") == "llama-quantize-2" and "quantize" not in obs.stage_jobs
     assert obs.stage_pods["quantize"] == []

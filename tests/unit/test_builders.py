@@ -1,14 +1,13 @@
-"""Pure builders: the Job, RBAC and runner config a QuantizationJob turns into."""
+"""Pure builders: the Job and runner config a QuantizationJob turns into."""
 
 from __future__ import annotations
 
 import pytest
-from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerConfig
+from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, REPORT_TOKEN_PATH, RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.builders import (
     QuantizationJobRef,
     build_job,
-    build_role,
     build_runner_config,
     node_affinity,
 )
@@ -45,7 +44,7 @@ def test_build_job_requires_architecture_gpu_count_and_memory(spec_dict, config)
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["priorityClassName"] == "batch-low"
     assert {"key": "team", "operator": "Exists"} in pod["tolerations"]
-    assert pod["serviceAccountName"] == "llama-runner"
+    assert pod["serviceAccountName"] == "default"
     assert pod["securityContext"]["runAsNonRoot"] is True
     rule = job["spec"]["podFailurePolicy"]["rules"][0]
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [int(c) for c in NON_RETRYABLE_EXIT_CODES]
@@ -87,11 +86,16 @@ def test_kueue_queue_creates_suspended_job_with_label(spec_dict, config):
     assert job["spec"]["suspend"] is True
 
 
-def test_role_is_limited_to_the_one_job(spec):
-    role = build_role(REF)
-    assert all(rule["resourceNames"] == ["llama"] for rule in role["rules"])
-    assert {r for rule in role["rules"] for r in rule["resources"]} == {"quantizationjobs", "quantizationjobs/status"}
-    assert "secrets" not in str(role)
+def test_runner_pod_has_no_api_token_only_its_report_token(spec, config):
+    pod = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "default"
+    [token] = [v for v in pod["volumes"] if "projected" in v]
+    [source] = token["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == config.reports.audience != ""
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["report-token"]["readOnly"] is True
+    assert f"{mounts['report-token']['mountPath']}/{source['serviceAccountToken']['path']}" == REPORT_TOKEN_PATH
 
 
 def test_runner_config_uses_mounted_paths(spec_dict, config):
@@ -103,12 +107,18 @@ def test_runner_config_uses_mounted_paths(spec_dict, config):
     assert rc.output_dir == "/mnt/pvc/artifacts/ml/llama"
     assert rc.output_uri == "pvc://artifacts/ml/llama"
     assert rc.engine.architecture == "hopper"
-    assert rc.reporting.kind == "kubernetes"
-    # The Job carries its stage's config inline, in the env var the runner reads.
+    # The Job carries its stage's config inline, in the env var the runner reads, with the
+    # stage's own report URL and the CA the endpoint's certificate is signed by.
+    config.reports.ca_cert = "-----BEGIN CERTIFICATE-----\n..."
     job = build_job(REF, spec, _stage(spec, config, QUANTIZE_STAGE), config)
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     inline = RunnerConfig.model_validate_json(env["QJOB_RUNNER_CONFIG"])
     assert inline.stage == "quantize" and inline.engine is None and inline.model.path == "/mnt/pvc/models/llama"
+    assert inline.reporting.kind == "operator"
+    assert (
+        inline.reporting.url == f"{config.reports.url}/v1/namespaces/ml/quantizationjobs/llama/stages/quantize/progress"
+    )
+    assert inline.reporting.ca_cert == config.reports.ca_cert
 
 
 def test_same_claim_is_mounted_once(spec_dict, config):

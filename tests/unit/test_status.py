@@ -11,7 +11,7 @@ from qjob_operator.plan import plan_stages
 from qjob_operator.reconciler import apply_merge_patch, merge_patch
 from qjob_operator.status import decide, fmt_time, observe, transition_events
 
-from .conftest import NOW, cr_body, gpu_node
+from .conftest import NOW, cr_body, fitted, gpu_node
 
 HOPPER = gpu_node("h100-0", "9", "0")
 ADA = gpu_node("l40s-0", "8", "9", memory=46068, product="NVIDIA-L40S")
@@ -36,13 +36,14 @@ def job(
         else {"active": 1}
     )
     return {
-        "metadata": {"name": f"llama-{stage}", "creationTimestamp": created},
+        "metadata": {"name": f"llama-{stage}", "uid": f"job-uid-{stage}", "creationTimestamp": created},
         "spec": {"suspend": suspend},
         "status": status,
     }
 
 
-def pod(phase="Running", node="h100-0", terminated=None, waiting=None, reason=None, conditions=None):
+def pod(phase="Running", node="h100-0", terminated=None, waiting=None, reason=None, conditions=None,
+        owner="job-uid-quantize"):  # fmt: skip
     state = {"terminated": terminated} if terminated else {"waiting": waiting} if waiting else {"running": {}}
     status = {
         "phase": phase,
@@ -53,7 +54,11 @@ def pod(phase="Running", node="h100-0", terminated=None, waiting=None, reason=No
     if reason:
         status["reason"] = reason
     return {
-        "metadata": {"name": "p", "creationTimestamp": "2026-11-22T11:59:35Z"},
+        "metadata": {
+            "name": "p",
+            "creationTimestamp": "2026-11-22T11:59:35Z",
+            "ownerReferences": [{"kind": "Job", "uid": owner, "controller": True}],
+        },
         "spec": {"nodeName": node, "containers": [{"name": "runner", "image": "runner:1"}]},
         "status": status,
     }
@@ -65,7 +70,7 @@ def run(
     spec = QuantizationJobSpec.model_validate(spec_dict)
     stages = plan_stages(spec, config)
     body = cr_body(spec_dict, status, created)
-    return decide(observe(body, stages, jobs or {}, pods or {}, list(nodes), config, now), spec, stages, config)
+    return decide(observe(body, stages, jobs or {}, pods or {}, fitted(nodes, config), now), spec, stages, config)
 
 
 def test_new_job_creates_quantize_stage_only(spec_dict, config):
@@ -113,6 +118,17 @@ def test_build_starts_after_quantize_succeeds_with_artifacts(spec_dict, config):
     assert d.status["phase"] == "Running"  # between stages: still running, not back to Pending
     assert d.status["artifacts"][0]["uri"].endswith("checkpoint-hf")
     assert d.status["progress"]["percent"] == 60
+
+
+def test_artifacts_come_only_from_succeeded_pods_of_the_stages_job(spec_dict, config):
+    forged = {"kind": "checkpoint", "format": "hf", "uri": "pvc://artifacts/forged"}
+    result = {"outcome": "Succeeded", "stage": "quantize", "artifacts": [forged]}
+    message = {"exitCode": 0, "message": json.dumps(result)}
+    stranger = pod("Succeeded", terminated=message, owner="someone-elses-job")  # has the stage's labels only
+    still_running = pod("Running", terminated=message)  # a running pod's claim is no outcome
+    jobs = {"quantize": job("quantize")}
+    d = run(spec_dict, config, jobs=jobs, pods={"quantize": [stranger, still_running]})
+    assert d.status["artifacts"] == [] and d.status["phase"] != "Succeeded"
 
 
 def test_all_stages_succeeded(spec_dict, config):
@@ -284,7 +300,7 @@ def test_merge_patch_sends_nulls_for_removed_keys_and_skips_unchanged():
     assert merge_patch(new, new) == {}
 
 
-def test_events_on_transitions_only():
+def test_events_only_for_outcomes_and_stuck_jobs():
     old = {"phase": "Pending", "reason": "Pending", "stages": [{"name": "quantize", "phase": "Pending"}]}
     new = {
         "phase": "Running",
@@ -292,13 +308,19 @@ def test_events_on_transitions_only():
         "message": "running quantize",
         "stages": [{"name": "quantize", "phase": "Running", "node": "h100-0", "gpuProduct": "H100"}],
     }
-    events = transition_events(old, new)
-    assert [(e.type, e.reason) for e in events] == [("Normal", "StageRunning"), ("Normal", "Running")]
-    assert "on node h100-0 (H100)" in events[0].message
+    # Starting, and stage changes, are in status: no Event (it would cost a write per change).
+    assert transition_events(old, new) == []
     assert transition_events(new, new) == []
-    # Between stages the job stays Running; a reason change there is no news...
     between = {**new, "message": "starting the next stage", "stages": new["stages"]}
     assert transition_events(new, {**between, "reason": "Running"}) == []
-    # ...but getting stuck is.
+    # Getting stuck is news...
     stuck = transition_events(new, {**new, "reason": "Unschedulable", "message": "stage build-hopper: 0/6 nodes"})
     assert [(e.type, e.reason) for e in stuck] == [("Warning", "Unschedulable")]
+    # ... and so is the outcome, once.
+    done = {**new, "phase": "Succeeded", "reason": "Succeeded", "message": "2 artifact(s) written"}
+    assert [(e.type, e.reason, e.message) for e in transition_events(new, done)] == [
+        ("Normal", "Succeeded", "2 artifact(s) written")
+    ]
+    failed = {**new, "phase": "Failed", "reason": "OOMKilled", "message": "stage quantize: out of memory"}
+    assert [(e.type, e.reason) for e in transition_events(new, failed)] == [("Warning", "OOMKilled")]
+    assert transition_events(done, done) == []

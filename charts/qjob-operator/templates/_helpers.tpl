@@ -51,6 +51,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The report endpoint's TLS Secret: the user's (e.g. from cert-manager), else the chart's. */}}
+{{- define "qjob-operator.reportTlsSecret" -}}
+{{- default (printf "%s-report-tls" (include "qjob-operator.fullname" .)) .Values.reports.tlsSecret }}
+{{- end }}
+
 {{- define "qjob-operator.runnerImage" -}}
 {{- printf "%s:%s" .Values.runner.image.repository (default .Chart.AppVersion .Values.runner.image.tag) }}
 {{- end }}
@@ -78,6 +83,7 @@ Null architectures (removed by the user) are dropped.
   "scratchSize" .Values.runner.scratchSize
   "tmpSize" .Values.runner.tmpSize
   "runAsUser" .Values.runner.runAsUser
+  "serviceAccountName" .Values.runner.serviceAccountName
 }}
 {{- if not (kindIs "invalid" .Values.runner.jobTtlSecondsAfterFinished) }}
 {{- $_ := set $runner "jobTtlSecondsAfterFinished" .Values.runner.jobTtlSecondsAfterFinished }}
@@ -93,6 +99,19 @@ Null architectures (removed by the user) are dropped.
   "healthPort" .Values.healthPort
   "resyncSeconds" .Values.resyncSeconds
   "statusWritesPerSecond" .Values.statusWritesPerSecond
+  "statusWriteIntervalSeconds" .Values.statusWriteIntervalSeconds
+  "operatorNamespace" .Release.Namespace
+  "reports" (dict
+    "port" .Values.reports.port
+    "url" (printf "https://%s.%s.svc:%v" (include "qjob-operator.fullname" .) .Release.Namespace .Values.reports.port)
+    "audience" .Values.reports.audience
+    "tlsSecret" (include "qjob-operator.reportTlsSecret" .))
+  "leaderElection" (dict
+    "enabled" true
+    "leaseName" (include "qjob-operator.fullname" .)
+    "leaseDurationSeconds" .Values.leaderElection.leaseDurationSeconds
+    "renewDeadlineSeconds" .Values.leaderElection.renewDeadlineSeconds
+    "retryPeriodSeconds" .Values.leaderElection.retryPeriodSeconds)
 }}
 {{- toYaml $config }}
 {{- end }}
