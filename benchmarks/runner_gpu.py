@@ -713,12 +713,13 @@ def summarize_overhead(results: dict) -> dict:
     for fmt, rows in results.get("overhead", {}).items():
         ok = [r for r in rows if r.get("ok")]
         by = {}
-        for r in ok:
+        for r in (r for r in ok if not r.get("first_in_call")):
             by.setdefault(r["who"], []).append(r["result"])
         if "plain" not in by:
             continue
         plain_med = statistics.median(work_seconds(x) for x in by["plain"])
         s = {"plain_median_s": plain_med, "plain_runs_s": [work_seconds(x) for x in by["plain"]]}
+        s["left_out_first_in_call"] = [(r["who"], work_seconds(r["result"])) for r in ok if r.get("first_in_call")]
         for who, xs in by.items():
             if who == "plain":
                 continue
@@ -989,12 +990,18 @@ def print_summary(results: dict) -> None:
             )
 
 
-def merge(target: Path, parts: list[Path]) -> None:
-    """``--merge OUT.json CALL1.json CALL2.json ...``: one results file from several device calls."""
+def merge(target: Path, parts: list[Path], drop_first_run: bool = False) -> None:
+    """``--merge [--drop-first-run] OUT.json CALL1.json CALL2.json ...``: one results file from
+    several device calls. ``--drop-first-run`` leaves each call's first measured run out of the
+    medians (listed apart): on the lent H200 the first INT4 AWQ run of every call, plain or runner,
+    spent ~2.5x as long in ModelOpt's search pass."""
     results: dict = {"calls": [], "overhead": {}}
     for part in parts:
         r = json.loads(part.read_text())
         results["calls"] += r.get("calls", [])
+        first = next((rows[0] for rows in r.get("overhead", {}).values() if rows), None)
+        if drop_first_run and first is not None:
+            first["first_in_call"] = True
         for fmt, rows in r.get("overhead", {}).items():
             results["overhead"].setdefault(fmt, []).extend(rows)
         for key in ("calibration", "batch0", "warmstart"):
@@ -1019,7 +1026,8 @@ def main() -> None:
         warm_child(*json.loads(sys.argv[2]))
         return
     if len(sys.argv) > 3 and sys.argv[1] == "--merge":
-        merge(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+        drop = sys.argv[2] == "--drop-first-run"
+        merge(Path(sys.argv[2 + drop]), [Path(p) for p in sys.argv[3 + drop :]], drop_first_run=drop)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 8b on a GPU, tiny on CPU")
