@@ -9,13 +9,14 @@ PY = "$$(hack/venv.sh)/bin/python"
 
 include hack/localcluster/cluster.mk
 
-.PHONY: help venv crds lint test test-unit test-runner test-integration test-e2e demo demo-down bench
+.PHONY: help venv crds lint test test-unit test-runner test-integration test-e2e demo demo-down bench soak
 
 help:
 	@echo "make demo        run the end-to-end demo (first run builds Kubernetes binaries: ~25 min)"
 	@echo "make test        run all tests (after make lint: ruff format --check + ruff check)"
 	@echo "make crds        regenerate crds/ (and the chart's copy) from api/qjob_api"
 	@echo "make bench       operator benchmarks on the local control plane"
+	@echo "make soak        fuzz (1,000 specs), fault and tenancy suites; figures in benchmarks/results/"
 	@echo "make cluster-up / cluster-down   a local control plane with simulated GPU nodes"
 
 venv:
@@ -47,6 +48,11 @@ test-e2e: cluster-binaries
 
 bench: cluster-binaries
 	@$(PY) benchmarks/operator_scale.py
+
+soak: cluster-binaries
+	@$(PY) benchmarks/fuzz_specs.py
+	@$(PY) benchmarks/fault_suite.py
+	@$(PY) benchmarks/tenancy_suite.py
 
 demo: cluster-binaries
 	@$(PY) -m qjob_dev.demo

@@ -610,7 +610,7 @@ def runner(
     wall = time.perf_counter() - t
     man = json.loads((Path(out) / "manifest.json").read_text()) if (Path(out) / "manifest.json").exists() else {}
     hf = Path(out) / "hf"
-    states = list((Path(out) / ".qjob-work").glob("calibrated-*.pt"))
+    states = list((Path(out) / ".qjob-work").glob("calibrated-*.safetensors"))
     return {
         "resumed": man.get("resumedFromCalibrationState"),
         "state_file_bytes": states[0].stat().st_size if states else None,

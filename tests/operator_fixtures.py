@@ -3,9 +3,11 @@ control plane for the session, and the QuantizationJob spec the integration test
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
 from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap
 
@@ -49,7 +51,15 @@ def ns(namespace, kube_api, operator):
     return namespace
 
 
+def runner_summary(outcome: str = "Succeeded", uri: str = "pvc://artifacts/checkpoint-hf", **extra: Any) -> str:
+    """The JSON summary a real runner leaves as its termination message (an artifact when it succeeded)."""
+    artifacts = [{"kind": "checkpoint", "format": "hf", "uri": uri}] if outcome == "Succeeded" else []
+    return json.dumps({"outcome": outcome, "stage": "quantize", "artifacts": artifacts, **extra})
+
+
 def basic_spec(**overrides: Any) -> dict[str, Any]:
+    """A small job whose simulated runner pods finish like the real runner: exit 0 with a summary
+    naming an artifact (a pod that exits 0 without one fails the job: NoArtifacts)."""
     spec = {
         "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
         "quantization": {"format": "fp8"},
@@ -58,5 +68,8 @@ def basic_spec(**overrides: Any) -> dict[str, Any]:
         "output": {"pvc": {"claimName": "artifacts"}},
         "resources": {"cpu": "1", "memory": "4Gi"},
     }
+    scheduling = overrides.pop("scheduling", {})
+    annotations = {TERMINATION_MESSAGE_ANNOTATION: runner_summary(), **scheduling.get("podAnnotations", {})}
+    spec["scheduling"] = {**scheduling, "podAnnotations": annotations}
     spec.update(overrides)
     return spec

@@ -150,6 +150,7 @@ def build_crd() -> dict[str, Any]:
         "type": "object",
         "description": v1alpha1.QuantizationJob.__doc__,
         "required": ["spec"],
+        "x-kubernetes-validations": v1alpha1.ROOT_RULES,
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object: qjob.dev/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of this object: QuantizationJob."},

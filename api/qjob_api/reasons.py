@@ -29,6 +29,16 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
     QUALITY_GATE_PASSED = "QualityGatePassed"
     QUALITY_GATE_FAILED = "QualityGateFailed"
+    NO_ARTIFACTS = "NoArtifacts"
+    QUALITY_NOT_MEASURED = "QualityNotMeasured"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    PODS_NOT_CREATED = "PodsNotCreated"
+    PRIORITY_CLASS_NOT_FOUND = "PriorityClassNotFound"
+    OUTPUT_PATH_CONFLICT = "OutputPathConflict"
+    OBJECT_CONFLICT = "ObjectConflict"
+    JOB_REJECTED = "JobRejected"
+    RECONCILE_FAILED = "ReconcileFailed"
+    RECONCILED = "Reconciled"
 
 
 #: The reason for each runner exit code: the runner reports it, the operator reads it back from

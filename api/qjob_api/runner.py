@@ -131,6 +131,11 @@ class RunnerConfig(APIModel):
 
     api_version: Literal["qjob.dev/runner/v1"] = RUNNER_API_VERSION
     job: str = Field(description="QuantizationJob name (used in logs and manifests).")
+    job_uid: str = Field(
+        "local",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="QuantizationJob uid: resume state is only ever restored by the job that wrote it.",
+    )
     stage: str = Field(
         "quantize",
         description="`fetch` (model into the shared cache, no GPU), `inspect` (read the model's size only, no "

@@ -12,9 +12,9 @@ import re
 import string
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .capabilities import (
@@ -50,8 +50,28 @@ PLURAL = "quantizationjobs"
 SINGULAR = "quantizationjob"
 SHORT_NAMES = ["qjob", "qjobs"]
 
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+_QUANTITY = r"^[0-9]{1,12}(\.[0-9]{1,6})?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Kubernetes' own limits (k8s.io/apimachinery/pkg/util/validation): what a Job or Pod would refuse
+# is refused when the QuantizationJob is applied, never by a Job create the operator retries.
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+_QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
+#: metadata.name is a label value on every child (`qjob.dev/job-name`): at most 63 characters.
+NAME_MAX_LENGTH = 63
+#: Longest qualified name: a 253-character DNS prefix, '/', a 63-character name.
+QUALIFIED_NAME_MAX_LENGTH = 317
+#: One year: deadlines and TTLs beyond it are mistakes, and unbounded integers overflow timers.
+MAX_SECONDS = 31_536_000
+#: Pod label keys the Job controller, Kueue or the operator own: a spec that sets them would be
+#: refused by the Job's validation (selector mismatch) or would confuse the operator.
+RESERVED_LABEL_PREFIXES = ("qjob.dev/", "batch.kubernetes.io/", "kueue.x-k8s.io/")
+RESERVED_LABEL_KEYS = ("controller-uid", "job-name")
+
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=_LABEL_VALUE)]
 
 
 def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
@@ -61,6 +81,31 @@ def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
 
 def cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
+
+
+def is_qualified_name(key: str) -> bool:
+    """A label or annotation key as Kubernetes validates it (prefix at most 253 characters)."""
+    return bool(re.fullmatch(_QUALIFIED_NAME, key)) and ("/" not in key or key.index("/") <= 253)
+
+
+def _keys_rule(field: str, what: str) -> dict[str, str]:
+    return cel(
+        f"self.all(k, size(k) <= {QUALIFIED_NAME_MAX_LENGTH} && (!k.contains('/') || k.indexOf('/') <= 253) && "
+        f"k.matches(r'{_QUALIFIED_NAME}'))",
+        f"{field} keys must be {what} keys: an optional DNS prefix (at most 253 characters) and '/', then at "
+        "most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    )
+
+
+def _check_keys(field: str, mapping: dict[str, str], reserved: bool = False) -> dict[str, str]:
+    bad = [k for k in mapping if not is_qualified_name(k)]
+    if bad:
+        raise ValueError(f"{field} has invalid keys {bad[:3]}: use label-style keys such as example.com/team")
+    if reserved:
+        taken = [k for k in mapping if k in RESERVED_LABEL_KEYS or k.startswith(RESERVED_LABEL_PREFIXES)]
+        if taken:
+            raise ValueError(f"{field} sets {taken[:3]}, which the Job controller, Kueue or the operator own")
+    return mapping
 
 
 class APIModel(BaseModel):
@@ -92,8 +137,12 @@ def _check_relative(value: str, field: str, root: str) -> str:
 class SecretKeyRef(APIModel):
     """A key in a Secret in the job's namespace."""
 
-    name: str = Field(description="Name of the Secret in the QuantizationJob's namespace.")
-    key: str = Field("token", description="Key inside the Secret that holds the value.")
+    name: str = Field(
+        description="Name of the Secret in the QuantizationJob's namespace.", pattern=_DNS_SUBDOMAIN, max_length=253
+    )
+    key: str = Field(
+        "token", description="Key inside the Secret that holds the value.", pattern=_CONFIG_KEY, max_length=253
+    )
 
 
 class HuggingFaceModel(APIModel):
@@ -105,7 +154,10 @@ class HuggingFaceModel(APIModel):
         max_length=200,
     )
     revision: str = Field(
-        "main", description="Branch, tag or commit to download. Pin a commit for reproducible artifacts."
+        "main",
+        description="Branch, tag or commit to download. Pin a commit for reproducible artifacts.",
+        pattern=r"^[\w./-]+$",
+        max_length=255,
     )
     token_secret_ref: SecretKeyRef | None = Field(
         None,
@@ -167,6 +219,7 @@ class S3Location(APIModel):
     bucket: str = Field(
         description="Bucket name (3 to 63 lowercase letters, digits, dots and hyphens).",
         pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        max_length=63,
     )
     prefix: str = Field(
         "",
@@ -291,7 +344,7 @@ class QuantizationSpec(APIModel):
     auto_quantize: AutoQuantizeSpec | None = Field(
         None, description="Search per-layer formats under an effective-bits budget instead of one format."
     )
-    exclude_modules: list[str] = Field(
+    exclude_modules: list[Annotated[str, StringConstraints(max_length=256, pattern=r"^[\w.*?\[\]!-]+$")]] = Field(
         default=[],
         description="Module name patterns (fnmatch wildcards, e.g. `*lm_head*`) left unquantized.",
         max_length=64,
@@ -304,17 +357,25 @@ class QuantizationSpec(APIModel):
 class HuggingFaceDataset(APIModel):
     """A dataset on the Hugging Face Hub, used when the runner can reach the Hub."""
 
-    name: str = Field(description="Dataset id, for example `cnn_dailymail` or `nvidia/Nemotron-PrismMath`.")
-    config: str | None = Field(None, description="Dataset configuration name, if it has several.")
-    split: str = Field("train", description="Split to sample from.")
-    text_field: str = Field("text", description="Column that holds the text.")
+    name: str = Field(
+        description="Dataset id, for example `cnn_dailymail` or `nvidia/Nemotron-PrismMath`.",
+        pattern=r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$",
+        max_length=200,
+    )
+    config: str | None = Field(None, description="Dataset configuration name, if it has several.", max_length=200)
+    split: str = Field("train", description="Split to sample from, e.g. `train` or `train[:10%]`.", max_length=200)
+    text_field: str = Field("text", description="Column that holds the text.", max_length=200)
 
 
 class ConfigMapText(APIModel):
     """Calibration text kept in a ConfigMap (small sets, air-gapped clusters)."""
 
-    name: str = Field(description="ConfigMap name in the job's namespace.")
-    key: str = Field(description="Key holding the text: JSON Lines with a `text` field, or plain text.")
+    name: str = Field(description="ConfigMap name in the job's namespace.", pattern=_DNS_SUBDOMAIN, max_length=253)
+    key: str = Field(
+        description="Key holding the text: JSON Lines with a `text` field, or plain text.",
+        pattern=r"^[-_a-zA-Z0-9][-._a-zA-Z0-9]*$",
+        max_length=253,
+    )
 
 
 class DatasetSpec(APIModel):
@@ -479,6 +540,19 @@ class EvaluationSpec(APIModel):
 # ------------------------------------------------------------------------ resources & scheduling
 
 
+def _int_or_string(schema: dict[str, Any]) -> None:
+    """A Kubernetes quantity: a number (`cpu: 4`) or a string (`cpu: "4"`, `3500m`), as in a pod."""
+    schema.pop("type", None)
+    schema["x-kubernetes-int-or-string"] = True
+    # pattern and maxLength check strings only: bound a number the same way.
+    schema["x-kubernetes-validations"] = [
+        cel(
+            "type(self) != int || (self >= 0 && self <= 999999999999)",
+            "a quantity given as a number must be between 0 and 999999999999: use a string such as 64Gi",
+        )
+    ]
+
+
 class ResourcesSpec(APIModel):
     """What each runner pod asks for."""
 
@@ -496,55 +570,154 @@ class ResourcesSpec(APIModel):
     min_gpu_memory: str | None = Field(
         None,
         pattern=_QUANTITY,
+        max_length=24,
         description="Smallest GPU memory per GPU, e.g. `40Gi`; matched against the `nvidia.com/gpu.memory` node label.",
     )
     cpu: str = Field(
-        "4", pattern=_QUANTITY.replace("(Ki|Mi|Gi|Ti|k|M|G|T)", "(m|k|M|G)"), description="CPU request per pod."
+        "4",
+        pattern=_QUANTITY.replace("(Ki|Mi|Gi|Ti|k|M|G|T)", "(m|k|M|G)"),
+        max_length=24,
+        description='CPU request per pod: `4`, `"4"` or `3500m`.',
+        json_schema_extra=_int_or_string,
     )
-    memory: str = Field("32Gi", pattern=_QUANTITY, description="Memory request and limit per pod.")
+    memory: str = Field(
+        "32Gi",
+        pattern=_QUANTITY,
+        max_length=24,
+        description="Memory request and limit per pod.",
+        json_schema_extra=_int_or_string,
+    )
     scratch_storage: str | None = Field(
         None,
         pattern=_QUANTITY,
+        max_length=24,
         description="Size limit of each GPU pod's scratch volume (model downloads without a fetch stage, S3 "
         "output staging), requested as ephemeral-storage together with /tmp. Default: the staged artifacts' "
         "size estimated from the model's weight bytes when the fetch stage measured them, else the "
         "operator's runner.scratchSize.",
     )
 
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _quantity_number(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 class Toleration(APIModel):
     """A Kubernetes toleration (see `kubectl explain pod.spec.tolerations`)."""
 
-    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists matches all.")
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "a toleration with operator Exists matches any value: remove its value",
+            ),
+            cel(
+                "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+                "a toleration without a key must use operator Exists",
+            ),
+            cel(
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds applies to NoExecute taints only: set effect to NoExecute or drop it",
+            ),
+        )
+    )
+
+    key: str | None = Field(
+        None,
+        description="Taint key to tolerate; empty with operator Exists matches all.",
+        pattern=_QUALIFIED_NAME,
+        max_length=QUALIFIED_NAME_MAX_LENGTH,
+    )
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value to match with operator Equal.")
+    value: str | None = Field(
+        None, description="Taint value to match with operator Equal.", pattern=_LABEL_VALUE, max_length=63
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=MAX_SECONDS, description="How long a NoExecute taint is tolerated."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists matches any value: remove its value")
+        if self.operator != "Exists" and not self.key:
+            raise ValueError("a toleration without a key must use operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies to NoExecute taints only: set effect to NoExecute or drop it")
+        return self
 
 
 class SchedulingSpec(APIModel):
     """Placement overrides added to what the operator derives from the architectures."""
 
-    node_selector: dict[str, str] = Field(default={}, description="Extra node labels every runner pod requires.")
-    tolerations: list[Toleration] = Field(default=[], description="Tolerations for GPU node taints.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the runner pods.")
+    node_selector: dict[str, LabelValue] = Field(
+        default={},
+        max_length=16,
+        description="Extra node labels every runner pod requires (at most 16).",
+        json_schema_extra=cel_rules(_keys_rule("spec.scheduling.nodeSelector", "label")),
+    )
+    tolerations: list[Toleration] = Field(
+        default=[], max_length=16, description="Tolerations for GPU node taints (at most 16)."
+    )
+    priority_class_name: str | None = Field(
+        None,
+        description="PriorityClass of the runner pods; it must exist (the job fails with PriorityClassNotFound).",
+        pattern=_DNS_SUBDOMAIN,
+        max_length=253,
+    )
     queue_name: str | None = Field(
         None,
         description="Kueue LocalQueue: sets `kueue.x-k8s.io/queue-name` on the runner Jobs so Kueue admits them.",
+        pattern=_LABEL_VALUE,
+        max_length=63,
     )
-    pod_labels: dict[str, str] = Field(
-        default={}, description="Extra labels on runner pods (the operator's own `qjob.dev/*` labels win)."
+    pod_labels: dict[str, LabelValue] = Field(
+        default={},
+        max_length=32,
+        description="Extra labels on runner pods (at most 32; keys under qjob.dev/, batch.kubernetes.io/ and "
+        "kueue.x-k8s.io/, and job-name and controller-uid, are the operator's, the Job controller's and Kueue's).",
+        json_schema_extra=cel_rules(
+            _keys_rule("spec.scheduling.podLabels", "label"),
+            cel(
+                "self.all(k, !(k in ["
+                + ", ".join(f"'{k}'" for k in RESERVED_LABEL_KEYS)
+                + "]) && "
+                + " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES)
+                + ")",
+                "spec.scheduling.podLabels must not set keys under "
+                + ", ".join(RESERVED_LABEL_PREFIXES)
+                + " or "
+                + ", ".join(RESERVED_LABEL_KEYS)
+                + ": the operator, the Job controller and Kueue set those",
+            ),
+        ),
     )
-    pod_annotations: dict[str, str] = Field(
-        default={}, description="Extra annotations on runner pods, e.g. for a service mesh or cost tracking."
+    pod_annotations: dict[str, Annotated[str, StringConstraints(max_length=512)]] = Field(
+        default={},
+        max_length=8,
+        description="Extra annotations on runner pods, e.g. for a service mesh or cost tracking (at most 8, "
+        "values up to 512 characters).",
+        json_schema_extra=cel_rules(_keys_rule("spec.scheduling.podAnnotations", "annotation")),
     )
     calibration_architecture: GPUArchitecture | None = Field(
         None,
         description="Architecture to calibrate on. By default any GPU node that fits (calibration is "
         "simulated quantization and runs on any CUDA GPU).",
     )
+
+    @field_validator("node_selector", "pod_annotations")
+    @classmethod
+    def _keys(cls, mapping: dict[str, str], info) -> dict[str, str]:
+        return _check_keys(f"spec.scheduling.{to_camel(info.field_name)}", mapping)
+
+    @field_validator("pod_labels")
+    @classmethod
+    def _label_keys(cls, mapping: dict[str, str]) -> dict[str, str]:
+        return _check_keys("spec.scheduling.podLabels", mapping, reserved=True)
 
 
 class OutputSpec(APIModel):
@@ -574,16 +747,21 @@ class RunPolicy(APIModel):
         2, ge=0, le=20, description="Retries of a failed stage (transient errors and OOM; bad input is never retried)."
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail a stage whose Job has been active longer than this (reason DeadlineExceeded)."
+        None,
+        ge=1,
+        le=MAX_SECONDS,
+        description="Fail a stage whose Job has been active longer than this (reason DeadlineExceeded).",
     )
     pending_deadline_seconds: int = Field(
         600,
         ge=0,
+        le=MAX_SECONDS,
         description="Fail the job when a stage waits longer than this for a node (no capacity, no matching node).",
     )
     ttl_seconds_after_finished: int | None = Field(
         None,
         ge=0,
+        le=MAX_SECONDS,
         description="Delete the QuantizationJob (and its children) this long after it finished. Artifacts stay.",
     )
     suspend: bool = Field(False, description="Create no new pods while true (Kueue also uses this).")
@@ -1054,6 +1232,16 @@ class QuantizationJobStatus(APIModel):
     )
     start_time: datetime | None = Field(None, description="When the first runner pod started.")
     completion_time: datetime | None = Field(None, description="When the job reached Succeeded or Failed.")
+
+
+#: Rules on the whole object (CEL sees metadata.name there).
+ROOT_RULES = [
+    cel(
+        f"size(self.metadata.name) <= {NAME_MAX_LENGTH}",
+        f"metadata.name must be at most {NAME_MAX_LENGTH} characters (it labels the job's Jobs and pods): "
+        "choose a shorter name",
+    )
+]
 
 
 class QuantizationJob(APIModel):

@@ -383,6 +383,8 @@ class LocalCluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--disable-admission-plugins=ServiceAccount",
+                # As OpenShift: setting blockOwnerDeletion needs update on the owner's finalizers.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
                 f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
@@ -435,6 +437,7 @@ class LocalCluster:
                 *[f"--config={p}" for p in STAGE_FILES],
             ],
         }
+        state["commands"] = cmds  # restart() starts a component again exactly as here
         self._spawn("etcd", bin_dir, cmds["etcd"], state)
         self._wait(lambda: port_in_use(etcd_client), deadline, "etcd to listen")
         self._spawn("kube-apiserver", bin_dir, cmds["kube-apiserver"], state)
@@ -494,6 +497,34 @@ class LocalCluster:
         (self.dir / "pids").mkdir(exist_ok=True)
         (self.dir / "pids" / f"{name}.pid").write_text(f"{p.pid}\n")
         self._write_state(state)
+
+    def restart(self, name: str, timeout: float = 120) -> float:
+        """kill -9 one component (as a crash or node loss would) and start it again with the same
+        flags and data; returns the seconds until it serves again (fault tests)."""
+        with self._lock():
+            state = self._read_state()
+            proc = state["processes"][name]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc["pgid"], signal.SIGKILL)
+            popen = self._procs.pop(name, None)
+            if popen is not None:
+                popen.wait(timeout=10)
+            while proc_start_time(proc["pid"]) == proc["start_time"]:
+                time.sleep(0.05)
+            started = time.monotonic()
+            self._spawn(name, Path(state["bin_dir"]), state["commands"][name], state)
+            deadline = started + timeout
+            if name == "etcd":
+                self._wait(lambda: port_in_use(state["ports"]["etcd_client"]), deadline, "etcd to listen")
+
+            def serving() -> bool:
+                try:
+                    return self.request("GET", "/readyz", timeout=3)[0] == 200
+                except (OSError, ssl.SSLError):
+                    return False
+
+            self._wait(serving, deadline, "kube-apiserver /readyz")
+            return time.monotonic() - started
 
     def _check_alive(self) -> bool:
         """Raise if a process we started has exited (with the tail of its log). Returns False."""

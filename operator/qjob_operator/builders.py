@@ -139,6 +139,7 @@ def build_runner_config(
     plan = stage.plan
     return RunnerConfig(
         job=ref.name,
+        job_uid=ref.uid,
         stage=stage.name,
         model=model,
         quantization=spec.quantization,
@@ -324,8 +325,11 @@ def build_job(
         "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": config.runner.run_as_user,
-            "fsGroup": config.runner.run_as_user,
+            **(
+                {"runAsUser": config.runner.run_as_user, "fsGroup": config.runner.run_as_user}
+                if config.runner.run_as_user is not None
+                else {}
+            ),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

@@ -42,6 +42,13 @@ class Policy(_Settings):
     max_pods_per_stage: int = Field(1, ge=1)
     allowed_output_claims: list[str] = Field(default_factory=list, description="Empty: any claim.")
     allowed_output_buckets: list[str] = Field(default_factory=list, description="S3 buckets; empty: any bucket.")
+    # What job authors may set on runner pods (spec.scheduling).
+    allowed_priority_classes: list[str] = Field(
+        default_factory=list, description="Empty: any PriorityClass except system-* (cluster components')."
+    )
+    allow_tolerate_all: bool = Field(False, description="Allow a toleration without a key (tolerates every taint).")
+    allowed_toleration_keys: list[str] = Field(default_factory=list, description="Empty: any taint key.")
+    allowed_node_selector_keys: list[str] = Field(default_factory=list, description="Empty: any label key.")
 
 
 class RunnerSettings(_Settings):
@@ -63,7 +70,7 @@ class RunnerSettings(_Settings):
     # Scratch volume of a runner pod when nothing better is known (see disk.py), and /tmp's size.
     scratch_size: str = "200Gi"
     tmp_size: str = "4Gi"
-    run_as_user: int = 1000
+    run_as_user: int | None = 1000  # None: the cluster assigns UID and fsGroup (OpenShift)
     # The pods' ServiceAccount. They get no API token from it (automountServiceAccountToken is
     # off), only a projected token for the report endpoint's audience, so its RBAC never applies.
     service_account_name: str = "default"

@@ -4,7 +4,6 @@ reconcile; the decisions live in ``status.decide`` and the actions in ``reconcil
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import sys
 from typing import Any
@@ -26,7 +25,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     # be deleted with the operator gone. Our own prefixes in case kopf stores anything.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=LABEL_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=LABEL_PREFIX)
-    # Events are posted deliberately (kopf.event); handler log lines stay in the log.
+    # The operator posts its own Events (events.py); handler log lines stay in the log.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     # Only our own Jobs and Pods reach the operator (server-side selectors): a busy cluster's
@@ -60,9 +59,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
     meta = body["metadata"]
     status = body.get("status") or {}
+    # uid and the controller reference: children are matched to their owner by uid, not by label.
+    owners = [
+        {"kind": r.get("kind"), "uid": r.get("uid"), "controller": r.get("controller")}
+        for r in meta.get("ownerReferences") or []
+    ]
     return {
         "metadata": {
-            k: meta.get(k) for k in ("name", "namespace", "uid", "creationTimestamp", "labels", "ownerReferences")
+            **{k: meta.get(k) for k in ("name", "namespace", "uid", "creationTimestamp", "labels")},
+            "ownerReferences": owners,
         },
         "spec": dict(body.get("spec") or {}),
         "status": {k: status[k] for k in status_keys if k in status},
@@ -120,8 +125,6 @@ async def quantizationjob_event(
 ) -> None:
     reconciler: Reconciler = memo.reconciler
     reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_nodes)
-    if reconciler.kopf_context is None:
-        reconciler.kopf_context = contextvars.copy_context()
     if event.get("type") == "DELETED":
         reconciler.forget((namespace, name))
     else:

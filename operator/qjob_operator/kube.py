@@ -37,11 +37,12 @@ MAX_YIELD = 10.0
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
-def _user_agent() -> str:
+def user_agent() -> str:
+    """What the apiserver's audit log and metrics see: this operator and its version."""
     try:
         return f"qjob-operator/{version('qjob-operator')}"
     except PackageNotFoundError:
-        return "qjob-operator"
+        return "qjob-operator/unknown"
 
 
 class ApiError(Exception):
@@ -57,7 +58,7 @@ class ApiSession:
         self.info, self.token_file = info, token_file
         self.server = info.server.rstrip("/")
         connector = aiohttp.TCPConnector(limit=CONNECTIONS, ssl=info.as_ssl_context())
-        self.session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": _user_agent()})
+        self.session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent()})
 
     def _headers(self) -> dict[str, str]:
         if self.token_file:  # in a pod the kubelet rotates the token: read it each time
@@ -164,16 +165,30 @@ class Kube:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}" + (f"/{sub}" if sub else "")
 
     async def create(self, obj: dict[str, Any]) -> bool:
-        """Creates a stage's Job or a multi-pod stage's headless Service; returns False when it
-        already exists (idempotent) or its namespace is gone (the QuantizationJob went with it)."""
+        """Creates a stage's Job, a multi-pod stage's headless Service or an Event; returns False
+        when it already exists (idempotent) or its namespace is gone (the QuantizationJob went with it)."""
         namespace = obj["metadata"]["namespace"]
-        path = {"Job": self._jobs(namespace), "Service": f"/api/v1/namespaces/{namespace}/services"}[obj["kind"]]
-        self._last_create = time.monotonic()
+        path = {
+            "Job": self._jobs(namespace),
+            "Service": f"/api/v1/namespaces/{namespace}/services",
+            "Event": f"/api/v1/namespaces/{namespace}/events",
+        }[obj["kind"]]
+        if obj["kind"] == "Job":
+            self._last_create = time.monotonic()
         try:
             return await self._call("create", "POST", path, obj) is not None
         except ApiError as exc:
             if exc.status == 409:
                 return False
+            raise
+
+    async def priority_class_exists(self, name: str) -> bool | None:
+        """None when the operator may not read PriorityClasses (namespaced RBAC without the grant)."""
+        try:
+            return await self._call("get", "GET", f"/apis/scheduling.k8s.io/v1/priorityclasses/{name}") is not None
+        except ApiError as exc:
+            if exc.status == 403:
+                return None
             raise
 
     async def delete_batch_job(self, namespace: str, name: str) -> None:

@@ -8,7 +8,16 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from qjob_api.v1alpha1 import PHASES, TERMINAL_PHASES, Phase
@@ -16,6 +25,9 @@ from qjob_api.v1alpha1 import PHASES, TERMINAL_PHASES, Phase
 from .fetch import FETCH_STAGE
 from .plan import QUANTIZE_STAGE
 from .status import parse_time
+
+# `*_created` series (one per counter and histogram child) only double what scrapers store.
+disable_created_metrics()
 
 _DURATION_BUCKETS = (30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 _PENDING_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
@@ -40,6 +52,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The standard process_*, python_info and python_gc_* series (memory, CPU, open fds), which
+        # the default registry would have carried.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         self.job_duration = Histogram(
             "qjob_job_duration_seconds",
             "Time from creation to Succeeded or Failed.",

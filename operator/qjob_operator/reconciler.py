@@ -14,7 +14,7 @@ endpoint (reports.py) and goes out with the job's next status write.
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,16 +29,19 @@ from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec, Runne
 from . import attempts, multipod
 from .builders import QuantizationJobRef, build_job
 from .config import OperatorConfig
-from .kube import Kube
+from .events import build_event
+from .guards import controller_uid, foreign_child_message, output_conflict, owned_by, refusal
+from .kube import ApiError, Kube
 from .metrics import Metrics
 from .nodes import NodeFit
 from .plan import LABEL_PREFIX, Stage, plan_stages
-from .status import decide, fmt_time, parse_time, transition_events
+from .status import decide, fmt_time, parse_time, set_condition, transition_events
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5.0
+MAX_RETRY_SECONDS = 300.0
 DEBOUNCE_SECONDS = 1.0
 # Versions up to 0.1 had kopf put this finalizer on every job; it is removed on sight (children
 # are garbage-collected through owner references, so deleting a job needs no operator).
@@ -57,6 +60,19 @@ class ParsedSpec:
     def current(self, body: Mapping[str, Any]) -> bool:
         meta = body["metadata"]
         return (self.uid, self.generation) == (meta.get("uid"), meta.get("generation"))
+
+
+def retry_delay(failures: int) -> float:
+    """Exponential backoff per job: 5 s, 10 s, 20 s, ... up to 5 minutes."""
+    return min(MAX_RETRY_SECONDS, RETRY_SECONDS * 2 ** max(0, failures - 1))
+
+
+class ChildRefusedError(Exception):
+    """The apiserver refused a child for a reason retrying cannot fix (422 Invalid)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,6 +115,10 @@ _KEPT_METADATA = (
     "deletionTimestamp",
     "finalizers",
 )
+
+
+def _output_only(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {"output": spec["output"]} if "output" in spec else {}
 
 
 def _revision(body: Mapping[str, Any]) -> int:
@@ -152,10 +172,8 @@ class Reconciler:
         self._deferred: dict[Key, asyncio.TimerHandle] = {}
         self._stale: set[Key] = set()  # skipped one write for a newer state (see _write)
         self._waited: dict[Key, float] = {}  # seconds the running reconcile waited for a write turn
-        # kopf's context (its Event queue lives in a context variable), taken in a handler: a
-        # reconcile asked for by a timer, the resync or a runner report runs in it too, so its
-        # kopf.event() calls work wherever it was scheduled from.
-        self.kopf_context: contextvars.Context | None = None
+        self._failures: dict[Key, int] = {}  # consecutive failed reconciles, for backoff
+        self._priority_classes: dict[str, bool] = {}  # name -> exists (only missing ones are re-checked)
         self.debounce_seconds = DEBOUNCE_SECONDS
 
     # ------------------------------------------------------------------------------ scheduling
@@ -176,14 +194,16 @@ class Reconciler:
                 "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
                 "status": body.get("status") or {},
             }
-            # The spec only until it is parsed (once per generation): the parsed form is kept.
+            # The whole spec only until it is parsed (once per generation): the parsed form is kept.
             parsed = self._parsed.get(key)
-            if parsed is None or not parsed.current(body):
-                kept["spec"] = body.get("spec") or {}
+            spec = body.get("spec") or {}
+            # Parsed: only the output the other jobs' folder checks read (guards.output_target).
+            kept["spec"] = spec if parsed is None or not parsed.current(body) else _output_only(spec)
             self.bodies[key] = kept
         self.schedule(key)
 
     def forget(self, key: Key) -> None:
+        self._failures.pop(key, None)
         body = self.bodies.pop(key, None)
         for table in (self._parsed, self.reports, self._written_at):
             table.pop(key, None)
@@ -221,7 +241,6 @@ class Reconciler:
         self._tasks[key] = asyncio.create_task(
             self._run(key),
             name=f"reconcile {key[0]}/{key[1]}",
-            context=self.kopf_context.copy() if self.kopf_context else None,
         )
 
     async def _settle(self) -> None:
@@ -242,16 +261,45 @@ class Reconciler:
             self._waited[key] = 0.0
             try:
                 await self.reconcile(key)
-            except Exception:  # noqa: BLE001 - any failure is retried; the loop must survive
+                if self._failures.pop(key, 0):
+                    await self._record_reconciled(key, None)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; the loop must survive
                 self.metrics.reconcile_errors.inc()
-                log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, RETRY_SECONDS)
-                self.schedule(key, RETRY_SECONDS)
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = retry_delay(failures)
+                log.exception("reconcile of %s/%s failed (%d in a row); retrying in %.0fs", *key, failures, delay)
+                await self._record_reconciled(key, f"{_describe(exc)}; retry {failures} in {delay:.0f}s")
+                self.schedule(key, delay)
             finally:
                 # Its own work, without the wait for a status write's turn (measured apart).
                 self.metrics.reconcile_duration.observe(time.monotonic() - started - self._waited.pop(key, 0.0))
             if key not in self._dirty:
                 break
         self._tasks.pop(key, None)
+
+    async def _record_reconciled(self, key: Key, error: str | None) -> None:
+        """Says in status (condition Reconciled) why the operator cannot move the job on, and clears
+        it once it can: errors must not live only in the operator's log."""
+        body = self.bodies.get(key)
+        if body is None:
+            return
+        old = body.get("status") or {}
+        if error is None and not any(c.get("type") == Reason.RECONCILED for c in old.get("conditions") or []):
+            return
+        status, reason = ("False", Reason.RECONCILE_FAILED) if error else ("True", Reason.RECONCILED)
+        conditions = set_condition(
+            list(old.get("conditions") or []),
+            Reason.RECONCILED,
+            status,
+            reason,
+            error or "the operator reconciled this job",
+            self.clock(),
+            body["metadata"].get("generation"),
+        )
+        try:
+            await self._write(key, body, {"conditions": conditions}, spec_format="unknown", gpus=0, stages=[])
+        except Exception as exc:  # noqa: BLE001 - the apiserver may be what fails; the log has it
+            log.warning("could not record the reconcile error of %s/%s: %s", *key, _describe(exc))
 
     async def drain(self) -> None:
         """Waits for reconciles in flight (used at shutdown)."""
@@ -274,7 +322,7 @@ class Reconciler:
             parsed = self._parsed.get(key)
             if parsed is None or not parsed.current(body):
                 parsed = self._parsed[key] = ParsedSpec(body, self.config)
-            body.pop("spec", None)
+            body["spec"] = _output_only(body.get("spec") or {})
         except ValidationError as exc:
             if old.get("phase") not in TERMINAL_PHASES:
                 # The CRD schema should have refused it; say why instead of failing silently.
@@ -300,14 +348,30 @@ class Reconciler:
                 s: r.to_api() for s, r in fresh.items()}}}}  # fmt: skip
         self.node_fit.refresh(self.indexes.all_nodes)
         names = [s.name for s in parsed.stages]
+        uid = body["metadata"]["uid"]
+        stage_jobs, stage_pods, foreign = {}, {}, []
+        for stage in names:
+            # Children are ours by owner uid, never by label: an orphan of an earlier job with this
+            # name (or a Job someone labelled like ours) is not adopted.
+            jobs = self.indexes.jobs_of_stage((namespace, name, stage))
+            foreign += [
+                foreign_child_message("Job", namespace, j["metadata"]["name"], uid)
+                for j in jobs
+                if not owned_by(j, uid)
+            ]
+            stage_jobs[stage] = [j for j in jobs if owned_by(j, uid)]
+            job_uids = {j["metadata"].get("uid") for j in stage_jobs[stage]}
+            pods = self.indexes.stage_pods((namespace, name, stage))
+            stage_pods[stage] = [p for p in pods if controller_uid(p) in job_uids]
+        if old.get("phase") not in TERMINAL_PHASES:
+            ours = [j for jobs in stage_jobs.values() for j in jobs]
+            problem = (Reason.OBJECT_CONFLICT, "; ".join(foreign)) if foreign else None
+            problem = problem or await self._before_first_stage(body, spec, bool(ours))
+            if problem:
+                await self._refuse(key, body, spec, ours, *problem)
+                return
         stages, obs, sizing = attempts.observe_attempts(
-            body,
-            spec,
-            self.config,
-            {s: self.indexes.jobs_of_stage((namespace, name, s)) for s in names},
-            {s: self.indexes.stage_pods((namespace, name, s)) for s in names},
-            self.node_fit,
-            self.clock(),
+            body, spec, self.config, stage_jobs, stage_pods, self.node_fit, self.clock()
         )
         decision = decide(obs, spec, stages, self.config)
         if decision.status is not None:
@@ -319,7 +383,11 @@ class Reconciler:
             return
         ref = QuantizationJobRef.from_body(body)
         if decision.create:
-            await self._create(ref, spec, decision.create)
+            try:
+                await self._create(ref, spec, decision.create)
+            except ChildRefusedError as exc:
+                await self._refuse(key, body, spec, list(obs.stage_jobs.values()), exc.reason, exc.message)
+                return
         for job_name in decision.delete_stage_jobs:
             await self.kube.delete_batch_job(namespace, job_name)
         for job_name, suspend in decision.suspend_stage_jobs.items():
@@ -342,6 +410,48 @@ class Reconciler:
         if decision.requeue_after:
             self.schedule(key, decision.requeue_after)
 
+    async def _before_first_stage(
+        self, body: dict[str, Any], spec: QuantizationJobSpec, started: bool
+    ) -> tuple[str, str] | None:
+        """Checks that need other objects, made once before anything is created."""
+        if started or body["metadata"]["uid"] in {uid for uid, _ in self._created}:
+            return None
+        if message := output_conflict(body, self.bodies.values(), {uid for uid, _ in self._created}):
+            return Reason.OUTPUT_PATH_CONFLICT, message
+        name = spec.scheduling.priority_class_name
+        if name and not self._priority_classes.get(name):
+            exists = await self.kube.priority_class_exists(name)
+            if exists is False:
+                return Reason.PRIORITY_CLASS_NOT_FOUND, (
+                    f"spec.scheduling.priorityClassName {name!r} names no PriorityClass: runner pods would be "
+                    "refused; use one of `kubectl get priorityclasses`, or remove it"
+                )
+            self._priority_classes[name] = bool(exists)
+        return None
+
+    async def _refuse(
+        self,
+        key: Key,
+        body: dict[str, Any],
+        spec: QuantizationJobSpec,
+        jobs: list[dict[str, Any]],
+        reason: str,
+        message: str,
+    ) -> None:
+        """Fails the job with a reason and stops whatever of it still runs (also Jobs just created
+        and not indexed yet)."""
+        uid = body["metadata"]["uid"]
+        done = {j["metadata"]["name"] for j in jobs if (j.get("status") or {}).get("completionTime")}
+        started = {job for created_uid, job in self._created if created_uid == uid} | {
+            j["metadata"]["name"] for j in jobs
+        }
+        for job_name in sorted(started - done):
+            await self.kube.delete_batch_job(key[0], job_name)
+        old = body.get("status") or {}
+        status = refusal(old, reason, message, self.clock(), body["metadata"].get("generation"))
+        fmt = spec.quantization.format.value if spec.quantization.format else "auto"
+        await self._write(key, body, status, spec_format=fmt, gpus=spec.resources.gpus, stages=[])
+
     async def _create(self, ref: QuantizationJobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
         todo = [s for s in create if (ref.uid, s.job_name(ref.name)) not in self._created]
         if not todo:
@@ -351,8 +461,14 @@ class Reconciler:
         manifests = [build_job(ref, spec, s, self.config) for s in todo]
         services = [multipod.build_rank_service(j) for s, j in zip(todo, manifests, strict=True) if s.pods > 1]
         await asyncio.gather(*(self.kube.create(m) for m in services))
-        await asyncio.gather(*(self.kube.create(m) for m in manifests))
-        self._created.update((ref.uid, s.job_name(ref.name)) for s in todo)
+        results = await asyncio.gather(*(self.kube.create(m) for m in manifests), return_exceptions=True)
+        self._created.update((ref.uid, s.job_name(ref.name)) for s, r in zip(todo, results, strict=True) if r is True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        rejected = next((e for e in errors if isinstance(e, ApiError) and e.status == 422), None)
+        if rejected:  # the same spec would be refused again: say why and stop
+            raise ChildRefusedError(Reason.JOB_REJECTED, f"the apiserver refused the runner Job: {_describe(rejected)}")
+        if errors:
+            raise errors[0]
 
     def _defer(self, key: Key, delay: float) -> None:
         """One reconcile of ``key`` in ``delay`` seconds, however many ask for it meanwhile."""
@@ -409,7 +525,10 @@ class Reconciler:
         body["status"] = new
         body["metadata"] = {**body["metadata"], "resourceVersion": written["metadata"]["resourceVersion"]}
         for event in transition_events(old, new):
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            try:
+                await self.kube.create(build_event(body, event, self.clock()))
+            except Exception as exc:  # noqa: BLE001 - a lost Event must not lose the metrics below
+                log.warning("could not post Event %s for %s/%s: %s", event.reason, *key, _describe(exc))
         self.metrics.observe_transition(
             fmt=spec_format,
             created=parse_time(body["metadata"].get("creationTimestamp")),
@@ -419,3 +538,13 @@ class Reconciler:
             job_created=job_created or {},
             node_architecture=lambda n: (archs or {}).get(n or "", "unknown"),
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for status and logs: the apiserver's own message when it sent one."""
+    if isinstance(exc, ApiError):
+        try:
+            return f"{exc.status} {json.loads(exc.body).get('message')}"
+        except (TypeError, ValueError, AttributeError):
+            return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"

@@ -34,6 +34,8 @@ from .nodes import NodeFit
 from .plan import MODEL_STAGES, QUANTIZE_STAGE, Stage
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+# The kubelet cannot build the container: a missing Secret/ConfigMap (or key) it must resolve.
+_CONFIG_WAITING = {"CreateContainerConfigError", "CreateContainerError"}
 
 
 @dataclass
@@ -166,6 +168,13 @@ def _pending_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                 Reason.IMAGE_PULL_ERROR,
                 f"cannot pull runner image {image}: {waiting.get('message') or waiting['reason']}",
             )
+        if waiting.get("reason") in _CONFIG_WAITING:
+            return (
+                Reason.CONTAINER_CONFIG_ERROR,
+                f"the runner container cannot be created: {waiting.get('message') or waiting['reason']} "
+                "(create the Secret or ConfigMap named in spec.model.huggingFace.tokenSecretRef or "
+                "spec.calibration.dataset.configMap, or fix the reference)",
+            )
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 return Reason.UNSCHEDULABLE, cond.get("message") or "no node can take the pod now"
@@ -233,18 +242,27 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
         record.phase, record.reason = Phase.RUNNING, Reason.RUNNING
         return record
     # Not running yet: fail fast on a bad image, and after the pending deadline on no capacity.
+    created = parse_time(job["metadata"].get("creationTimestamp")) or obs.now
+    overdue = obs.now - created > deadline
+    waited = f"pending longer than spec.runPolicy.pendingDeadlineSeconds ({int(deadline.total_seconds())}s)"
     if why := _pending_reason(pods):
         record.reason, record.message = why
-        created = parse_time(job["metadata"].get("creationTimestamp")) or obs.now
-        never_ran = record.start_time is None
-        if why[0] == Reason.IMAGE_PULL_ERROR or (never_ran and obs.now - created > deadline):
+        # A pod stuck before its container starts has a startTime but never ran.
+        never_ran = record.start_time is None or why[0] == Reason.CONTAINER_CONFIG_ERROR
+        if why[0] == Reason.IMAGE_PULL_ERROR or (never_ran and overdue):
             record.phase = Phase.FAILED
             record.completion_time = obs.now
-            if why[0] == Reason.UNSCHEDULABLE:
-                record.message = (
-                    f"pending longer than spec.runPolicy.pendingDeadlineSeconds "
-                    f"({int(deadline.total_seconds())}s): {why[1]}"
-                )
+            if why[0] != Reason.IMAGE_PULL_ERROR:
+                record.message = f"{waited}: {why[1]}"
+    elif not pods and overdue:
+        # The Job controller could not create a pod (admission refused it: a missing PriorityClass,
+        # a ResourceQuota, a policy webhook); the reason is in the Job's FailedCreate events.
+        record.phase, record.reason = Phase.FAILED, Reason.PODS_NOT_CREATED
+        record.completion_time = obs.now
+        record.message = (
+            f"{waited}: the Job controller created no pod; `kubectl describe job {record.job_name}` shows why "
+            "(e.g. a missing spec.scheduling.priorityClassName, a ResourceQuota or an admission policy)"
+        )
     return record
 
 
@@ -284,6 +302,12 @@ def _collect(stages: list[Stage], obs: Observed) -> tuple[list[Artifact], Qualit
     them (a progress report cannot)."""
     artifacts: dict[str, Artifact] = {}
     quality = None
+    # What earlier reconciles recorded stays: a finished stage's Job and pods may be gone (TTL).
+    old = obs.body.get("status") or {}
+    for artifact in old.get("artifacts") or []:
+        artifacts.setdefault(artifact["uri"], Artifact.model_validate(artifact))
+    if old.get("quality"):
+        quality = Quality.model_validate(old["quality"])
     for stage in stages:
         job_uid = ((obs.stage_jobs.get(stage.name) or {}).get("metadata") or {}).get("uid")
         for pod in obs.stage_pods.get(stage.name, []):
@@ -419,6 +443,34 @@ def policy_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list
             f"spec.output.s3.bucket {spec.output.s3.bucket!r} is not an allowed output bucket; use one of: "
             f"{', '.join(buckets)}"
         )
+    return problems + scheduling_violations(spec, config)
+
+
+def scheduling_violations(spec: QuantizationJobSpec, config: OperatorConfig) -> list[str]:
+    """What a job author set on runner pods that the platform team's policy does not allow."""
+    policy, scheduling, problems = config.policy, spec.scheduling, []
+    priority = scheduling.priority_class_name
+    if priority and (
+        priority not in policy.allowed_priority_classes
+        if policy.allowed_priority_classes
+        else priority.startswith("system-")
+    ):
+        allowed = ", ".join(policy.allowed_priority_classes) or "any but system-*"
+        problems.append(f"spec.scheduling.priorityClassName {priority!r} is not allowed by policy ({allowed})")
+    for toleration in scheduling.tolerations:
+        if not toleration.key and not policy.allow_tolerate_all:
+            problems.append(
+                "spec.scheduling.tolerations has a toleration without a key, which tolerates every taint: "
+                "name the taint key (policy.allowTolerateAll is false)"
+            )
+        elif toleration.key and policy.allowed_toleration_keys and toleration.key not in policy.allowed_toleration_keys:
+            problems.append(
+                f"spec.scheduling.tolerations key {toleration.key!r} is not allowed by policy; use one of: "
+                f"{', '.join(policy.allowed_toleration_keys)}"
+            )
+    keys = policy.allowed_node_selector_keys
+    if keys and (bad := sorted(set(scheduling.node_selector) - set(keys))):
+        problems.append(f"spec.scheduling.nodeSelector keys {bad} are not allowed by policy; use: {', '.join(keys)}")
     return problems
 
 
@@ -441,7 +493,7 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
     if obs.refusal and QUANTIZE_STAGE not in obs.stage_jobs:
         reason, message = obs.refusal
         set_accepted_condition(draft, stages, [message], reason)
-        return finish(draft, Phase.FAILED, reason, message)
+        return finish(draft, Phase.FAILED, reason, message, obs)
     # The CRD refuses unservable specs at apply; the operator checks again for objects an older CRD let in.
     for reason, problems in (
         (Reason.POLICY_VIOLATION, policy_violations(spec, config)),
@@ -449,7 +501,7 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
     ):
         if problems:
             set_accepted_condition(draft, stages, problems, reason)
-            return finish(draft, Phase.FAILED, reason, "; ".join(problems))
+            return finish(draft, Phase.FAILED, reason, "; ".join(problems), obs)
     set_accepted_condition(draft, stages, [])
     if placement := decide_placement(draft, obs, spec, stages, config):
         return placement
@@ -469,9 +521,22 @@ def decide_ttl(obs: Observed, spec: QuantizationJobSpec) -> Decision:
     return decision
 
 
-def finish(draft: _Draft, phase: str, reason: str, message: str) -> Decision:
+def finish(draft: _Draft, phase: str, reason: str, message: str, obs: Observed) -> Decision:
+    if phase == Phase.FAILED:
+        # A failed job stops everything it started (a failed stage's Job may still be active).
+        draft.decision.delete_stage_jobs = [
+            job["metadata"]["name"]
+            for job in obs.stage_jobs.values()
+            if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
+        ]
     set_finished_conditions(draft, phase, reason, message)
     return draft.write(phase, reason, message, completionTime=fmt_time(draft.now))
+
+
+def finished_stages(obs: Observed) -> dict[str, dict[str, Any]]:
+    """Stages the status records as Succeeded: done even when their Job is gone (TTL, by hand)."""
+    old = obs.body.get("status") or {}
+    return {r["name"]: r for r in old.get("stages") or [] if r.get("phase") == Phase.SUCCEEDED}
 
 
 def decide_placement(
@@ -479,13 +544,12 @@ def decide_placement(
 ) -> Decision | None:
     """Fail fast when some stage can never be placed, before creating anything; None: all fit."""
     policy = spec.run_policy
-    unplaceable = [s for s in stages if s.name not in obs.stage_jobs and not obs.node_matches.get(s.name)]
+    done = set(obs.stage_jobs) | set(finished_stages(obs))
+    unplaceable = [s for s in stages if s.name not in done and not obs.node_matches.get(s.name)]
     message = "; ".join(
         f"no node can run stage {s.name}: it needs {s.requirement.describe(config)}" for s in unplaceable
     )
-    counts = ", ".join(
-        f"{s.name}: {len(obs.node_matches.get(s.name, []))}" for s in stages if s.name not in obs.stage_jobs
-    )
+    counts = ", ".join(f"{s.name}: {len(obs.node_matches.get(s.name, []))}" for s in stages if s.name not in done)
     set_nodes_available_condition(draft, message, counts)
     if not unplaceable:
         return None
@@ -497,6 +561,7 @@ def decide_placement(
             Phase.FAILED,
             Reason.NO_MATCHING_NODES,
             f"{message} (waited {int(waited)}s, spec.runPolicy.pendingDeadlineSeconds)",
+            obs,
         )
     draft.decision.requeue_after = policy.pending_deadline_seconds - waited + 0.5
     return draft.write(Phase.PENDING, Reason.NO_MATCHING_NODES, message)
@@ -511,9 +576,14 @@ def decide_stage_records(
     reports = {k: RunnerReport.model_validate(v) for k, v in (old.get("runnerReports") or {}).items()}
     deadline = timedelta(seconds=spec.run_policy.pending_deadline_seconds)
     records = {s.name: observe_stage(s, obs, deadline) for s in stages}
+    remember_history(records, old)
+    finished = finished_stages(obs)
     for stage in stages:
         record = records[stage.name]
         if stage.name in obs.stage_jobs:
+            continue
+        if stage.name in finished:  # never redo finished work
+            records[stage.name] = StageStatus.model_validate(finished[stage.name])
             continue
         if all(records[d].phase == Phase.SUCCEEDED for d in stage.after):
             draft.decision.create.append(stage)
@@ -530,8 +600,44 @@ def decide_stage_records(
         status["quality"] = quality.to_api()
         set_quality_gate_condition(draft, quality)
     starts = [r.start_time for r in records.values() if r.start_time]
-    status["startTime"] = fmt_time(min(starts)) if starts else old.get("startTime")
+    if old.get("startTime"):
+        starts.append(parse_time(old["startTime"]))
+    status["startTime"] = fmt_time(min(starts)) if starts else None
     return records
+
+
+def remember_history(records: dict[str, StageStatus], old: Mapping[str, Any]) -> None:
+    """A stage's first start and its attempts are history: the pods they came from may be gone
+    (a node deleted, pods garbage-collected), the status keeps them."""
+    for before in old.get("stages") or []:
+        record = records.get(before.get("name"))
+        if record is None:
+            continue
+        started = parse_time(before.get("startTime"))
+        if started and (record.start_time is None or started < record.start_time):
+            record.start_time = started
+        record.attempts = max(record.attempts, int(before.get("attempts") or 0))
+
+
+def unproven_success(
+    spec: QuantizationJobSpec, artifacts: list[Artifact], quality: Quality | None
+) -> tuple[str, str] | None:
+    """Every runner exited 0, but did the work happen? (A broken image or entrypoint exits 0 too.)"""
+    if not artifacts:
+        return Reason.NO_ARTIFACTS, (
+            "every stage exited 0 but no runner reported an artifact: the runner image or its command is "
+            "not the qjob jobrunner (check the operator's runner.image)"
+        )
+    gate = spec.evaluation.gate
+    gated = gate is not None and (gate.max_perplexity_increase is not None or gate.min_cosine_similarity is not None)
+    if spec.evaluation.enabled and gated and (quality is None or quality.gate_passed is None):
+        return Reason.QUALITY_NOT_MEASURED, (
+            "spec.evaluation.gate is set but no runner reported a gated quality measurement: the job "
+            "cannot be called good; check the runner image, or remove the gate"
+        )
+    if quality is not None and quality.gate_passed is False:
+        return Reason.QUALITY_GATE_FAILED, f"{quality.metric} is outside spec.evaluation.gate"
+    return None
 
 
 def decide_phase(
@@ -542,24 +648,24 @@ def decide_phase(
     failed = [r for r in records.values() if r.phase == Phase.FAILED]
     if failed:
         first = failed[0]
-        # Stop what still runs (and a failed stage whose Job is still active, e.g. unschedulable).
-        decision.delete_stage_jobs = [
-            records[s].job_name
-            for s, job in obs.stage_jobs.items()
-            if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
-        ]
         return finish(
             draft,
             Phase.FAILED,
             first.reason or Reason.RUNNER_FAILED,
             f"stage {first.name}: {first.message or first.reason}",
+            obs,
         )
     if all(r.phase == Phase.SUCCEEDED for r in records.values()):
+        artifacts = [Artifact.model_validate(a) for a in draft.status["artifacts"]]
+        quality = Quality.model_validate(draft.status["quality"]) if draft.status.get("quality") else None
+        if problem := unproven_success(spec, artifacts, quality):
+            return finish(draft, Phase.FAILED, *problem, obs)
         return finish(
             draft,
             Phase.SUCCEEDED,
             Reason.SUCCEEDED,
-            f"{len(draft.status['artifacts'])} artifact(s) written; {len(records)} stage(s) succeeded",
+            f"{len(artifacts)} artifact(s) written; {len(records)} stage(s) succeeded",
+            obs,
         )
 
     if not spec.scheduling.queue_name:  # with Kueue, Kueue owns Job.spec.suspend
@@ -570,7 +676,8 @@ def decide_phase(
             and records[s].phase not in TERMINAL_PHASES
         }
     running = [r for r in records.values() if r.phase == Phase.RUNNING]
-    waiting = next((r for r in records.values() if r.reason in (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR)), None)
+    stuck = (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR, Reason.CONTAINER_CONFIG_ERROR)
+    waiting = next((r for r in records.values() if r.reason in stuck), None)
     if waiting:
         decision.requeue_after = config.resync_seconds  # re-check the pending deadline
     if policy.suspend and not running:
@@ -599,7 +706,13 @@ def decide_phase(
     return draft.write(phase, reason, message)
 
 
-_WARNING_REASONS = {Reason.NO_MATCHING_NODES, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR}
+_WARNING_REASONS = {
+    Reason.NO_MATCHING_NODES,
+    Reason.UNSCHEDULABLE,
+    Reason.IMAGE_PULL_ERROR,
+    Reason.CONTAINER_CONFIG_ERROR,
+    Reason.RECONCILE_FAILED,
+}
 
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:

@@ -34,7 +34,8 @@ CHART = ROOT / "charts" / "qjob-operator"
 EXAMPLES = ROOT / "examples"
 DEPLOY = ROOT / "deploy" / "qjob-operator.yaml"
 CRD_NAME = f"{PLURAL}.{GROUP}"
-VALID_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("invalid-"))
+STORAGE = EXAMPLES / "storage.yaml"  # the claims the examples share, applied with them below
+VALID_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("invalid-") and p != STORAGE)
 INVALID_EXAMPLE = EXAMPLES / "invalid-nvfp4-on-hopper.yaml"
 
 
@@ -176,13 +177,42 @@ def test_helm_lint_strict(cluster, tmp_path):
         ["--set", "architectures.volta[0]=7.0"],  # not an architecture the operator knows
         ["--set", "watchNamespaces[0]=Not_A_Namespace"],  # not a DNS label
         ["--set", "metrics.port=0"],
+        # null drops the key (Helm): values the operator's config needs are required, so null fails
+        # the install instead of crashing the operator at start.
+        ["--set", "metrics.port=null"],
+        ["--set", "policy.maxGpusPerPod=null"],
+        ["--set", "nodeLabels.product=null"],
+        ["--set", "runner.shmSize=null"],
     ],
-    ids=lambda a: a[1].split("=")[0],
+    ids=lambda a: a[1],
 )
 def test_values_schema_refuses_mistakes(cluster, bad):
     proc = helm(cluster, "template", "x", str(CHART), "--kube-version", cluster.version, *bad, check=False)
     assert proc.returncode != 0, f"{bad} was accepted"
     assert "schema" in proc.stderr.lower() or "values don't meet" in proc.stderr.lower(), proc.stderr
+
+
+def test_operations_knobs_render(cluster, tmp_path):
+    """Security contexts can be overridden (OpenShift assigns UIDs), pull secrets take the usual
+    [{name: ...}] (bare names still work), a readiness probe, an optional NetworkPolicy."""
+    values = {
+        "imagePullSecrets": [{"name": "regcred"}, "legacy"],
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},  # Helm merges: null drops
+        "runner": {"imagePullSecrets": [{"name": "runner-reg"}], "runAsUser": None},
+        "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {}}]},
+    }
+    objects = render(cluster, "-f", values_file(tmp_path, values))
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "legacy"}]
+    assert "runAsUser" not in pod["securityContext"] and "fsGroup" not in pod["securityContext"]
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {}}]
+    (cm,) = by_kind(objects, "ConfigMap")
+    config = OperatorConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert config.runner.image_pull_secrets == ["runner-reg"] and config.runner.run_as_user is None
+    assert not by_kind(render(cluster), "NetworkPolicy")
 
 
 def test_config_is_what_the_operator_reads(cluster, tmp_path):
@@ -252,9 +282,14 @@ def test_rbac_modes(cluster, tmp_path):
         o for o in by_kind(namespaced, "ClusterRole") if o["metadata"]["name"] == "qjob-operator-cluster"
     ]
     resources = {res for r in cluster_reads["rules"] for res in r["resources"]}
-    assert resources == {"nodes", "customresourcedefinitions", "namespaces", "tokenreviews"}, "only cluster-scoped"
+    assert resources == {"nodes", "customresourcedefinitions", "namespaces", "tokenreviews", "priorityclasses"}, (
+        "only cluster-scoped"
+    )
     for rule in cluster_reads["rules"]:
-        assert set(rule["verbs"]) == ({"create"} if rule["resources"] == ["tokenreviews"] else {"get", "list", "watch"})
+        allowed = {"tokenreviews": {"create"}, "priorityclasses": {"get"}}.get(
+            rule["resources"][0], {"get", "list", "watch"}
+        )
+        assert set(rule["verbs"]) == allowed, rule
 
     without_aggregation = render(cluster, "--set", "rbac.aggregateToDefaultRoles=false")
     assert {o["metadata"]["name"] for o in by_kind(without_aggregation, "ClusterRole")} == {"qjob-operator"}
@@ -381,6 +416,11 @@ def test_operator_rbac_is_enough_and_no_more(cluster, kube_api, crd, namespace):
         for verb, resource, group, _ in needed:
             assert can_i(kube_api, operator, verb, resource, group=group, namespace=namespace), (verb, resource)
         assert can_i(kube_api, operator, "patch", PLURAL, group=GROUP, namespace=namespace, subresource="status")
+        # blockOwnerDeletion on children (OwnerReferencesPermissionEnforcement is on in the local cluster).
+        assert can_i(kube_api, operator, "update", PLURAL, group=GROUP, namespace=namespace, subresource="finalizers")
+        assert can_i(kube_api, operator, "get", "priorityclasses", group="scheduling.k8s.io")
+        assert not can_i(kube_api, operator, "update", PLURAL, group=GROUP, namespace=namespace)
+        assert not can_i(kube_api, operator, "update", PLURAL, group=GROUP, namespace=namespace, subresource="status")
         assert can_i(kube_api, operator, "watch", "nodes")
         assert can_i(kube_api, operator, "watch", "customresourcedefinitions", group="apiextensions.k8s.io")
         assert can_i(kube_api, operator, "create", "tokenreviews", group="authentication.k8s.io")
@@ -575,8 +615,8 @@ def test_operator_runs_with_the_charts_config_and_rbac(cluster, kube_api, crd, n
 
 @pytest.mark.parametrize("path", VALID_EXAMPLES, ids=lambda p: p.name)
 def test_example_passes_server_side_dry_run(cluster, crd, namespace, path):
-    proc = cluster.run_kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), "-o", "json",
-                               check=False)  # fmt: skip
+    proc = cluster.run_kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(STORAGE), "-f", str(path),
+                               "-o", "json", check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     returned = json.loads(proc.stdout)
     items = returned["items"] if returned.get("kind") == "List" else [returned]

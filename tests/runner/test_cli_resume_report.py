@@ -100,7 +100,7 @@ def test_resume_skips_calibration(tmp_path, tiny_llama, calib_jsonl):
     with mock.patch("qjob_runner.steps.export.export_hf", side_effect=ConnectionResetError("node drained")):
         first = run(cfg)
     assert first.exit_code == 75 and first.failed_step == "export"
-    assert not (out / "manifest.json").exists() and list((out / ".qjob-work").glob("calibrated-*.pt"))
+    assert not (out / "manifest.json").exists() and list((out / ".qjob-work").glob("calibrated-*.safetensors"))
     # Retry: restores the calibrated state; mtq.quantize must not run again.
     with mock.patch("modelopt.torch.quantization.quantize", side_effect=AssertionError("calibrated again")):
         second = run(cfg)

@@ -153,7 +153,7 @@ def test_rescaled_weights_are_saved_only_for_a_failed_run(tiny_llama, calib_json
         )
         r = run(cfg)
         assert r.outcome == "Succeeded", r.message
-        return list((out / ".qjob-work").glob("calibrated-*.pt"))
+        return list((out / ".qjob-work").glob("calibrated-*.safetensors"))
 
     assert state_files("int4_awq") == []
     assert len(state_files("fp8")) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, REPORT_TOKEN_PATH, RunnerConfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_operator.builders import (
@@ -138,7 +139,7 @@ def test_child_names_are_deterministic_and_short():
 
 def test_pod_labels_merge_config_then_spec_and_ours_win(spec_dict):
     spec_dict["scheduling"] = {
-        "podLabels": {"team": "nlp", "qjob.dev/job-name": "spoofed"},
+        "podLabels": {"team": "nlp"},
         "podAnnotations": {"a": "spec"},
     }
     config = OperatorConfig.model_validate(
@@ -149,3 +150,8 @@ def test_pod_labels_merge_config_then_spec_and_ours_win(spec_dict):
     assert meta["labels"]["team"] == "nlp" and meta["labels"]["cost"] == "gpu"
     assert meta["labels"]["qjob.dev/job-name"] == "llama"
     assert meta["annotations"] == {"a": "spec", "b": "config"}
+    # Keys the operator, the Job controller or Kueue own are refused with the spec, not overwritten.
+    for key in ("qjob.dev/job-name", "batch.kubernetes.io/job-name", "controller-uid"):
+        spec_dict["scheduling"] = {"podLabels": {key: "spoofed"}}
+        with pytest.raises(ValidationError, match="own"):
+            QuantizationJobSpec.model_validate(spec_dict)

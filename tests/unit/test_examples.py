@@ -37,11 +37,13 @@ DEPLOY = ROOT / "deploy" / "qjob-operator.yaml"
 CRD = ROOT / "crds" / "qjob.dev_quantizationjobs.yaml"
 
 INVALID_PREFIX = "invalid-"
-ALL_EXAMPLES = sorted(EXAMPLES.glob("*.yaml"))
+#: The claims the examples share: applied once, so deleting one example deletes no one's artifacts.
+STORAGE = EXAMPLES / "storage.yaml"
+ALL_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if p != STORAGE)
 VALID_EXAMPLES = [p for p in ALL_EXAMPLES if not p.name.startswith(INVALID_PREFIX)]
 INVALID_EXAMPLES = [p for p in ALL_EXAMPLES if p.name.startswith(INVALID_PREFIX)]
-#: Kinds an example may bring besides its QuantizationJob.
-COMPANION_KINDS = {("v1", "PersistentVolumeClaim"), ("v1", "ConfigMap")}
+#: Kinds an example may bring besides its QuantizationJob (its own ConfigMap, never a shared claim).
+COMPANION_KINDS = {("v1", "ConfigMap")}
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -156,8 +158,8 @@ def test_example_respects_the_capability_matrix(path: Path):
 def test_example_brings_what_it_references(path: Path):
     docs = documents(path)
     job = QuantizationJob.model_validate(qjobs(path)[0])
-    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    assert referenced_claims(job) <= claims, f"{path.name}: add the PersistentVolumeClaim objects it uses"
+    claims = {d["metadata"]["name"] for d in documents(STORAGE) if d["kind"] == "PersistentVolumeClaim"}
+    assert referenced_claims(job) <= claims, f"{path.name}: add the PersistentVolumeClaims it uses to storage.yaml"
     if cm := job.spec.calibration.dataset.config_map:
         maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
         assert cm.name in maps, f"{path.name}: add the ConfigMap {cm.name}"
@@ -169,16 +171,11 @@ def test_example_brings_what_it_references(path: Path):
             assert isinstance(yaml.safe_load(line)["text"], str)
 
 
-def test_shared_claims_are_identical():
-    """Several examples bring the same output claim; applying them to one namespace must work."""
-    seen: dict[str, tuple[str, Any]] = {}
-    for path in VALID_EXAMPLES:
-        for doc in documents(path):
-            if doc["kind"] == "PersistentVolumeClaim":
-                name = doc["metadata"]["name"]
-                if name in seen:
-                    assert doc == seen[name][1], f"{path.name}: {name} differs from {seen[name][0]}"
-                seen[name] = (path.name, doc)
+def test_shared_claims_live_apart_from_the_examples():
+    """`kubectl delete -f <example>` must not delete the claim every other example writes to."""
+    assert {d["kind"] for d in documents(STORAGE)} == {"PersistentVolumeClaim"}
+    for path in ALL_EXAMPLES:
+        assert "PersistentVolumeClaim" not in {d["kind"] for d in documents(path)}, path.name
 
 
 def test_examples_cover_each_architecture_task_and_source():

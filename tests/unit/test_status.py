@@ -131,9 +131,21 @@ def test_artifacts_come_only_from_succeeded_pods_of_the_stages_job(spec_dict, co
     assert d.status["artifacts"] == [] and d.status["phase"] != "Succeeded"
 
 
+def succeeded_pod(stage: str = "quantize", **result) -> dict:
+    """A runner pod that exited 0 with the runner's JSON summary as its termination message."""
+    summary = {
+        "outcome": "Succeeded",
+        "stage": stage,
+        "artifacts": [{"kind": "checkpoint", "format": "hf", "uri": f"pvc://artifacts/ml/llama/{stage}"}],
+        **result,
+    }
+    return pod("Succeeded", terminated={"exitCode": 0, "message": json.dumps(summary)})
+
+
 def test_all_stages_succeeded(spec_dict, config):
     jobs = {"quantize": job("quantize", "Complete"), "build-hopper": job("build-hopper", "Complete")}
-    d = run(spec_dict, config, jobs=jobs, pods={"quantize": [pod("Succeeded")], "build-hopper": [pod("Succeeded")]})
+    pods = {"quantize": [succeeded_pod()], "build-hopper": [succeeded_pod("build-hopper")]}
+    d = run(spec_dict, config, jobs=jobs, pods=pods)
     assert d.status["phase"] == "Succeeded"
     assert d.status["progress"]["percent"] == 100
     assert {c["type"]: c["status"] for c in d.status["conditions"]}["Complete"] == "True"

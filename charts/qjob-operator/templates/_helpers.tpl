@@ -71,10 +71,14 @@ Null architectures (removed by the user) are dropped.
 {{- $_ := set $architectures $arch $ccs }}
 {{- end }}
 {{- end }}
+{{- $pullSecrets := list }}
+{{- range .Values.runner.imagePullSecrets }}
+{{- if kindIs "map" . }}{{ $pullSecrets = append $pullSecrets .name }}{{ else }}{{ $pullSecrets = append $pullSecrets . }}{{ end }}
+{{- end }}
 {{- $runner := dict
   "image" (include "qjob-operator.runnerImage" .)
   "imagePullPolicy" .Values.runner.image.pullPolicy
-  "imagePullSecrets" .Values.runner.imagePullSecrets
+  "imagePullSecrets" $pullSecrets
   "env" .Values.runner.env
   "tolerations" .Values.runner.tolerations
   "podLabels" .Values.runner.podLabels

@@ -6,8 +6,9 @@ entries win, which is exactly how ``update_quant_cfg_with_kv_cache_quant`` merge
 algorithm override, and one ``enable: False`` entry per excluded module pattern.
 
 After calibration the ModelOpt state plus the calibrated tensors (quantizer amax/scales and any
-weights that SmoothQuant/AWQ rescaled) are saved into ``work_dir``, keyed by a hash of everything
-that determines them. A retried pod restores that state and skips calibration.
+weights that SmoothQuant/AWQ rescaled) are saved into ``work_dir`` as data only (``resume_state``:
+safetensors + JSON), named by the job uid and a hash of everything that determines them. A retried
+pod of the same job restores that state and skips calibration.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from qjob_api.capabilities import MODELOPT_KV_PRESETS, MODELOPT_PRESETS, KVCacheFormat, ModelTask
 
+from .. import resume_state
 from ..context import RunContext
 from ..errors import InvalidConfig, ToolMissing
 
 log = logging.getLogger("qjob_runner.quantize")
-
-STATE_FORMAT = 1
 
 
 def _mtq():
@@ -91,7 +89,7 @@ def state_key(ctx: RunContext, quant_config: dict[str, Any]) -> str:
         else None,
         "calibration": {"source": ctx.data.source, "samples": ctx.data.num_samples, "seq": ctx.data.sequence_length},
         "modelopt": importlib.metadata.version("nvidia-modelopt"),
-        "format": STATE_FORMAT,
+        "format": resume_state.STATE_FORMAT,
     }
     return hashlib.sha256(json.dumps(_canonical(ident), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -191,11 +189,10 @@ class DeferredState:
         self._write = None  # frees the snapshot
 
 
-def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float]]) -> threading.Thread | DeferredState:
+def save_state(ctx: RunContext, key: str, before: dict[str, tuple[float, float]]) -> threading.Thread | DeferredState:
     """Snapshot ModelOpt state + calibrated tensors now; write quantizer-only states in the
     background, keep states with rescaled weights for a failure (``DeferredState``)."""
     import modelopt.torch.opt as mto
-    import torch
 
     after = _fingerprints(ctx.model)
     changed = {k for k, v in after.items() if before.get(k) != v}
@@ -206,14 +203,10 @@ def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float
     def write():
         try:
             keep = _to_host(copies, events)
-            payload = {"modelopt_state": modelopt_state, "tensors": keep, "format": STATE_FORMAT}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
+            path = resume_state.save(ctx.paths.work_dir, ctx.config.job_uid, key, modelopt_state, keep)
             log.info("saved calibrated state (%d tensors, %d rescaled weights) to %s", len(keep), len(changed), path)
         except Exception:  # noqa: BLE001 - resume state is an optimisation; never fail the run
-            log.exception("could not save calibrated state to %s", path)
+            log.exception("could not save calibrated state to %s", ctx.paths.work_dir)
 
     if changed:
         return DeferredState(write)
@@ -222,21 +215,18 @@ def save_state(ctx: RunContext, path: Path, before: dict[str, tuple[float, float
     return t
 
 
-def restore_state(ctx: RunContext, path: Path) -> bool:
+def restore_state(ctx: RunContext, key: str) -> bool:
     import modelopt.torch.opt as mto
-    import torch
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload.get("format") != STATE_FORMAT:
-            return False
-        mto.restore_from_modelopt_state(ctx.model, payload["modelopt_state"])
-        missing, unexpected = ctx.model.load_state_dict(payload["tensors"], strict=False)
+        state, tensors = resume_state.load(ctx.paths.work_dir, ctx.config.job_uid, key)
+        mto.restore_from_modelopt_state(ctx.model, state)
+        missing, unexpected = ctx.model.load_state_dict(tensors, strict=False)
         if unexpected or any("_quantizer" in k for k in missing):
             raise RuntimeError(f"state does not match the model (unexpected {unexpected[:3]}, missing {missing[:3]})")
         return True
     except Exception as exc:  # noqa: BLE001
-        log.warning("ignoring unusable calibrated state %s: %s", path, exc)
+        log.warning("ignoring unusable calibrated state in %s: %s", ctx.paths.work_dir, exc)
         return False
 
 
@@ -285,7 +275,7 @@ def auto_quantize(ctx: RunContext) -> dict[str, Any]:
         return output.loss
 
     disabled = list(ctx.config.quantization.exclude_modules) or None
-    ckpt = ctx.paths.work_dir / "auto_quantize_search.pt"
+    ckpt = ctx.paths.work_dir / f"auto_quantize_search-{ctx.config.job_uid}.pt"  # ModelOpt loads it weights_only
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     model, search = mtq.auto_quantize(
         ctx.model,
@@ -323,11 +313,11 @@ def run(ctx: RunContext) -> None:
     quant_config = build_quant_config(ctx) if q.format else {"auto_quantize": q.auto_quantize.model_dump(mode="json")}
     ctx.quant_config = quant_config
     key = state_key(ctx, quant_config)
-    state_path = ctx.paths.work_dir / f"calibrated-{key}.pt"
+    state_path, _ = resume_state.paths(ctx.paths.work_dir, ctx.config.job_uid, key)
     ctx.metrics["state_file"] = str(state_path)
     if q.format and state_path.exists():
         ctx.reporter.update(step="quantize", message=f"restoring calibrated state from {state_path.name}")
-        if restore_state(ctx, state_path):
+        if restore_state(ctx, key):
             ctx.resumed = True
             ctx.notes.append(f"calibration skipped: restored {state_path}")
             ctx.reporter.update(message="calibration skipped (restored from an earlier attempt)")
@@ -349,7 +339,7 @@ def run(ctx: RunContext) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         ctx.metrics["calibration_seconds"] = time.monotonic() - t0
-        ctx.background.append(save_state(ctx, state_path, before))
+        ctx.background.append(save_state(ctx, key, before))
     else:
         ctx.reporter.update(
             step="calibrate", message=f"AutoQuantize to {q.auto_quantize.effective_bits} effective bits"

@@ -1,0 +1,337 @@
+"""Hardening on the real control plane: nothing is adopted that the job did not create, no two
+jobs share an output folder, what a Job or Pod would refuse is refused at apply, and every failure
+(also those found by the periodic resync) ends in a reason, an Event and a metric."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from qjob_dev.qjobs import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    create_qjob,
+    custom_api,
+    get_qjob,
+    make_artifacts_pvc,
+    make_calibration_configmap,
+    phase_is,
+    qjob_manifest,
+    wait_qjob,
+)
+from qjob_dev.waits import wait_for
+
+from tests.operator_fixtures import basic_spec
+
+pytestmark = pytest.mark.cluster
+
+HOLD = "localcluster.qjob.dev/hold"
+FAIL = "localcluster.qjob.dev/fail-exit-code"
+
+
+@pytest.fixture
+def ns(namespace, kube_api, operator):
+    make_artifacts_pvc(kube_api, namespace)
+    make_calibration_configmap(kube_api, namespace)
+    return namespace
+
+
+def jobs_of(kube_api, namespace, name):
+    return client.BatchV1Api(kube_api).list_namespaced_job(namespace, label_selector=f"qjob.dev/job-name={name}").items
+
+
+def release(kube_api, namespace, name, stage):
+    core = client.CoreV1Api(kube_api)
+    selector = f"qjob.dev/job-name={name},qjob.dev/stage={stage}"
+    pods = wait_for(lambda: core.list_namespaced_pod(namespace, label_selector=selector).items, timeout=60)
+    for pod in pods:
+        core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"annotations": {HOLD: "false"}}})
+
+
+def refusal(kube_api, namespace, spec, name="bad"):
+    with pytest.raises(ApiException) as refused:
+        custom_api(kube_api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, qjob_manifest(name, spec)
+        )
+    assert refused.value.status == 422, refused.value.body
+    return json.loads(refused.value.body)["message"]
+
+
+def events_of(kube_api, namespace, name):
+    return (
+        client.CoreV1Api(kube_api).list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+    )
+
+
+def gone(kube_api, namespace, name) -> bool:
+    try:
+        get_qjob(kube_api, namespace, name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def counter(metrics: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    match = re.search(rf"^{name}{{{want}}} (\S+)$", metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+# --------------------------------------------------------------------- refused when applied (5, 6, 8, 9)
+
+
+@pytest.mark.parametrize(
+    "name, mutate, fragment",
+    [
+        ("n" * 64, lambda s: None, "metadata.name must be at most 63 characters"),
+        ("labels", lambda s: s["scheduling"].update(podLabels={"team": "v" * 64}), "spec.scheduling.podLabels.team"),
+        ("keys", lambda s: s["scheduling"].update(podLabels={"-team": "nlp"}), "spec.scheduling.podLabels keys"),
+        ("reserved", lambda s: s["scheduling"].update(podLabels={"job-name": "x"}), "the Job controller"),
+        ("selector", lambda s: s["scheduling"].update(nodeSelector={"a b": "x"}), "spec.scheduling.nodeSelector"),
+        (
+            "toleration",
+            lambda s: s["scheduling"].update(tolerations=[{"operator": "Exists", "value": "x"}]),
+            "operator Exists matches any value",
+        ),
+        (
+            "seconds",
+            lambda s: s["scheduling"].update(tolerations=[{"key": "k", "value": "v", "tolerationSeconds": 5}]),
+            "tolerationSeconds applies to NoExecute",
+        ),
+        ("priority", lambda s: s["scheduling"].update(priorityClassName="Not_A_Name"), "priorityClassName"),
+        ("queue", lambda s: s["scheduling"].update(queueName="q" * 64), "queueName"),
+        ("secret", lambda s: s["model"]["huggingFace"].update(tokenSecretRef={"name": "A/B"}), "tokenSecretRef.name"),
+        ("huge", lambda s: s["quantization"].update(excludeModules=["m" * 1024] * 64), "excludeModules"),
+        ("annotations", lambda s: s["scheduling"]["podAnnotations"].update(big="x" * 300_000), "podAnnotations"),
+        ("deadline", lambda s: s.update(runPolicy={"pendingDeadlineSeconds": 10**12}), "pendingDeadlineSeconds"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
+)
+def test_what_a_job_or_pod_would_refuse_is_refused_at_apply(kube_api, namespace, crds, name, mutate, fragment):
+    spec = basic_spec()
+    mutate(spec)
+    assert fragment in refusal(kube_api, namespace, spec, name=name)
+
+
+def test_quantities_may_be_numbers_as_in_a_pod(kube_api, ns, operator):
+    name = create_qjob(kube_api, ns, basic_spec(engines=[], resources={"cpu": 2, "memory": 4294967296}))
+    [job] = wait_for(lambda: jobs_of(kube_api, ns, name), timeout=60, what="the quantize Job")
+    requests = job.spec.template.spec.containers[0].resources.requests
+    assert (requests["cpu"], requests["memory"]) == ("2", "4294967296")
+    assert "between 0 and 999999999999" in refusal(kube_api, ns, basic_spec(resources={"cpu": -1}))
+
+
+def test_the_largest_accepted_spec_runs_and_deletes(kube_api, ns, operator):
+    spec = basic_spec(engines=[], scheduling={"podAnnotations": {f"example.com/a{i}": "x" * 512 for i in range(6)}})
+    spec["quantization"]["excludeModules"] = ["m" * 256] * 64
+    spec["scheduling"]["podLabels"] = {f"example.com/l{i}": "v" * 63 for i in range(32)}
+    spec["scheduling"]["podAnnotations"][HOLD] = "true"
+    name = create_qjob(kube_api, ns, spec, name="n" * 63)
+    wait_qjob(kube_api, ns, name, phase_is("Running"), timeout=60, operator=operator)
+    custom_api(kube_api).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    wait_for(lambda: gone(kube_api, ns, name), timeout=30, what="the largest spec deleted (not stuck Terminating)")
+
+
+# --------------------------------------------------------------------------------- nothing adopted (2)
+
+
+def test_an_orphaned_job_of_an_earlier_namesake_is_never_adopted(kube_api, ns, operator):
+    name = create_qjob(kube_api, ns, basic_spec(engines=[]))
+    wait_qjob(kube_api, ns, name, phase_is("Succeeded"), timeout=60, operator=operator)
+    custom_api(kube_api).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, propagation_policy="Orphan")
+    wait_for(
+        lambda: jobs_of(kube_api, ns, name) and not jobs_of(kube_api, ns, name)[0].metadata.owner_references,
+        timeout=60,
+        what="the finished Job orphaned",
+    )
+    wait_for(lambda: gone(kube_api, ns, name), timeout=60, what="the QuantizationJob deleted")
+    # Same name, a spec whose runner fails: it must not inherit the orphan's success.
+    create_qjob(kube_api, ns, basic_spec(engines=[], scheduling={"podAnnotations": {FAIL: "2"}}), name=name)
+    obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded", "Failed"), timeout=60, operator=operator)
+    status = obj["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "ObjectConflict"), status
+    assert f"Job {ns}/{name}-quantize exists but was not created by this QuantizationJob" in status["message"]
+    assert status.get("artifacts", []) == []
+    [orphan] = jobs_of(kube_api, ns, name)
+    assert not orphan.metadata.owner_references  # left alone: neither adopted nor deleted
+
+
+# --------------------------------------------------------------------------- output folders (0)
+
+
+def test_two_jobs_never_share_an_output_folder(kube_api, ns, operator):
+    held = basic_spec(engines=[], scheduling={"podAnnotations": {HOLD: "true"}})
+    first = create_qjob(kube_api, ns, held, name="first")
+    wait_qjob(kube_api, ns, first, phase_is("Running"), timeout=60, operator=operator)
+    # Its folder (the default <namespace>/<name>), a folder inside it, and the folder around it.
+    for i, path in enumerate([f"{ns}/first", f"{ns}/first/.qjob-work", ns]):
+        spec = basic_spec(engines=[], output={"pvc": {"claimName": "artifacts", "path": path}})
+        other = create_qjob(kube_api, ns, spec, name=f"second-{i}")
+        obj = wait_qjob(kube_api, ns, other, phase_is("Failed", "Running", "Succeeded"), timeout=60, operator=operator)
+        assert obj["status"]["reason"] == "OutputPathConflict", obj["status"]
+        assert "overlaps the output of QuantizationJob first" in obj["status"]["message"]
+        assert jobs_of(kube_api, ns, other) == []
+    # A sibling folder is fine, and the first job was never disturbed.
+    sibling = create_qjob(
+        kube_api, ns, basic_spec(engines=[], output={"pvc": {"claimName": "artifacts", "path": f"{ns}/x"}})
+    )
+    assert (
+        wait_qjob(kube_api, ns, sibling, phase_is("Succeeded", "Failed"), timeout=60)["status"]["phase"] == "Succeeded"
+    )
+    release(kube_api, ns, first, "quantize")
+    assert wait_qjob(kube_api, ns, first, phase_is("Succeeded", "Failed"), timeout=60)["status"]["phase"] == "Succeeded"
+
+
+# ---------------------------------------------------------------- stable reasons for stuck jobs (7)
+
+
+def test_a_missing_priority_class_fails_at_once_naming_it(kube_api, ns, operator):
+    name = create_qjob(kube_api, ns, basic_spec(engines=[], scheduling={"priorityClassName": "gpu-urgent"}))
+    obj = wait_qjob(kube_api, ns, name, phase_is("Failed", "Succeeded"), timeout=30, operator=operator)
+    assert obj["status"]["reason"] == "PriorityClassNotFound"
+    assert "'gpu-urgent'" in obj["status"]["message"]
+    assert jobs_of(kube_api, ns, name) == []
+
+
+def test_pods_the_job_controller_cannot_create_fail_by_the_pending_deadline(kube_api, ns, operator):
+    # A real admission refusal of every pod: a ResourceQuota of zero pods.
+    client.CoreV1Api(kube_api).create_namespaced_resource_quota(
+        ns, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    )
+    name = create_qjob(kube_api, ns, basic_spec(engines=[], runPolicy={"pendingDeadlineSeconds": 5}))
+    obj = wait_qjob(kube_api, ns, name, phase_is("Failed", "Succeeded"), timeout=40, operator=operator)
+    assert obj["status"]["reason"] == "PodsNotCreated", obj["status"]
+    assert f"kubectl describe job {name}-quantize" in obj["status"]["message"]
+    wait_for(lambda: not jobs_of(kube_api, ns, name), timeout=30, what="the pod-less Job deleted")
+
+
+# ------------------------------------------------------------------ finished work stays done (10)
+
+
+def test_deleting_a_finished_stages_job_never_reruns_it(kube_api, ns, operator):
+    name = create_qjob(kube_api, ns, basic_spec(scheduling={"podAnnotations": {HOLD: "true"}}))
+    release(kube_api, ns, name, "quantize")
+    obj = wait_qjob(
+        kube_api,
+        ns,
+        name,
+        lambda s: {x["name"]: x["phase"] for x in s.get("stages", [])}.get("quantize") == "Succeeded",
+        timeout=60,
+        operator=operator,
+    )
+    artifacts = obj["status"]["artifacts"]
+    assert artifacts
+    # What a TTL on finished child Jobs does: the quantize Job and its pod go.
+    client.BatchV1Api(kube_api).delete_namespaced_job(f"{name}-quantize", ns, propagation_policy="Foreground")
+    wait_for(lambda: {j.metadata.name for j in jobs_of(kube_api, ns, name)} == {f"{name}-build-hopper"}, timeout=60)
+    release(kube_api, ns, name, "build-hopper")
+    obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded", "Failed"), timeout=60, operator=operator)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert {j.metadata.name for j in jobs_of(kube_api, ns, name)} == {f"{name}-build-hopper"}  # never re-created
+    assert obj["status"]["artifacts"] == artifacts
+
+
+# ----------------------------------------------- every failure: reason, Event and metric (11, 12)
+
+
+def test_failures_found_by_the_resync_post_events_and_count(kube_api, ns, operator):
+    """Jobs failing by their pending deadline are found by the periodic resync, whose reconciles
+    run outside any kopf handler: each still gets its Warning Event and its count."""
+    before = counter(operator.metrics(), "qjob_failures_total", reason="Unschedulable")
+    spec = basic_spec(engines=[], resources={"cpu": "5000", "memory": "4Gi"}, runPolicy={"pendingDeadlineSeconds": 6})
+    names = [create_qjob(kube_api, ns, spec) for _ in range(4)]
+    for name in names:
+        wait_qjob(kube_api, ns, name, phase_is("Failed"), timeout=60, operator=operator)
+    for name in names:
+        wait_for(
+            lambda n=name: [
+                e
+                for e in events_of(kube_api, ns, n)
+                if e.reason == "Unschedulable" and e.type == "Warning" and "pendingDeadlineSeconds" in e.message
+            ],
+            timeout=20,
+            what=f"Warning Event for {name}",
+        )
+    assert counter(operator.metrics(), "qjob_failures_total", reason="Unschedulable") - before == len(names)
+
+
+def test_an_error_loop_backs_off_and_says_why_in_status(kube_api, ns, operator):
+    # The apiserver refuses every Job create (quota of zero Jobs): retried, with backoff, and said.
+    quota = {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_resource_quota(ns, quota)
+    errors_before = counter(operator.metrics(), "qjob_reconcile_errors_total")
+    name = create_qjob(kube_api, ns, basic_spec(engines=[]))
+    obj = wait_qjob(
+        kube_api,
+        ns,
+        name,
+        lambda s: any(c["type"] == "Reconciled" and c["status"] == "False" for c in s.get("conditions", [])),
+        timeout=30,
+        operator=operator,
+    )
+    condition = next(c for c in obj["status"]["conditions"] if c["type"] == "Reconciled")
+    assert condition["reason"] == "ReconcileFailed" and "exceeded quota" in condition["message"]
+    wait_for(
+        lambda: (
+            "retry 3 in 20s"
+            in next(
+                c["message"] for c in get_qjob(kube_api, ns, name)["status"]["conditions"] if c["type"] == "Reconciled"
+            )
+        ),
+        timeout=40,
+        what="third retry, 20 s later",
+    )
+    # 5 s, 10 s, 20 s: about three failures in the first 20 s instead of one every 5 s.
+    assert counter(operator.metrics(), "qjob_reconcile_errors_total") - errors_before <= 4
+    core.delete_namespaced_resource_quota("no-jobs", ns)
+    obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded"), timeout=60, operator=operator)
+    condition = next(c for c in obj["status"]["conditions"] if c["type"] == "Reconciled")
+    assert condition["status"] == "True"
+
+
+# ------------------------------------------------------------------------------- identity (16)
+
+
+def test_operator_requests_carry_its_user_agent(cluster, tmp_path):
+    """On a second control plane with an audit log: the operator's client says who it is."""
+    import os
+    import subprocess
+    import sys
+
+    from qjob_dev import localcluster
+    from qjob_operator.kube import user_agent
+
+    ask = (
+        "import asyncio\n"
+        "from qjob_operator.kube import Kube, connect\n"
+        "from qjob_operator.metrics import Metrics\n"
+        "async def main():\n"
+        "    api = await connect()\n"
+        "    try:\n"
+        "        print(await Kube(api, Metrics()).priority_class_exists('qjob-user-agent-probe'))\n"
+        "    finally:\n"
+        "        await api.close()\n"
+        "asyncio.run(main())\n"
+    )
+    audited = localcluster.LocalCluster(tmp_path / "audited", audit=True)
+    audited.up(timeout=180)
+    try:
+        env = {**os.environ, "KUBECONFIG": str(audited.kubeconfig)}
+        done = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip() == "False", done.stderr[-2000:]
+    finally:
+        audited.down(keep_logs=True)  # a clean stop flushes the audit batch
+    records = [json.loads(line) for line in (tmp_path / "audited" / "logs" / "audit.log").read_text().splitlines()]
+    agents = {r.get("userAgent") for r in records if "priorityclasses/qjob-user-agent-probe" in r["requestURI"]}
+    assert agents == {user_agent()} and user_agent().startswith("qjob-operator/0.")
+
+
+def test_operator_exposes_process_metrics_without_created_series(operator):
+    text = operator.metrics()
+    assert "process_resident_memory_bytes" in text and "process_open_fds" in text
+    assert "qjob_api_requests_total" in text and "_created" not in text
