@@ -297,7 +297,10 @@ class Reconciler:
             body["metadata"].get("generation"),
         )
         try:
-            await self._write(key, body, {"conditions": conditions}, spec_format="unknown", gpus=0, stages=[])
+            # Not coalesced: a deferred write would reconcile again, outside the backoff.
+            await self._write(
+                key, body, {"conditions": conditions}, spec_format="unknown", gpus=0, stages=[], news=True
+            )
         except Exception as exc:  # noqa: BLE001 - the apiserver may be what fails; the log has it
             log.warning("could not record the reconcile error of %s/%s: %s", *key, _describe(exc))
 
@@ -492,12 +495,13 @@ class Reconciler:
         stages: list[Stage],
         job_created: dict | None = None,
         archs: dict[str, str] | None = None,
+        news: bool = False,
     ) -> None:
         old = body.get("status") or {}
         patch = merge_patch(old, status)
         if not patch:
             return
-        news = "phase" in patch or "reason" in patch
+        news = news or "phase" in patch or "reason" in patch
         wait = self._written_at.get(key, -1e9) + self.config.status_write_interval_seconds - time.monotonic()
         if not news and wait > 0:
             self._defer(key, wait)  # progress and stage details go out with the next write

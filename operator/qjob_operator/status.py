@@ -676,7 +676,8 @@ def decide_phase(
             and records[s].phase not in TERMINAL_PHASES
         }
     running = [r for r in records.values() if r.phase == Phase.RUNNING]
-    stuck = (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR, Reason.CONTAINER_CONFIG_ERROR)
+    # Pending too: a Job whose pods admission refuses has none to send events (PodsNotCreated).
+    stuck = (Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_ERROR, Reason.CONTAINER_CONFIG_ERROR, Reason.PENDING)
     waiting = next((r for r in records.values() if r.reason in stuck), None)
     if waiting:
         decision.requeue_after = config.resync_seconds  # re-check the pending deadline

@@ -206,7 +206,7 @@ def test_operations_knobs_render(cluster, tmp_path):
     pod = deployment["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "legacy"}]
     assert "runAsUser" not in pod["securityContext"] and "fsGroup" not in pod["securityContext"]
-    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
     (policy,) = by_kind(objects, "NetworkPolicy")
     assert policy["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {}}]
     (cm,) = by_kind(objects, "ConfigMap")
