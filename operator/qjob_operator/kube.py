@@ -132,7 +132,7 @@ class TokenBucket:
 class Kube:
     def __init__(self, api: ApiSession, metrics: Metrics, status_writes_per_second: float = 20.0):
         self.api = api
-        self.status_writes = TokenBucket(status_writes_per_second, burst=int(2 * status_writes_per_second))
+        self.status_writes = TokenBucket(status_writes_per_second, burst=max(1, int(2 * status_writes_per_second)))
         self._count = metrics.api_requests
         self._last_create = -1e9
 

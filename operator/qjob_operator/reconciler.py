@@ -391,16 +391,15 @@ class Reconciler:
             except ChildRefusedError as exc:
                 await self._refuse(key, body, spec, list(obs.stage_jobs.values()), exc.reason, exc.message)
                 return
-        for job_name in decision.delete_stage_jobs:
-            await self.kube.delete_batch_job(namespace, job_name)
         for job_name, suspend in decision.suspend_stage_jobs.items():
             await self.kube.set_batch_job_suspend(namespace, job_name, suspend)
+        recorded = True
         if decision.status is not None:
             if fresh:
                 decision.status["runnerReports"] = body["status"]["runnerReports"]
             fmt = spec.quantization.format.value if spec.quantization.format else "auto"
             job_created = {s: parse_time(j["metadata"].get("creationTimestamp")) for s, j in obs.stage_jobs.items()}
-            await self._write(
+            recorded = await self._write(
                 key,
                 self.bodies[key],
                 decision.status,
@@ -410,6 +409,11 @@ class Reconciler:
                 job_created=job_created,
                 archs=obs.node_architectures,
             )
+        # Jobs are stopped only once the failure is in status: deleting them first would let the
+        # next reconcile see a stage without its Job and no recorded outcome (a job stuck Pending).
+        if recorded:
+            for job_name in decision.delete_stage_jobs:
+                await self.kube.delete_batch_job(namespace, job_name)
         if decision.requeue_after:
             self.schedule(key, decision.requeue_after)
 
@@ -448,12 +452,14 @@ class Reconciler:
         started = {job for created_uid, job in self._created if created_uid == uid} | {
             j["metadata"]["name"] for j in jobs
         }
-        for job_name in sorted(started - done):
-            await self.kube.delete_batch_job(key[0], job_name)
         old = body.get("status") or {}
         status = refusal(old, reason, message, self.clock(), body["metadata"].get("generation"))
         fmt = spec.quantization.format.value if spec.quantization.format else "auto"
-        await self._write(key, body, status, spec_format=fmt, gpus=spec.resources.gpus, stages=[])
+        # Recorded first, then stopped (as in reconcile); a later reconcile of the failed job stops
+        # whatever is left (status.decide_ttl).
+        if await self._write(key, body, status, spec_format=fmt, gpus=spec.resources.gpus, stages=[]):
+            for job_name in sorted(started - done):
+                await self.kube.delete_batch_job(key[0], job_name)
 
     async def _create(self, ref: QuantizationJobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
         todo = [s for s in create if (ref.uid, s.job_name(ref.name)) not in self._created]
@@ -496,16 +502,18 @@ class Reconciler:
         job_created: dict | None = None,
         archs: dict[str, str] | None = None,
         news: bool = False,
-    ) -> None:
+    ) -> bool:
+        """Writes what changed in ``status``; True when the status now holds it (written, or
+        nothing to write), False when the write was deferred or left to the rerun that is due."""
         old = body.get("status") or {}
         patch = merge_patch(old, status)
         if not patch:
-            return
+            return True
         news = news or "phase" in patch or "reason" in patch
         wait = self._written_at.get(key, -1e9) + self.config.status_write_interval_seconds - time.monotonic()
         if not news and wait > 0:
             self._defer(key, wait)  # progress and stage details go out with the next write
-            return
+            return False
         waiting = time.monotonic()
         await self.kube.status_write_turn()
         self._waited[key] = self._waited.get(key, 0.0) + time.monotonic() - waiting
@@ -515,11 +523,11 @@ class Reconciler:
             # due writes the newer state instead, once; so a waiting job writes once, not twice.
             self.kube.status_writes.give_back()
             self._stale.add(key)
-            return
+            return False
         self._stale.discard(key)
         written = await self.kube.patch_status(key[0], key[1], patch)
         if written is None:
-            return
+            return False
         self._written_at[key] = time.monotonic()
         if self.reports.get(key) and all(
             status.get("runnerReports", {}).get(s) == r.to_api() for s, r in self.reports[key].items()
@@ -542,6 +550,7 @@ class Reconciler:
             job_created=job_created or {},
             node_architecture=lambda n: (archs or {}).get(n or "", "unknown"),
         )
+        return True
 
 
 def _describe(exc: BaseException) -> str:

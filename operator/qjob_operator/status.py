@@ -510,8 +510,11 @@ def decide(obs: Observed, spec: QuantizationJobSpec, stages: list[Stage], config
 
 
 def decide_ttl(obs: Observed, spec: QuantizationJobSpec) -> Decision:
-    """A finished job: delete it once spec.runPolicy.ttlSecondsAfterFinished has passed."""
+    """A finished job: delete it once spec.runPolicy.ttlSecondsAfterFinished has passed. A failed
+    one also stops what still runs (the reconcile that failed it may have stopped short)."""
     decision = Decision()
+    if (obs.body.get("status") or {}).get("phase") == Phase.FAILED:
+        decision.delete_stage_jobs = _unfinished_jobs(obs)
     ttl = spec.run_policy.ttl_seconds_after_finished
     done = parse_time((obs.body.get("status") or {}).get("completionTime"))
     if ttl is not None and done:
@@ -521,14 +524,18 @@ def decide_ttl(obs: Observed, spec: QuantizationJobSpec) -> Decision:
     return decision
 
 
+def _unfinished_jobs(obs: Observed) -> list[str]:
+    return [
+        job["metadata"]["name"]
+        for job in obs.stage_jobs.values()
+        if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
+    ]
+
+
 def finish(draft: _Draft, phase: str, reason: str, message: str, obs: Observed) -> Decision:
     if phase == Phase.FAILED:
         # A failed job stops everything it started (a failed stage's Job may still be active).
-        draft.decision.delete_stage_jobs = [
-            job["metadata"]["name"]
-            for job in obs.stage_jobs.values()
-            if not _job_condition(job, "Complete") and not _job_condition(job, "Failed")
-        ]
+        draft.decision.delete_stage_jobs = _unfinished_jobs(obs)
     set_finished_conditions(draft, phase, reason, message)
     return draft.write(phase, reason, message, completionTime=fmt_time(draft.now))
 
@@ -587,7 +594,7 @@ def decide_stage_records(
             continue
         if all(records[d].phase == Phase.SUCCEEDED for d in stage.after):
             draft.decision.create.append(stage)
-            record.reason = Reason.PENDING
+            record.reason, record.message = Reason.PENDING, "its Job is being created"
         else:
             record.reason = Reason.WAITING
             record.message = f"waits for {', '.join(stage.after)}"

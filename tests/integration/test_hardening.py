@@ -10,6 +10,7 @@ import re
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.operator_process import OperatorProcess, operator_config
 from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
@@ -207,6 +208,31 @@ def test_pods_the_job_controller_cannot_create_fail_by_the_pending_deadline(kube
     assert obj["status"]["reason"] == "PodsNotCreated", obj["status"]
     assert f"kubectl describe job {name}-quantize" in obj["status"]["message"]
     wait_for(lambda: not jobs_of(kube_api, ns, name), timeout=30, what="the pod-less Job deleted")
+
+
+def test_operator_runs_with_scarce_status_writes_and_still_records_each_failure(
+    kube_api, namespace, operator, tmp_path
+):
+    """A status write that waits for its turn (statusWritesPerSecond, a burst of Job creates) while
+    the failed job's Jobs are stopped: the failure is recorded, never lost to a rerun that no
+    longer sees the Job (which left the job Pending for good)."""
+    make_artifacts_pvc(kube_api, namespace)
+    make_calibration_configmap(kube_api, namespace)
+    # One write per 2 s: a failure's write waits while its stopped Job's events arrive.
+    config = operator_config(namespaces=[namespace], statusWritesPerSecond=0.5)
+    op = OperatorProcess(kubeconfig=operator.kubeconfig, workdir=tmp_path, config=config, user=operator.user)
+    op.start()
+    try:
+        spec = basic_spec(
+            engines=[], resources={"cpu": "5000", "memory": "4Gi"}, runPolicy={"pendingDeadlineSeconds": 8}
+        )
+        names = [create_qjob(kube_api, namespace, spec) for _ in range(4)]  # failing together: writes queue
+        for name in names:
+            obj = wait_qjob(kube_api, namespace, name, phase_is("Failed", "Succeeded"), timeout=90, operator=op)
+            assert obj["status"]["reason"] == "Unschedulable", obj["status"]
+            wait_for(lambda n=name: not jobs_of(kube_api, namespace, n), timeout=30, what=f"{name}'s Job stopped")
+    finally:
+        op.stop()
 
 
 # ------------------------------------------------------------------ finished work stays done (10)
