@@ -1066,6 +1066,10 @@ class Condition(APIModel):
     observed_generation: int | None = Field(None, description="The spec generation this condition was computed from.")
 
 
+#: Pod names a stage record lists (``StageStatus.pods``).
+STAGE_PODS_LISTED = 32
+
+
 class StageStatus(APIModel):
     """One runner Job: calibrate/quantize/export, or an engine build for one architecture."""
 
@@ -1075,7 +1079,15 @@ class StageStatus(APIModel):
     phase: str = Field("Pending", description="Pending, Running, Succeeded or Failed.")
     node: str | None = Field(None, description="Node the latest pod ran on.")
     gpu_product: str | None = Field(None, description="`nvidia.com/gpu.product` of that node.")
-    attempts: int = Field(0, description="Pods started for this stage.")
+    attempts: int = Field(
+        0, description="Pods started for this stage, also those since deleted (a node gone, an eviction)."
+    )
+    pods: list[Annotated[str, StringConstraints(max_length=253)]] = Field(
+        default=[],
+        max_length=STAGE_PODS_LISTED,
+        description=f"The stage's pods at the last status write, newest first (at most {STAGE_PODS_LISTED}): "
+        "a pod not listed before counts as one more attempt.",
+    )
     start_time: datetime | None = Field(None, description="When the first pod of the stage started.")
     completion_time: datetime | None = Field(None, description="When the stage finished.")
     reason: str | None = Field(None, description="Why the stage is waiting or failed.")

@@ -156,8 +156,11 @@ def _names_a_field(body: dict[str, Any]) -> bool:
     return any(_FIELD.search(t) for t in texts)
 
 
-def probe(kube_api, namespace: str, spec: dict[str, Any], name: str, fields: list[str], config) -> Outcome:
-    """Apply one spec; if accepted, check the operator could run it (and leave it for the operator)."""
+def probe(
+    kube_api, namespace: str, spec: dict[str, Any], name: str, fields: list[str], config, keep: bool = True
+) -> Outcome:
+    """Apply one spec; if accepted, check the operator could run it (and leave it for the operator,
+    unless ``keep`` is false)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from qjob_operator.builders import QuantizationJobRef, build_job
@@ -175,6 +178,8 @@ def probe(kube_api, namespace: str, spec: dict[str, Any], name: str, fields: lis
             body = {"message": str(exc.body)}
         return Outcome(name, fields, False, exc.status, body.get("message", "")[:600], _names_a_field(body))
     outcome = Outcome(name, fields, True)
+    if not keep:
+        client.CustomObjectsApi(kube_api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     try:
         parsed = QuantizationJobSpec.model_validate(created["spec"])
     except ValidationError as exc:
@@ -219,8 +224,9 @@ class FuzzRun:
         }
 
 
-def run(kube_api, namespace: str, examples: int, config) -> FuzzRun:
-    """Generate ``examples`` specs (and names, reproducibly) and probe each on the apiserver."""
+def run(kube_api, namespace: str, examples: int, config, keep: bool = True) -> FuzzRun:
+    """Generate ``examples`` specs (and names, reproducibly) and probe each on the apiserver;
+    accepted ones are left to the operator unless ``keep`` is false."""
     result = FuzzRun()
 
     @settings(
@@ -236,7 +242,7 @@ def run(kube_api, namespace: str, examples: int, config) -> FuzzRun:
         spec, fields = case
         index = len(result.outcomes)
         name = f"f{index:05d}-".ljust(name_length, "x")[:name_length]
-        result.outcomes.append(probe(kube_api, namespace, spec, name, fields, config))
+        result.outcomes.append(probe(kube_api, namespace, spec, name, fields, config, keep))
 
     one()
     return result

@@ -173,6 +173,7 @@ class Reconciler:
         self._stale: set[Key] = set()  # skipped one write for a newer state (see _write)
         self._waited: dict[Key, float] = {}  # seconds the running reconcile waited for a write turn
         self._failures: dict[Key, int] = {}  # consecutive failed reconciles, for backoff
+        self._retry_at: dict[Key, float] = {}  # monotonic time of the next retry of a job in backoff
         self._priority_classes: dict[str, bool] = {}  # name -> exists (only missing ones are re-checked)
         self.debounce_seconds = DEBOUNCE_SECONDS
 
@@ -180,6 +181,8 @@ class Reconciler:
 
     def track(self, key: Key, body: Mapping[str, Any]) -> None:
         known = self.bodies.get(key)
+        if known is None or known["metadata"].get("generation") != body["metadata"].get("generation"):
+            self._retry_at.pop(key, None)  # the user changed the job: retry at once
         # An event older than our own last status write would roll our view back and repeat its
         # events and metrics: keep the newer one (etcd revisions only grow).
         if (
@@ -204,6 +207,7 @@ class Reconciler:
 
     def forget(self, key: Key) -> None:
         self._failures.pop(key, None)
+        self._retry_at.pop(key, None)
         body = self.bodies.pop(key, None)
         for table in (self._parsed, self.reports, self._written_at):
             table.pop(key, None)
@@ -234,6 +238,8 @@ class Reconciler:
         if delay > 0:
             asyncio.get_running_loop().call_later(delay, self.schedule, key)
             return
+        if self._retry_at.get(key, 0.0) > time.monotonic():
+            return  # in backoff: events (our own status writes too) wait for the retry
         task = self._tasks.get(key)
         if task and not task.done():
             self._dirty.add(key)
@@ -242,6 +248,12 @@ class Reconciler:
             self._run(key),
             name=f"reconcile {key[0]}/{key[1]}",
         )
+
+    def _retry(self, key: Key) -> None:
+        # (a timer may fire a hair early; one for an earlier failure finds a later retry time set)
+        if self._retry_at.get(key, 0.0) <= time.monotonic() + 0.05:
+            self._retry_at.pop(key, None)
+            self.schedule(key)
 
     async def _settle(self) -> None:
         """Events come in bursts (a Job and its pod change together); waiting a moment lets one
@@ -261,6 +273,7 @@ class Reconciler:
             self._waited[key] = 0.0
             try:
                 await self.reconcile(key)
+                self._retry_at.pop(key, None)
                 if self._failures.pop(key, 0):
                     await self._record_reconciled(key, None)
             except Exception as exc:  # noqa: BLE001 - any failure is retried; the loop must survive
@@ -268,8 +281,10 @@ class Reconciler:
                 failures = self._failures[key] = self._failures.get(key, 0) + 1
                 delay = retry_delay(failures)
                 log.exception("reconcile of %s/%s failed (%d in a row); retrying in %.0fs", *key, failures, delay)
+                self._retry_at[key] = time.monotonic() + delay
                 await self._record_reconciled(key, f"{_describe(exc)}; retry {failures} in {delay:.0f}s")
-                self.schedule(key, delay)
+                asyncio.get_running_loop().call_later(delay, self._retry, key)
+                self._dirty.discard(key)  # what changed meanwhile waits for the retry too
             finally:
                 # Its own work, without the wait for a status write's turn (measured apart).
                 self.metrics.reconcile_duration.observe(time.monotonic() - started - self._waited.pop(key, 0.0))

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from qjob_api.reasons import EXIT_CODE_REASONS, Reason
 from qjob_api.runner import ExitCode, RunnerResult
 from qjob_api.v1alpha1 import (
+    STAGE_PODS_LISTED,
     TERMINAL_PHASES,
     Artifact,
     Phase,
@@ -208,6 +209,8 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
         return record
     js = job.get("status") or {}
     record.attempts = len(pods) or (js.get("failed", 0) + js.get("succeeded", 0) + js.get("active", 0))
+    newest = sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+    record.pods = [p["metadata"]["name"] for p in reversed(newest)][:STAGE_PODS_LISTED]
     if latest := _latest(pods):
         record.node = latest["spec"]["nodeName"]
         record.gpu_product = obs.node_products.get(record.node)
@@ -615,7 +618,8 @@ def decide_stage_records(
 
 def remember_history(records: dict[str, StageStatus], old: Mapping[str, Any]) -> None:
     """A stage's first start and its attempts are history: the pods they came from may be gone
-    (a node deleted, pods garbage-collected), the status keeps them."""
+    (a node deleted, pods garbage-collected), the status keeps them. An attempt is a pod the
+    last status write did not list (only the newest are listed: an older pod never shows up as new)."""
     for before in old.get("stages") or []:
         record = records.get(before.get("name"))
         if record is None:
@@ -623,7 +627,10 @@ def remember_history(records: dict[str, StageStatus], old: Mapping[str, Any]) ->
         started = parse_time(before.get("startTime"))
         if started and (record.start_time is None or started < record.start_time):
             record.start_time = started
-        record.attempts = max(record.attempts, int(before.get("attempts") or 0))
+        attempts = int(before.get("attempts") or 0)
+        if "pods" in before:  # written by an operator that lists them
+            attempts += len(set(record.pods) - set(before["pods"]))
+        record.attempts = max(record.attempts, attempts)
 
 
 def unproven_success(

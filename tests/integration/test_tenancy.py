@@ -32,12 +32,14 @@ pytestmark = pytest.mark.cluster
 HOLD = "localcluster.qjob.dev/hold"
 
 
-@pytest.fixture
-def tenants(kube_api, namespace, operator):
-    """Namespace A (the attacker edits it) and B (the victim's, with a running job and a Secret)."""
+@pytest.fixture(scope="module")
+def tenants(kube_api, operator):
+    """Namespace A (the attacker edits it) and B (the victim's, with a running job and a Secret),
+    set up once: each attempt below creates objects of its own names in A."""
     core = client.CoreV1Api(kube_api)
-    b = f"victim-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": b}})
+    namespace, b = (f"{who}-{uuid.uuid4().hex[:6]}" for who in ("tenant", "victim"))
+    for ns in (namespace, b):
+        core.create_namespace({"metadata": {"name": ns}})
     for ns in (namespace, b):
         make_artifacts_pvc(kube_api, ns)
         make_calibration_configmap(kube_api, ns)
@@ -77,7 +79,8 @@ def tenants(kube_api, namespace, operator):
         yield namespace, b, victim, alice
     finally:
         alice.close()
-        core.delete_namespace(b, propagation_policy="Background")
+        for ns in (namespace, b):
+            core.delete_namespace(ns, propagation_policy="Background")
 
 
 def _denied(call) -> int:

@@ -121,10 +121,19 @@ def test_start_times_and_attempts_survive_their_pods(spec_dict, config):
     first = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [pod()]})
     assert first.status["startTime"] == "2026-11-22T11:59:40Z"
     replacement = pod()
+    replacement["metadata"]["name"] = "p2"
     replacement["status"]["startTime"] = "2026-11-22T12:05:00Z"
+    # The old pod is gone (not counted by the Job: a disruption), the new one not created yet.
+    between = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": []}, status=first.status)
     later = run(
-        spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [replacement]}, status=first.status
+        spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [replacement]}, status=between.status
     )
     stages = {s["name"]: s for s in later.status["stages"]}
     assert later.status["startTime"] == first.status["startTime"]
-    assert stages["quantize"]["startTime"] == "2026-11-22T11:59:40Z" and stages["quantize"]["attempts"] == 1
+    assert stages["quantize"]["startTime"] == "2026-11-22T11:59:40Z"
+    assert stages["quantize"]["attempts"] == 2 and stages["quantize"]["pods"] == ["p2"]
+    # Seen again (every reconcile, an operator restart): still two.
+    again = run(
+        spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [replacement]}, status=later.status
+    )
+    assert {s["name"]: s for s in again.status["stages"]}["quantize"]["attempts"] == 2
