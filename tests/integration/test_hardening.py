@@ -174,9 +174,11 @@ def test_two_jobs_never_share_an_output_folder(kube_api, ns, operator):
     first = create_qjob(kube_api, ns, held, name="first")
     wait_qjob(kube_api, ns, first, phase_is("Running"), timeout=60, operator=operator)
     # Its folder (the default <namespace>/<name>), a folder inside it, and the folder around it.
-    for i, path in enumerate([f"{ns}/first", f"{ns}/first/.qjob-work", ns]):
-        spec = basic_spec(engines=[], output={"pvc": {"claimName": "artifacts", "path": path}})
-        other = create_qjob(kube_api, ns, spec, name=f"second-{i}")
+    others = [
+        create_qjob(kube_api, ns, basic_spec(engines=[], output={"pvc": {"claimName": "artifacts", "path": path}}))
+        for path in (f"{ns}/first", f"{ns}/first/.qjob-work", ns)
+    ]
+    for other in others:
         obj = wait_qjob(kube_api, ns, other, phase_is("Failed", "Running", "Succeeded"), timeout=60, operator=operator)
         assert obj["status"]["reason"] == "OutputPathConflict", obj["status"]
         assert "overlaps the output of QuantizationJob first" in obj["status"]["message"]
