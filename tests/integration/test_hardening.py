@@ -11,6 +11,7 @@ import time
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, operator_config
 from qjob_dev.qjobs import (
     GROUP,
@@ -217,12 +218,12 @@ def test_pods_the_job_controller_cannot_create_fail_by_the_pending_deadline(kube
     wait_for(lambda: not jobs_of(kube_api, ns, name), timeout=30, what="the pod-less Job deleted")
 
 
-def test_operator_runs_with_scarce_status_writes_and_still_records_each_failure(
-    kube_api, namespace, operator, tmp_path
-):
-    """A status write that waits for its turn (statusWritesPerSecond, a burst of Job creates) while
-    the failed job's Jobs are stopped: the failure is recorded, never lost to a rerun that no
-    longer sees the Job (which left the job Pending for good)."""
+def test_operator_runs_with_its_own_config_and_records_and_stops_every_failure(kube_api, namespace, operator, tmp_path):
+    """An operator of its own (this namespace only), to set what the session's cannot:
+    - scarce status writes: a failure's write waits for its turn while the failed job's Jobs are
+      stopped; the failure is still recorded, never lost to a rerun that no longer sees the Job
+      (which left the job Pending for good);
+    - a policy lowered while a job runs: the job fails and every Job it started is stopped (4c)."""
     make_artifacts_pvc(kube_api, namespace)
     make_calibration_configmap(kube_api, namespace)
     # One write per 2 s: a failure's write waits while its stopped Job's events arrive.
@@ -230,6 +231,11 @@ def test_operator_runs_with_scarce_status_writes_and_still_records_each_failure(
     op = OperatorProcess(kubeconfig=operator.kubeconfig, workdir=tmp_path, config=config, user=operator.user)
     op.start()
     try:
+        running = create_qjob(
+            kube_api,
+            namespace,
+            basic_spec(engines=[], resources={"gpus": 2}, scheduling={"podAnnotations": {HOLD: "true"}}),
+        )
         spec = basic_spec(
             engines=[], resources={"cpu": "5000", "memory": "4Gi"}, runPolicy={"pendingDeadlineSeconds": 4}
         )
@@ -238,8 +244,24 @@ def test_operator_runs_with_scarce_status_writes_and_still_records_each_failure(
             obj = wait_qjob(kube_api, namespace, name, phase_is("Failed", "Succeeded"), timeout=90, operator=op)
             assert obj["status"]["reason"] == "Unschedulable", obj["status"]
             wait_for(lambda n=name: not jobs_of(kube_api, namespace, n), timeout=30, what=f"{name}'s Job stopped")
+
+        wait_qjob(kube_api, namespace, running, phase_is("Running"), timeout=60, operator=op)
+        op.kill()  # a restart with the platform team's new policy
+        op.config["policy"] = {"maxGpusPerPod": 1}
+        op.start()
+        obj = wait_qjob(kube_api, namespace, running, phase_is("Failed", "Succeeded"), timeout=60, operator=op)
+        assert obj["status"]["reason"] == "PolicyViolation", obj["status"]
+        wait_for(lambda: not jobs_of(kube_api, namespace, running), timeout=30, what="its GPU pods' Job stopped")
     finally:
         op.stop()
+
+
+def test_a_runner_that_exits_0_without_artifacts_fails_saying_so(kube_api, ns, operator):
+    """A broken image or entrypoint exits 0 too (13): no artifact, no success."""
+    silent = basic_spec(engines=[], scheduling={"podAnnotations": {TERMINATION_MESSAGE_ANNOTATION: ""}})
+    name = create_qjob(kube_api, ns, silent)
+    obj = wait_qjob(kube_api, ns, name, phase_is("Failed", "Succeeded"), timeout=60, operator=operator)
+    assert obj["status"]["reason"] == "NoArtifacts" and "runner.image" in obj["status"]["message"], obj["status"]
 
 
 # ------------------------------------------------------------------ finished work stays done (10)

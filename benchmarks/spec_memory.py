@@ -1,0 +1,164 @@
+"""Operator memory with the largest specs the CRD accepts (issue 9, finding 4d: before the spec was
+bounded, 10 specs of 1.16 MiB added ~75 MiB to the operator's RSS).
+
+  python benchmarks/spec_memory.py [--jobs 100] [--kubeconfig PATH]
+
+On a fresh local cluster: the operator's RSS when idle, after N small QuantizationJobs and after N
+of the largest spec the apiserver accepts (every map and list at its maxItems/maxProperties, every
+string at its maxLength). The jobs stay unfinished (their pods wait for nodes that do not exist),
+so the operator keeps reconciling them. Figures are printed and written to
+benchmarks/results/spec_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kubernetes import client
+from kubernetes import config as kconfig
+from qjob_dev import localcluster
+from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
+from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
+from qjob_dev.waits import wait_for
+
+ROOT = localcluster.REPO_ROOT
+RESULTS = ROOT / "benchmarks" / "results" / "spec_memory.json"
+#: The chart's default memory limit of the operator container.
+LIMIT_MIB = 512
+
+
+def small_spec() -> dict:
+    return {
+        "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
+        "quantization": {"format": "fp8"},
+        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}}},
+        "output": {"pvc": {"claimName": "artifacts"}},
+        # No node has this label: the pods wait, the job stays unfinished.
+        "scheduling": {"nodeSelector": {"example.com/pool": "none"}},
+        "runPolicy": {"pendingDeadlineSeconds": 86400},
+    }
+
+
+def _qualified(i: int, prefix_length: int = 253) -> str:
+    """A distinct label/annotation key of the largest size (253-character prefix / 63-character name)."""
+    prefix = ".".join(["p" * 63] * 3 + [f"{i:x}".rjust(61, "q")])[:prefix_length]
+    return f"{prefix}/{f'{i:x}'.rjust(63, 'n')}"
+
+
+def largest_spec() -> dict:
+    """The small spec with every list and map full and every string at its longest."""
+    spec = small_spec()
+    path = "/".join(["d" * 99] * 10)[:1024]
+    spec["output"]["pvc"]["path"] = path
+    spec["calibration"]["dataset"] = {"pvc": {"claimName": "c" * 253, "path": path}}
+    spec["quantization"]["excludeModules"] = [f"{i:x}".rjust(256, "m") for i in range(64)]
+    spec["scheduling"] = {
+        "nodeSelector": {_qualified(i): "v" * 63 for i in range(16)},
+        "podLabels": {_qualified(100 + i): "v" * 63 for i in range(32)},
+        "podAnnotations": {_qualified(200 + i): "a" * 512 for i in range(8)},
+        "tolerations": [
+            {"key": _qualified(300 + i), "operator": "Equal", "value": "t" * 63, "effect": "NoSchedule"}
+            for i in range(16)
+        ],
+    }
+    return spec
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def settled_rss(pid: int, seconds: float = 20) -> float:
+    """RSS once it stops growing (sampled every second, highest of the last window)."""
+    samples = [rss_mib(pid)]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        samples.append(rss_mib(pid))
+    return max(samples[-5:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--kubeconfig", help="use this running cluster instead of starting one")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="qjob-spec-memory-"))
+    cluster = None
+    if args.kubeconfig:
+        kubeconfig = Path(args.kubeconfig)
+    else:
+        cluster = localcluster.LocalCluster(workdir / "cluster")
+        cluster.up(timeout=180)
+        kubeconfig = cluster.kubeconfig
+    api = kconfig.new_client_from_config(config_file=str(kubeconfig))
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    operator = None
+    try:
+        install_crds(cluster or localcluster.LocalCluster.attach(kubeconfig))
+        namespaces = {kind: f"spec-memory-{kind}-{int(time.time())}" for kind in ("small", "largest")}
+        for ns in namespaces.values():
+            core.create_namespace({"metadata": {"name": ns}})
+            make_artifacts_pvc(api, ns)
+            make_calibration_configmap(api, ns)
+        operator = OperatorProcess(
+            kubeconfig=kubeconfig, workdir=workdir, config=operator_config(namespaces=list(namespaces.values()))
+        )
+        operator.start()
+        pid = operator.proc.pid
+        results: dict = {"jobs": args.jobs, "operator_idle_rss_mib": round(settled_rss(pid, 10), 1)}
+        before = results["operator_idle_rss_mib"]
+        for kind, make in (("small", small_spec), ("largest", largest_spec)):
+            ns, spec = namespaces[kind], make()
+            for i in range(args.jobs):
+                custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(f"{kind}-{i}", spec))
+            stored = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, f"{kind}-0")
+
+            def reconciled(ns=ns):
+                items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+                return sum(bool((i.get("status") or {}).get("phase")) for i in items) == args.jobs
+
+            wait_for(reconciled, timeout=300, interval=2, what=f"{args.jobs} {kind} jobs reconciled")
+            rss = round(settled_rss(pid), 1)
+            results[kind] = {
+                "spec_json_bytes": len(json.dumps(stored["spec"], separators=(",", ":"))),
+                "operator_rss_mib": rss,
+                "added_mib_per_job": round((rss - before) / args.jobs, 3),
+                "phases": sorted(
+                    {(i.get("status") or {}).get("phase") for i in custom.list_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL)["items"]}
+                ),  # fmt: skip
+            }
+            before = rss
+            print(json.dumps({kind: results[kind]}), flush=True)
+        per_job = results["largest"]["added_mib_per_job"]
+        results["largest_jobs_to_reach_limit"] = (
+            int((LIMIT_MIB - results["operator_idle_rss_mib"]) / per_job) if per_job > 0 else None
+        )
+        results["limit_mib"] = LIMIT_MIB
+        results["machine"] = {"cores": os.cpu_count()}
+        results["command"] = "python benchmarks/spec_memory.py " + " ".join(sys.argv[1:])
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        print(f"written to {RESULTS.relative_to(ROOT)}")
+    finally:
+        if operator:
+            operator.stop()
+        if cluster:
+            cluster.down()
+        api.close()
+
+
+if __name__ == "__main__":
+    main()
