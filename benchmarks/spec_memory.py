@@ -130,14 +130,12 @@ def main() -> None:
 
             wait_for(reconciled, timeout=300, interval=2, what=f"{args.jobs} {kind} jobs reconciled")
             rss = round(settled_rss(pid), 1)
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
             results[kind] = {
                 "spec_json_bytes": len(json.dumps(stored["spec"], separators=(",", ":"))),
                 "operator_rss_mib": rss,
                 "added_mib_per_job": round((rss - before) / args.jobs, 3),
-                "phases": sorted(
-                    {(i.get("status") or {}).get("phase") for i in custom.list_namespaced_custom_object(
-                        GROUP, VERSION, ns, PLURAL)["items"]}
-                ),  # fmt: skip
+                "phases": sorted({(i.get("status") or {}).get("phase") for i in items}),
             }
             before = rss
             print(json.dumps({kind: results[kind]}), flush=True)
