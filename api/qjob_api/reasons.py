@@ -39,6 +39,11 @@ class Reason(StrEnum):
     JOB_REJECTED = "JobRejected"
     RECONCILE_FAILED = "ReconcileFailed"
     RECONCILED = "Reconciled"
+    # The reuse check (spec.reuse): reused, or why the job runs normally after all.
+    REUSED = "Reused"
+    REUSE_INPUTS_CHANGED = "ReuseInputsChanged"  # the model revision, data or libraries differ
+    REUSE_ARTIFACT_MISSING = "ReuseArtifactMissing"  # the earlier job's manifest or files are gone
+    REUSE_ARTIFACT_CHANGED = "ReuseArtifactChanged"  # a file no longer matches its sha256
 
 
 #: The reason for each runner exit code: the runner reports it, the operator reads it back from

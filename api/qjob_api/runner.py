@@ -21,15 +21,22 @@ from .v1alpha1 import (
     EvaluationSpec,
     ExportSpec,
     HuggingFaceDataset,
+    JobReference,
     ModelSize,
     Quality,
     QuantizationSpec,
     ServingSpec,
+    WorkInputs,
 )
+from .work import WorkRecipe
 
 RUNNER_API_VERSION = "qjob.dev/runner/v1"
 #: The stage that only reads the model's size (auto sizing without a fetch stage), on a pod without GPUs.
 INSPECT_STAGE = "inspect"
+#: The stage that checks an earlier identical job's artifacts and copies them (no GPU).
+REUSE_STAGE = "reuse"
+#: The reuse stage checks at most this many earlier jobs (newest first).
+MAX_REUSE_CANDIDATES = 3
 
 #: Where the runner reads its config when the env var is unset; the env var holds a path or inline
 #: JSON (the operator sets it to inline JSON).
@@ -115,6 +122,30 @@ class RunnerCalibration(APIModel):
 REPORT_TOKEN_PATH = "/var/run/secrets/qjob.dev/report/token"
 
 
+class ReuseCandidate(APIModel):
+    """An earlier Succeeded job whose artifacts the reuse stage may take, as the operator saw it."""
+
+    job: JobReference
+    work_key: str = Field(description="Its status.work.key.")
+    inputs: WorkInputs | None = Field(None, description="Its status.work.inputs (to say what changed).")
+    output_uri: str = Field(description="Base URI of its artifacts (`pvc://claim/path` or `s3://bucket/prefix`).")
+    output_dir: str | None = Field(None, description="Its PVC output folder as mounted (read-only) in this pod.")
+    output_s3: RunnerS3 | None = Field(None, description="Its S3 output.")
+    artifacts: list[Artifact] = Field(default_factory=list, description="Its status.artifacts (uris and sha256s).")
+
+
+class RunnerReuse(APIModel):
+    candidates: list[ReuseCandidate] = Field(default_factory=list, max_length=MAX_REUSE_CANDIDATES)
+
+
+class ReuseOutcome(APIModel):
+    """What the reuse stage did: reused (``reused_from`` set) or why not."""
+
+    reused_from: JobReference | None = None
+    reason: str
+    message: str = ""
+
+
 class Reporting(APIModel):
     """Where progress goes besides the log. ``operator`` POSTs each report (a ``RunnerReport``)
     to the operator's report endpoint over HTTPS with the pod's projected ServiceAccount token:
@@ -162,6 +193,10 @@ class RunnerConfig(APIModel):
     )
     work_dir: str | None = Field(None, description="Scratch and resume state; default `<output_dir>/.qjob-work`.")
     reporting: Reporting = Field(default_factory=Reporting)
+    work_recipe: WorkRecipe | None = Field(
+        None, description="What the spec asks for; with the resolved inputs it gives the work key (qjob_api.work)."
+    )
+    reuse: RunnerReuse | None = Field(None, description="The earlier jobs to check (the reuse stage only).")
 
     @property
     def is_build(self) -> bool:
@@ -186,6 +221,8 @@ class RunnerResult(APIModel):
     step_seconds: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     model_size: ModelSize | None = Field(None, description="Set by the fetch and inspect stages.")
+    work: WorkInputs | None = Field(None, description="The resolved inputs of the work (quantize and reuse stages).")
+    reuse: ReuseOutcome | None = Field(None, description="Set by the reuse stage.")
 
     def termination_message(self) -> str:
         """JSON that fits Kubernetes' 4096-byte termination message (drops detail if needed)."""
@@ -197,5 +234,5 @@ class RunnerResult(APIModel):
         return short.model_dump_json(
             by_alias=True,
             exclude_none=True,
-            include={"outcome", "stage", "exit_code", "reason", "message", "model_size"},
+            include={"outcome", "stage", "exit_code", "reason", "message", "model_size", "work", "reuse"},
         )

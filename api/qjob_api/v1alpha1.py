@@ -767,6 +767,13 @@ class RunPolicy(APIModel):
     suspend: bool = Field(False, description="Create no new pods while true (Kueue also uses this).")
 
 
+class ReusePolicy(StrEnum):
+    """Whether a job may complete with the verified artifacts of an identical finished job."""
+
+    IF_AVAILABLE = "IfAvailable"
+    NEVER = "Never"
+
+
 # ------------------------------------------------------------------------------------------ spec
 
 
@@ -957,6 +964,7 @@ def _spec_rules() -> list[dict[str, str]]:
         "resources",
         "scheduling",
         "output",
+        "reuse",
     )
     return [
         *_matrix_rules(),
@@ -998,7 +1006,7 @@ def _spec_rules() -> list[dict[str, str]]:
             " && ".join(f"self.{f} == oldSelf.{f}" for f in immutable),
             "only spec.runPolicy can change after a QuantizationJob is created: delete and re-create "
             "it (or create one with a new name) to change the model, quantization, calibration, "
-            "export, engines, serving, evaluation, resources, scheduling or output",
+            "export, engines, serving, evaluation, resources, scheduling, output or reuse",
         ),
     ]
 
@@ -1030,6 +1038,15 @@ class QuantizationJobSpec(APIModel):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Placement overrides.")
     output: OutputSpec = Field(description="Where artifacts are written.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, clean-up, suspend.")
+    reuse: ReusePolicy = Field(
+        ReusePolicy.IF_AVAILABLE,
+        description="`IfAvailable`: when a Succeeded job of this namespace did the same work (same model "
+        "revision, quantization, calibration data, export, engines, evaluation and runner library versions: "
+        "status.work.key), a GPU-less `reuse` stage checks that its artifacts still exist and match their "
+        "sha256s, copies them into this job's output and the job succeeds without any GPU stage "
+        "(status.reusedFrom names the job). A missing or changed artifact falls back to a normal run. "
+        "`Never`: always run.",
+    )
 
     def target_architectures(self) -> list[GPUArchitecture]:
         return [e.architecture for e in self.engines]
@@ -1073,7 +1090,7 @@ STAGE_PODS_LISTED = 32
 class StageStatus(APIModel):
     """One runner Job: calibrate/quantize/export, or an engine build for one architecture."""
 
-    name: str = Field(description="Stage name: `fetch` or `inspect`, `quantize`, `build-<architecture>`.")
+    name: str = Field(description="Stage name: `reuse`, `fetch` or `inspect`, `quantize`, `build-<architecture>`.")
     job_name: str | None = Field(None, description="The batch/v1 Job running this stage.")
     architecture: str | None = Field(None, description="Architecture the stage requires (builds only).")
     phase: str = Field("Pending", description="Pending, Running, Succeeded or Failed.")
@@ -1208,6 +1225,48 @@ class RunnerReport(APIModel):
     updated_at: datetime | None = Field(None, description="When the runner sent this report.")
 
 
+class WorkInputs(APIModel):
+    """What a job's work was done on, as resolved at run time (the spec alone cannot say)."""
+
+    model_revision: str = Field(
+        description="The model's content: `hf:<repo>@<commit>`, `s3:<digest of the objects' keys, sizes and ETags>` "
+        "or `files:<sha256 over the folder's files>` (PVC)."
+    )
+    calibration_data: str = Field(description="`sha256:` of the calibration and held-out texts used.")
+    versions: dict[str, str] = Field(
+        default={}, description="Versions of the runner libraries that shape the artifacts (ModelOpt, torch, ...)."
+    )
+
+
+class WorkRecord(APIModel):
+    """The identity of a finished job's work: an identical request on the same inputs has the same key."""
+
+    key: str = Field(description="sha256 of the recipe and the inputs (`qjob_api.work.work_key`).")
+    recipe_key: str = Field(description="sha256 of the recipe only: what the spec asks for, before inputs resolve.")
+    inputs: WorkInputs = Field(description="The resolved inputs.")
+
+
+class JobReference(APIModel):
+    """A QuantizationJob, by name and uid (a re-created job of the same name has a new uid)."""
+
+    namespace: str = Field(description="Namespace of the job.")
+    name: str = Field(description="Name of the job.")
+    uid: str = Field(description="metadata.uid of the job.")
+
+
+class ReuseStatus(APIModel):
+    """What the reuse check found (spec.reuse IfAvailable and an earlier job with the same recipe)."""
+
+    candidates: list[JobReference] = Field(
+        default=[], description="Succeeded jobs with the same recipe that the reuse stage checked, newest first."
+    )
+    outcome: Literal["Checking", "Reused", "NotReused"] = Field(
+        "Checking", description="Checking, Reused (no GPU stage ran) or NotReused (the job ran normally)."
+    )
+    reason: str | None = Field(None, description="Why not reused, e.g. ReuseInputsChanged, ReuseArtifactChanged.")
+    message: str | None = Field(None, description="Details for `reason`.")
+
+
 class QuantizationJobStatus(APIModel):
     """Observed state, written by the operator only."""
 
@@ -1244,6 +1303,13 @@ class QuantizationJobStatus(APIModel):
     )
     start_time: datetime | None = Field(None, description="When the first runner pod started.")
     completion_time: datetime | None = Field(None, description="When the job reached Succeeded or Failed.")
+    work: WorkRecord | None = Field(
+        None, description="The work key of a Succeeded job: later jobs with the same key may reuse its artifacts."
+    )
+    reuse: ReuseStatus | None = Field(None, description="The reuse check, when one ran.")
+    reused_from: JobReference | None = Field(
+        None, description="The job whose verified artifacts this job reused (no GPU stage ran)."
+    )
 
 
 #: Rules on the whole object (CEL sees metadata.name there).

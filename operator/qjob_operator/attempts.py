@@ -23,6 +23,7 @@ from . import sizing
 from .config import OperatorConfig
 from .multipod import JOB_NAME_LABEL
 from .nodes import NodeFit, node_fits
+from .reuse import ReuseState
 from .plan import QUANTIZE_STAGE, NodeRequirement, Stage, child_name, model_stage, plan_stages, quantize_job_name
 from .status import Observed, classify_failed_pod, observe, runner_result
 
@@ -290,17 +291,21 @@ def observe_attempts(
     stage_pods: Mapping[str, list[dict[str, Any]]],
     nodes: NodeFit,
     now: datetime,
+    reuse: ReuseState | None = None,
 ) -> tuple[list[Stage], Observed, Sizing]:
     """``stage_jobs``/``stage_pods``: every Job and pod of each stage (a re-planned quantize stage
     has one Job per attempt). Returns the stages with the current plan, what ``decide`` sees of
-    them (the current attempt's Job and pods only) and the plans to record."""
+    them (the current attempt's Job and pods only) and the plans to record. ``reuse``: whether a
+    reuse stage comes first (a job that reused has no quantize stage, so no plan)."""
     name = body["metadata"]["name"]
-    unplanned = plan_stages(spec, config)
+    unplanned = plan_stages(spec, config, reuse=reuse)
     jobs = {j["metadata"]["name"]: j for s in unplanned for j in stage_jobs.get(s.name, [])}
-    quantize = next(s for s in unplanned if s.name == QUANTIZE_STAGE)
-    shapes = node_shapes(nodes.nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
-    found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
-    stages = plan_stages(spec, config, found.current, found.model_size)
+    quantize = next((s for s in unplanned if s.name == QUANTIZE_STAGE), None)
+    found = Sizing()
+    if quantize is not None:
+        shapes = node_shapes(nodes.nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
+        found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
+    stages = plan_stages(spec, config, found.current, found.model_size, reuse)
     obs = observe(
         body,
         stages,

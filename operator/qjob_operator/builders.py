@@ -13,25 +13,28 @@ from qjob_api.runner import (
     INSPECT_STAGE,
     NON_RETRYABLE_EXIT_CODES,
     REPORT_TOKEN_PATH,
+    REUSE_STAGE,
     ExitCode,
     Reporting,
     RunnerCalibration,
     RunnerConfig,
     RunnerDataset,
     RunnerModel,
+    RunnerReuse,
 )
 from qjob_api.v1alpha1 import API_VERSION, KIND, PVCLocation, QuantizationJobSpec, quantity_to_mib
+from qjob_api.work import recipe_of
 
-from . import multipod
+from . import multipod, reuse
 from .config import OperatorConfig
 from .disk import quantity, scratch_plan
 from .fetch import FETCH_STAGE, MODEL_CACHE_ROOT, cache_claim, cache_volume, fetch_resources, prefer_nodes_without_gpus
 from .objectstore import S3Use
 from .plan import (
     LABEL_QUANTIZATION_JOB,
+    GPU_LESS_STAGES,
     LABEL_STAGE,
     MANAGED_BY,
-    MODEL_STAGES,
     QUANTIZE_STAGE,
     NodeRequirement,
     Stage,
@@ -89,14 +92,16 @@ def output_location(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> PVCLo
     return out if out.path else out.model_copy(update={"path": f"{ref.namespace}/{ref.name}"})
 
 
-def s3_uses(ref: QuantizationJobRef, spec: QuantizationJobSpec) -> list[S3Use]:
-    """The S3 locations a job's runner pods read or write (model source, output)."""
+def s3_uses(ref: QuantizationJobRef, spec: QuantizationJobSpec, stage: Stage | None = None) -> list[S3Use]:
+    """The S3 locations a job's runner pods read or write (model source, output; a reuse stage
+    also reads the S3 outputs of the earlier jobs it checks)."""
     uses = []
     if spec.model.s3:
         uses.append(S3Use("model", "spec.model.s3", spec.model.s3, spec.model.s3.prefix))
     if out := spec.output.s3:
         uses.append(S3Use("output", "spec.output.s3", out, out.prefix or f"{ref.namespace}/{ref.name}"))
-    return uses
+    candidates = stage.candidates if stage else ()
+    return uses + [use for i, c in enumerate(candidates) if (use := c.s3_use(i))]
 
 
 def _s3_use(ref: QuantizationJobRef, spec: QuantizationJobSpec, role: str) -> S3Use | None:
@@ -160,6 +165,10 @@ def build_runner_config(
         output_uri=output_uri(ref, spec),
         output_s3=output_s3.runner() if output_s3 else None,
         reporting=report_channel(ref, stage, config),
+        work_recipe=recipe_of(spec),
+        reuse=RunnerReuse(candidates=reuse.runner_candidates(list(stage.candidates), pvc_path))
+        if stage.name == REUSE_STAGE
+        else None,
     )
 
 
@@ -209,6 +218,9 @@ def _volumes(
         claims.setdefault(spec.model.pvc.claim_name, True)
     if spec.calibration.dataset.pvc:
         claims.setdefault(spec.calibration.dataset.pvc.claim_name, True)
+    for candidate in stage.candidates:  # the reuse stage reads earlier jobs' outputs
+        if candidate.output_pvc:
+            claims.setdefault(candidate.output_pvc.claim_name, True)
     scratch = scratch_plan(spec, stage, config)
     volumes = [
         {"name": "cache", "emptyDir": {"sizeLimit": quantity(scratch.scratch_bytes)}},
@@ -226,7 +238,7 @@ def _volumes(
             {"name": "calibration", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}}
         )
         mounts.append({"name": "calibration", "mountPath": CALIBRATION_ROOT, "readOnly": True})
-    for use in s3_uses(ref, spec):
+    for use in s3_uses(ref, spec, stage):
         ca_volumes, ca_mounts = use.volumes()
         volumes += ca_volumes
         mounts += ca_mounts
@@ -259,9 +271,10 @@ def _env(
                 "valueFrom": {"secretKeyRef": {"name": hf.token_secret_ref.name, "key": hf.token_secret_ref.key}},
             }
         )
-    fetched = cache_claim(spec, config) and stage.name != FETCH_STAGE
-    for use in s3_uses(ref, spec):
-        if not (fetched and use.role == "model"):  # with a fetch stage, only it reads the model source
+    # With a fetch stage, only it reads the model source (and the reuse stage, which resolves its revision).
+    fetched = cache_claim(spec, config) and stage.name not in (FETCH_STAGE, REUSE_STAGE)
+    for use in s3_uses(ref, spec, stage):
+        if not (fetched and use.role == "model"):
             env += use.env()
     env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
     return env
@@ -295,7 +308,7 @@ def build_job(
     )
     mounts.append({"name": "report-token", "mountPath": token_dir, "readOnly": True})
     gpu = config.node_labels.gpu_resource
-    if stage.name == FETCH_STAGE:
+    if stage.name in (FETCH_STAGE, REUSE_STAGE):  # downloads, hashes and copies: the model cache's share
         resources = fetch_resources(config)
     elif stage.name == INSPECT_STAGE:
         resources = {"requests": dict(INSPECT_RESOURCES), "limits": {"memory": INSPECT_RESOURCES["memory"]}}
@@ -338,7 +351,7 @@ def build_job(
     }
     if spec.scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)
-    if stage.name in MODEL_STAGES:
+    if stage.name in GPU_LESS_STAGES:
         pod_spec["affinity"] = prefer_nodes_without_gpus(config)
     elif affinity := node_affinity(stage.requirement, config):
         pod_spec["affinity"] = affinity

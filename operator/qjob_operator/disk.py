@@ -18,7 +18,7 @@ from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
 
 from .config import OperatorConfig
 from .fetch import cache_claim
-from .plan import MODEL_STAGES, Stage
+from .plan import MODEL_STAGES, REUSE_STAGE, Stage
 
 MiB = 1 << 20
 #: Hugging Face metadata, tokenizer and compile caches, logs.
@@ -49,6 +49,10 @@ def staged_output_bytes(spec: QuantizationJobSpec, stage: Stage, model_bytes: in
 
 def scratch_plan(spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig) -> ScratchPlan:
     tmp = quantity_to_mib(config.runner.tmp_size) * MiB
+    if stage.name == REUSE_STAGE:  # an S3 side stages the earlier job's artifacts here (their sizes are known)
+        local = spec.output.s3 is None and all(c.output_s3 is None for c in stage.candidates)
+        staged = max((sum(a.size_bytes or 0 for a in c.artifacts) for c in stage.candidates), default=0)
+        return ScratchPlan(HEADROOM + (0 if local else staged), tmp)
     if stage.name in MODEL_STAGES:  # fetch writes to the cache PVC; inspect reads headers only
         return ScratchPlan(HEADROOM, tmp)
     if spec.resources.scratch_storage:

@@ -12,6 +12,7 @@ import kopf
 from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
 
+from . import reuse
 from .plan import LABEL_PREFIX, LABEL_QUANTIZATION_JOB, LABEL_STAGE
 from .reconciler import Reconciler
 
@@ -111,6 +112,17 @@ def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
     return {name: _node_view(name, body)}
 
 
+def _finished_work(status: kopf.Status, **_: Any) -> bool:
+    return (status or {}).get("phase") == "Succeeded" and bool((status or {}).get("work"))
+
+
+@kopf.index(*QJOB, when=_finished_work)
+def qjob_finished_work(namespace: str, body: kopf.Body, **_: Any) -> dict | None:
+    """Succeeded jobs by (namespace, recipe key): the candidates a new job may reuse (reuse.py)."""
+    entry = reuse.indexed(body)
+    return {(namespace, entry["recipe_key"]): entry["candidate"]} if entry else None
+
+
 @kopf.on.event(*QJOB)
 async def quantizationjob_event(
     event: dict,
@@ -121,10 +133,11 @@ async def quantizationjob_event(
     qjob_stage_jobs: kopf.Index,
     qjob_pods: kopf.Index,
     qjob_nodes: kopf.Index,
+    qjob_finished_work: kopf.Index,
     **_: Any,
 ) -> None:
     reconciler: Reconciler = memo.reconciler
-    reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_nodes)
+    reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_nodes, qjob_finished_work)
     if event.get("type") == "DELETED":
         reconciler.forget((namespace, name))
     else:

@@ -1,6 +1,8 @@
 """Stages of a QuantizationJob (each one a batch/v1 Job) and what each needs from a node.
 
-At most one GPU-less *model stage* comes first (``model_stage``): ``fetch`` with a shared model
+A GPU-less ``reuse`` stage comes first when an identical finished job may be reused (reuse.py);
+once it reused that job's artifacts it is the only stage. At most one GPU-less *model stage*
+comes next (``model_stage``): ``fetch`` with a shared model
 cache (fetch.py) downloads the model and reports its size; without a cache, ``inspect`` reads only
 the size when GPUs are sized automatically. ``quantize`` (calibrate, quantize, export, evaluate)
 then runs on any GPU node that fits;
@@ -15,14 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qjob_api.capabilities import GPUArchitecture
-from qjob_api.runner import INSPECT_STAGE
+from qjob_api.runner import INSPECT_STAGE, REUSE_STAGE
 from qjob_api.v1alpha1 import ModelSize, QuantizationJobSpec, QuantizePlan, quantity_to_mib
 
 from .config import OperatorConfig
 from .fetch import FETCH_STAGE, cache_claim
+from .reuse import Candidate, ReuseState
 
 #: The GPU-less stages that come before ``quantize`` (a job has at most one of them).
 MODEL_STAGES = (FETCH_STAGE, INSPECT_STAGE)
+#: Stages whose pods request no GPU and prefer nodes without GPUs.
+GPU_LESS_STAGES = (REUSE_STAGE, *MODEL_STAGES)
 
 QUANTIZE_STAGE = "quantize"
 LABEL_PREFIX = "qjob.dev"
@@ -69,6 +74,8 @@ class Stage:
     model_bytes: int | None = None
     #: The quantize stage's current plan (GPUs, pods, batch); its attempt names the Job.
     plan: QuantizePlan | None = None
+    #: The earlier jobs the reuse stage checks (reuse stage only).
+    candidates: tuple[Candidate, ...] = ()
 
     @property
     def pods(self) -> int:
@@ -97,10 +104,11 @@ def plan_stages(
     config: OperatorConfig,
     plan: QuantizePlan | None = None,
     model_size: ModelSize | None = None,
+    reuse: ReuseState | None = None,
 ) -> list[Stage]:
-    """The stages of a job, in order: the model stage (``model_stage``), then ``quantize`` (with
-    ``plan`` once there is one), then the builds. ``model_size``: what the model stage reported
-    (sizes the later stages' disk)."""
+    """The stages of a job, in order: ``reuse`` when ``reuse`` says so (alone once it reused),
+    the model stage (``model_stage``), then ``quantize`` (with ``plan`` once there is one), then
+    the builds. ``model_size``: what the model stage reported (sizes the later stages' disk)."""
     memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
     tolerations = (*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations))
 
@@ -116,14 +124,22 @@ def plan_stages(
 
     calibration = spec.scheduling.calibration_architecture
     weights = model_size.weight_bytes if model_size else None
+    stages = []
+    if reuse and reuse.mode:
+        stages.append(Stage(REUSE_STAGE, requirement(None, 0, None), candidates=tuple(reuse.candidates)))
+        if reuse.mode == "reused":
+            return stages
+    start = tuple(s.name for s in stages)
     first = model_stage(spec, config)
-    stages = [Stage(first, requirement(None, 0, None))] if first else []
+    if first:
+        stages.append(Stage(first, requirement(None, 0, None), after=start))
+        start = (first,)
     if plan:
         planned_memory = max(memory or 0, plan.gpu_memory_mib or 0) or None
         quantize = requirement(calibration, plan.gpus_per_pod, planned_memory)
     else:
         quantize = requirement(calibration, spec.resources.gpus or 1)
-    stages.append(Stage(QUANTIZE_STAGE, quantize, after=(first,) if first else (), plan=plan, model_bytes=weights))
+    stages.append(Stage(QUANTIZE_STAGE, quantize, after=start, plan=plan, model_bytes=weights))
     stages += [
         Stage(
             build_stage(e.architecture),

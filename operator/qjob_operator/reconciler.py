@@ -24,9 +24,11 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 from qjob_api.reasons import Reason
+from qjob_api.runner import REUSE_STAGE
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec, RunnerReport
+from qjob_api.work import recipe_key, recipe_of
 
-from . import attempts, multipod
+from . import attempts, multipod, reuse
 from .builders import QuantizationJobRef, build_job
 from .config import OperatorConfig
 from .events import build_event
@@ -35,7 +37,7 @@ from .kube import ApiError, Kube
 from .metrics import Metrics
 from .nodes import NodeFit
 from .plan import LABEL_PREFIX, Stage, plan_stages
-from .status import decide, fmt_time, parse_time, set_condition, transition_events
+from .status import decide, fmt_time, parse_time, runner_result, set_condition, transition_events
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class ParsedSpec:
         self.uid, self.generation = meta.get("uid"), meta.get("generation")
         self.spec = QuantizationJobSpec.model_validate(body.get("spec") or {})
         self.stages = plan_stages(self.spec, config)
+        self.recipe = recipe_of(self.spec)
+        self.recipe_key = recipe_key(self.recipe)
 
     def current(self, body: Mapping[str, Any]) -> bool:
         meta = body["metadata"]
@@ -130,15 +134,22 @@ def _revision(body: Mapping[str, Any]) -> int:
 
 class Indexes:
     """kopf's indexes of the operator's stage Jobs and their Pods (keyed by namespace,
-    QuantizationJob name, stage) and of the cluster's nodes."""
+    QuantizationJob name, stage), of the cluster's nodes, and of Succeeded jobs by (namespace,
+    recipe key)."""
 
     def __init__(self) -> None:
         self.stage_jobs: kopf.Index | None = None
         self.pods: kopf.Index | None = None
         self.nodes: kopf.Index | None = None
+        self.finished_work: kopf.Index | None = None
 
-    def bind(self, stage_jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index) -> None:
-        self.stage_jobs, self.pods, self.nodes = stage_jobs, pods, nodes
+    def bind(
+        self, stage_jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index, finished_work: kopf.Index | None = None
+    ) -> None:
+        self.stage_jobs, self.pods, self.nodes, self.finished_work = stage_jobs, pods, nodes, finished_work
+
+    def reusable(self, namespace: str, key: str) -> list[reuse.Candidate]:
+        return list(self.finished_work.get((namespace, key), ())) if self.finished_work is not None else []
 
     def jobs_of_stage(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
         """Every Job of a stage (a re-planned quantize stage has one per attempt)."""
@@ -365,7 +376,7 @@ class Reconciler:
             body = {**body, "status": {**old, "runnerReports": {**(old.get("runnerReports") or {}), **{
                 s: r.to_api() for s, r in fresh.items()}}}}  # fmt: skip
         self.node_fit.refresh(self.indexes.all_nodes)
-        names = [s.name for s in parsed.stages]
+        names = [REUSE_STAGE, *(s.name for s in parsed.stages)]
         uid = body["metadata"]["uid"]
         stage_jobs, stage_pods, foreign = {}, {}, []
         for stage in names:
@@ -388,12 +399,19 @@ class Reconciler:
             if problem:
                 await self._refuse(key, body, spec, ours, *problem)
                 return
+        reused = self._reuse_state(namespace, body, parsed, stage_jobs, stage_pods)
         stages, obs, sizing = attempts.observe_attempts(
-            body, spec, self.config, stage_jobs, stage_pods, self.node_fit, self.clock()
+            body, spec, self.config, stage_jobs, stage_pods, self.node_fit, self.clock(), reused
         )
         decision = decide(obs, spec, stages, self.config)
         if decision.status is not None:
             decision.status.update(sizing.status_fields())
+            decision.status.update(reused.status_fields())
+            if decision.status.get("phase") == Phase.SUCCEEDED:
+                results = [runner_result(p) for pods in obs.stage_pods.values() for p in pods]
+                work = reuse.work_record(parsed.recipe, parsed.recipe_key, (r for r in results if r))
+                if work:
+                    decision.status["work"] = work.to_api()
 
         if decision.delete_self:
             log.info("deleting %s/%s: spec.runPolicy.ttlSecondsAfterFinished passed", namespace, name)
@@ -431,6 +449,29 @@ class Reconciler:
                 await self.kube.delete_batch_job(namespace, job_name)
         if decision.requeue_after:
             self.schedule(key, decision.requeue_after)
+
+    def _reuse_state(
+        self,
+        namespace: str,
+        body: dict[str, Any],
+        parsed: ParsedSpec,
+        stage_jobs: Mapping[str, list[dict[str, Any]]],
+        stage_pods: Mapping[str, list[dict[str, Any]]],
+    ) -> reuse.ReuseState:
+        """Whether a reuse stage comes first: decided once, before anything of the job exists."""
+        uid, old = body["metadata"]["uid"], body.get("status") or {}
+        created = {job for created_uid, job in self._created if created_uid == uid}
+        started = bool(stage_jobs.get(REUSE_STAGE)) or any(job.endswith(f"-{REUSE_STAGE}") for job in created)
+        fresh = (
+            not created
+            and not any(stage_jobs.values())
+            and old.get("phase") not in TERMINAL_PHASES
+            and not any(r.get("jobName") for r in old.get("stages") or [])
+        )
+        found = reuse.pick(self.indexes.reusable(namespace, parsed.recipe_key), uid)
+        succeeded = [p for p in stage_pods.get(REUSE_STAGE, []) if (p.get("status") or {}).get("phase") == "Succeeded"]
+        results = [r for p in succeeded if (r := runner_result(p))]
+        return reuse.decide_reuse(parsed.spec, old, fresh, started, found, results)
 
     async def _before_first_stage(
         self, body: dict[str, Any], spec: QuantizationJobSpec, started: bool

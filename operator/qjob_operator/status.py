@@ -32,7 +32,7 @@ from .builders import RUNNER_CONTAINER
 from .config import OperatorConfig
 from .fetch import FETCH_STAGE
 from .nodes import NodeFit
-from .plan import MODEL_STAGES, QUANTIZE_STAGE, Stage
+from .plan import GPU_LESS_STAGES, QUANTIZE_STAGE, REUSE_STAGE, Stage
 
 _IMAGE_PULL_WAITING = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 # The kubelet cannot build the container: a missing Secret/ConfigMap (or key) it must resolve.
@@ -273,10 +273,12 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
 
 
 def _weights(stages: list[Stage]) -> dict[str, float]:
-    builds = [s for s in stages if s.name not in (QUANTIZE_STAGE, *MODEL_STAGES)]
+    if [s.name for s in stages] == [REUSE_STAGE]:  # reused: that stage is the whole job
+        return {REUSE_STAGE: 1.0}
+    builds = [s for s in stages if s.name not in (QUANTIZE_STAGE, *GPU_LESS_STAGES)]
     weights = {QUANTIZE_STAGE: 0.6, **{s.name: 0.4 / len(builds) for s in builds}} if builds else {QUANTIZE_STAGE: 1.0}
-    first = next((s.name for s in stages if s.name in MODEL_STAGES), None)
-    if first:  # a download of a large model takes a while; reading its headers does not
+    # A download of a large model takes a while; reading its headers or checking a reuse does not.
+    for first in (s.name for s in reversed(stages) if s.name in GPU_LESS_STAGES):
         share = 0.2 if first == FETCH_STAGE else 0.02
         weights = {first: share, **{name: (1 - share) * w for name, w in weights.items()}}
     return weights
