@@ -23,8 +23,8 @@ from . import sizing
 from .config import OperatorConfig
 from .multipod import JOB_NAME_LABEL
 from .nodes import NodeFit, node_fits
-from .reuse import ReuseState
 from .plan import QUANTIZE_STAGE, NodeRequirement, Stage, child_name, model_stage, plan_stages, quantize_job_name
+from .reuse import ReuseState
 from .status import Observed, classify_failed_pod, observe, runner_result
 
 NON_RETRYABLE_REASONS = frozenset(EXIT_CODE_REASONS[c] for c in NON_RETRYABLE_EXIT_CODES)

@@ -31,8 +31,8 @@ from .disk import quantity, scratch_plan
 from .fetch import FETCH_STAGE, MODEL_CACHE_ROOT, cache_claim, cache_volume, fetch_resources, prefer_nodes_without_gpus
 from .objectstore import S3Use
 from .plan import (
-    LABEL_QUANTIZATION_JOB,
     GPU_LESS_STAGES,
+    LABEL_QUANTIZATION_JOB,
     LABEL_STAGE,
     MANAGED_BY,
     QUANTIZE_STAGE,
