@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from qjob_api.capabilities import ModelTask
-from qjob_api.runner import CONFIG_ENV, CONFIG_PATH, RunnerConfig
-from qjob_api.v1alpha1 import Artifact, ModelSize, Quality, ServingTarget
+from qjob_api.runner import CONFIG_ENV, CONFIG_PATH, ReuseOutcome, RunnerConfig
+from qjob_api.v1alpha1 import Artifact, ModelSize, Quality, ServingTarget, WorkInputs
 
-from .artifacts import Staging
+from .artifacts import FileHashes, Staging
 from .errors import InvalidConfig
 from .reporting import Reporter
 
@@ -40,6 +40,8 @@ class CalibData:
     sequence_length: int = 0
     eval_texts: list[str] = field(default_factory=list)
     source: str = ""
+    #: sha256 of the calibration and held-out texts (part of the work key)
+    digest: str = ""
 
 
 @dataclass
@@ -80,6 +82,12 @@ class RunContext:
     model_size: ModelSize | None = None
     #: background work (e.g. writing resume state) joined before the run reports success
     background: list[Any] = field(default_factory=list)
+    #: sha256 of a PVC model's files, hashed in the background from the resolve step on (work key)
+    model_hashes: FileHashes | None = None
+    #: the resolved inputs of the work (quantize and reuse stages; see qjob_api.work)
+    work: WorkInputs | None = None
+    #: what the reuse stage did
+    reuse: ReuseOutcome | None = None
 
     @property
     def task(self) -> ModelTask:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qjob_api.runner import ExitCode, RunnerConfig, RunnerResult
+from qjob_api.runner import REUSE_STAGE, ExitCode, RunnerConfig, RunnerResult
 
 from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
 from .context import Paths, RunContext
@@ -32,7 +32,7 @@ class Step:
 
 
 def _plans():
-    from . import modelcache, storage
+    from . import modelcache, reuse, storage
     from .steps import build, data, evaluate, export, inspect, load, quantize, report, resolve, serving
 
     def preflight(ctx: RunContext) -> None:
@@ -56,7 +56,8 @@ def _plans():
     build_plan = [Step("resolve", preflight, 2), Step("build", build.run, 93), Step("report", report.run, 5)]
     fetch_plan = [Step(modelcache.FETCH_STAGE, modelcache.run, 100)]
     inspect_plan = [Step("inspect", inspect.run, 100)]
-    return quantize_plan, build_plan, fetch_plan, inspect_plan
+    reuse_plan = [Step(REUSE_STAGE, reuse.run, 100)]
+    return quantize_plan, build_plan, fetch_plan, inspect_plan, reuse_plan
 
 
 def refuse_multi_rank() -> None:
@@ -72,9 +73,11 @@ def refuse_multi_rank() -> None:
 
 
 def plan_for(config: RunnerConfig) -> list[Step]:
-    quantize_plan, build_plan, fetch_plan, inspect_plan = _plans()
+    quantize_plan, build_plan, fetch_plan, inspect_plan, reuse_plan = _plans()
     if config.stage == "fetch":
         return fetch_plan
+    if config.stage == REUSE_STAGE:
+        return reuse_plan
     if config.is_inspect:
         return inspect_plan
     return build_plan if config.is_build else quantize_plan
@@ -184,6 +187,8 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         step_seconds={k: round(v, 3) for k, v in ctx.step_seconds.items()},
         versions=library_versions(),
         model_size=ctx.model_size,
+        work=ctx.work,
+        reuse=ctx.reuse,
     )
     reporter.close()
     target = Path(result_file) if result_file else result_path(config, paths)
@@ -196,6 +201,8 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
 
 
 def _release(ctx: RunContext) -> None:
+    if ctx.model_hashes is not None:
+        ctx.model_hashes.close()
     ctx.model = None
     ctx.data.batches = []
     try:

@@ -240,12 +240,14 @@ class ObjectStore:
         bucket = self.location.bucket
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         final = [p for p in files if p.relative_to(folder).as_posix() == last]
-        rest = [p for p in files if p not in final]
+        # Manifests of sub-folders (engines/<arch>/ in a reused job's output) vouch for their folder: after it.
+        nested = [p for p in files if p.name == last and p not in final]
+        rest = [p for p in files if p not in final and p not in nested]
         counter = _Counter(sum(p.stat().st_size for p in files), progress)
         # A manifest from an earlier attempt would vouch for files being overwritten now.
         last_key = join_key(prefix, last)
         self._call("delete", last_key, lambda: self.client.delete_object(Bucket=bucket, Key=last_key))
-        for batch in (rest, final):
+        for batch in (rest, nested, final):
             self._transfer(
                 "upload",
                 [(p, join_key(prefix, p.relative_to(folder).as_posix())) for p in batch],

@@ -8,6 +8,7 @@ calibration. Batch size 0 picks the largest batch that fits on the GPU (a fixed 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -197,7 +198,8 @@ def probe_batch_size(ctx: RunContext, texts: list[str], seq_len: int) -> int:
     return max(1, bs)
 
 
-def run(ctx: RunContext) -> None:
+def select_texts(ctx: RunContext) -> tuple[list[str], list[str], str]:
+    """(calibration texts, held-out texts, source name): what the job calibrates and evaluates on."""
     cal, ev = ctx.config.calibration, ctx.config.evaluation
     needed = cal.samples + (ev.samples if ev.enabled else 0)
     texts, source = read_texts(ctx, needed)
@@ -205,7 +207,17 @@ def run(ctx: RunContext) -> None:
     if not texts:
         raise InvalidInput(f"calibration source {source} holds no text", "fill the file with text samples")
     calib, held_out = split_texts(texts[:needed], cal.samples, ev.samples, ev.enabled)
-    calib = calib[: cal.samples]
+    return calib[: cal.samples], held_out, source
+
+
+def texts_digest(calib: list[str], held_out: list[str]) -> str:
+    """The calibration data's part of the work key: the texts themselves, wherever they came from."""
+    return "sha256:" + hashlib.sha256(json.dumps([calib, held_out], ensure_ascii=False).encode()).hexdigest()
+
+
+def run(ctx: RunContext) -> None:
+    cal = ctx.config.calibration
+    calib, held_out, source = select_texts(ctx)
     if len(calib) < cal.samples:
         log.warning(
             "calibration source %s has %d samples, fewer than the %d asked for", source, len(calib), cal.samples
@@ -225,6 +237,7 @@ def run(ctx: RunContext) -> None:
         sequence_length=seq_len,
         eval_texts=held_out,
         source=source,
+        digest=texts_digest(calib, held_out),
     )
     ctx.metrics["calibration"] = {
         "samples": len(calib),

@@ -10,7 +10,7 @@ from typing import Any
 
 from qjob_api.v1alpha1 import Artifact
 
-from .. import storage
+from .. import storage, work
 from ..artifacts import MANIFEST
 from ..context import RunContext
 from ..registration import artifact_uri, register
@@ -40,6 +40,7 @@ def manifest(ctx: RunContext, entries: list[dict[str, Any]]) -> dict[str, Any]:
         "stepSeconds": {k: round(v, 3) for k, v in ctx.step_seconds.items()},
         "resumedFromCalibrationState": ctx.resumed,
         "notes": ctx.notes,
+        "work": work.record(ctx),
     }
 
 
@@ -51,6 +52,8 @@ def run(ctx: RunContext) -> None:
     staging = ctx.staging
     assert staging is not None
     ctx.reporter.update(step="report", message="hashing artifacts and writing the manifest")
+    if ctx.config.work_recipe is not None and not ctx.config.is_build:
+        ctx.work = work.inputs_after_run(ctx)  # the work key of what was just made
     entries = [register(ctx, name, path, name) for name, path in ctx.staged.items()]
     if ctx.engine_entry is not None:  # the build step registers its engine folder itself
         entries.append(ctx.engine_entry)

@@ -26,7 +26,7 @@ from qjob_api.capabilities import (
 from qjob_api.runner import RunnerModel
 from qjob_api.v1alpha1 import serving_refusals
 
-from .. import modelcache
+from .. import modelcache, work
 from ..context import RunContext
 from ..errors import InvalidConfig, InvalidInput, TransientError, UnsupportedFormat
 
@@ -270,8 +270,11 @@ def run(ctx: RunContext) -> None:
         folder = modelcache.fetch_s3(ctx, modelcache.pod_cache_root())
     elif m.hf_repo:
         folder = download(ctx)
+        ctx.metrics["modelRevision"] = folder.name  # huggingface_hub's snapshots/<commit>
     else:
         raise InvalidConfig("the model has no source", "set spec.model.pvc, spec.model.huggingFace or spec.model.s3")
     check_model_folder(folder, ctx)
+    if m.path:
+        work.start_hashing_model(ctx, folder)
     ctx.paths.model_dir = folder
     ctx.reporter.update(message=f"model at {folder}")
