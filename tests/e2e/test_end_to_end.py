@@ -125,6 +125,27 @@ def test_bad_input_fails_once_with_the_runners_message(kube_api, cluster, e2e_ns
     assert not any(out.rglob("hf_quant_config.json")), "a failed run must leave nothing that looks finished"
 
 
+def test_identical_job_reuses_the_checked_artifacts_without_a_gpu_stage(kube_api, cluster, e2e_ns, operator):
+    """The operator and the runner agree on the work key: B, asking for A's work, runs only the
+    reuse stage (the real runner re-hashes A's files) and ends with A's sha256s under its own path."""
+    first = create_qjob(kube_api, e2e_ns, spec(), name="first")
+    assert qjob_wait(cluster, e2e_ns, first).returncode == 0
+    a = wait_qjob(kube_api, e2e_ns, first, phase_is("Succeeded"), operator=operator)["status"]
+    assert a["work"]["inputs"]["modelRevision"].startswith("files:")
+    second = create_qjob(kube_api, e2e_ns, spec(), name="second")
+    assert qjob_wait(cluster, e2e_ns, second).returncode == 0
+    b = wait_qjob(kube_api, e2e_ns, second, phase_is("Succeeded"), operator=operator)["status"]
+    assert b["reusedFrom"]["name"] == first and b["reuse"]["outcome"] == "Reused", json.dumps(b, indent=2)
+    assert [s["name"] for s in b["stages"]] == ["reuse"]
+    assert b["work"]["key"] == a["work"]["key"]
+    shas = {a_["uri"].replace(f"/{first}/", f"/{second}/"): a_.get("sha256") for a_ in a["artifacts"]}
+    assert {x["uri"]: x.get("sha256") for x in b["artifacts"]} == shas
+    assert b["quality"] == a["quality"]
+    out = pv_folder(kube_api, e2e_ns) / e2e_ns / second
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["job"] == second and manifest["reusedFrom"]["name"] == first
+
+
 # ------------------------------------------------ object stores: fetch -> quantize -> upload (real S3 server)
 
 
