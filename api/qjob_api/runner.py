@@ -136,6 +136,10 @@ class ReuseCandidate(APIModel):
 
 class RunnerReuse(APIModel):
     candidates: list[ReuseCandidate] = Field(default_factory=list, max_length=MAX_REUSE_CANDIDATES)
+    engines: list[EngineTarget] = Field(
+        default_factory=list,
+        description="The engines this job asks for: a candidate's engine with the same target is reused.",
+    )
 
 
 class ReuseOutcome(APIModel):
@@ -144,6 +148,9 @@ class ReuseOutcome(APIModel):
     reused_from: JobReference | None = None
     reason: str
     message: str = ""
+    engines: list[GPUArchitecture] = Field(
+        default_factory=list, description="Architectures whose engines were reused (their builds do not run)."
+    )
 
 
 class Reporting(APIModel):

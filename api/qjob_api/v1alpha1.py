@@ -1041,11 +1041,11 @@ class QuantizationJobSpec(APIModel):
     reuse: ReusePolicy = Field(
         ReusePolicy.IF_AVAILABLE,
         description="`IfAvailable`: when a Succeeded job of this namespace did the same work (same model "
-        "revision, quantization, calibration data, export, engines, evaluation and runner library versions: "
+        "revision, quantization, calibration data, export, serving, evaluation and runner library versions: "
         "status.work.key), a GPU-less `reuse` stage checks that its artifacts still exist and match their "
-        "sha256s, copies them into this job's output and the job succeeds without any GPU stage "
-        "(status.reusedFrom names the job). A missing or changed artifact falls back to a normal run. "
-        "`Never`: always run.",
+        "sha256s and copies them into this job's output, with its engines whose target equals one in "
+        "spec.engines; only the other engines are built (none: no GPU stage runs). status.reusedFrom names "
+        "the job. A missing or changed artifact falls back to a normal run. `Never`: always run.",
     )
 
     def target_architectures(self) -> list[GPUArchitecture]:
@@ -1265,6 +1265,11 @@ class ReuseStatus(APIModel):
     )
     reason: str | None = Field(None, description="Why not reused, e.g. ReuseInputsChanged, ReuseArtifactChanged.")
     message: str | None = Field(None, description="Details for `reason`.")
+    engines: list[str] | None = Field(
+        None,
+        description="Architectures whose engines were reused with the checkpoint (their build stages do not run; "
+        "the other engines are built).",
+    )
 
 
 class QuantizationJobStatus(APIModel):

@@ -2,11 +2,13 @@
 
 Two parts, because the spec alone does not say what the work runs on:
 
-* the **recipe** (``recipe_of``): what the spec asks for — the model's source (without the
-  revision it names), the quantization, the calibration settings, export, engines, serving
+* the **recipe** (``recipe_of``): what the spec asks for of the checkpoint — the model's source
+  (without the revision it names), the quantization, the calibration settings, export, serving
   runtimes and evaluation (gate included, so a reused job's gate verdict is its own). Not in it:
-  where the work runs (resources, scheduling), where it is written (output), retries and reuse
-  itself. The operator indexes Succeeded jobs by ``recipe_key``.
+  where the work runs (resources, scheduling), where it is written (output), retries, reuse
+  itself, and the engines: each engine is reused on its own when its target (architecture, batch,
+  sequence length, optimization level) equals the one asked for; the TensorRT version that built
+  it is among the key's libraries. The operator indexes Succeeded jobs by ``recipe_key``.
 * the **inputs** (``WorkInputs``), resolved at run time by the runner: the model revision (the
   Hugging Face commit a branch points to, the S3 objects' ETags, a PVC folder's file hashes), a
   digest of the calibration texts, and the versions of the libraries that shape the artifacts.
@@ -28,7 +30,6 @@ from pydantic import Field
 from .capabilities import ModelTask
 from .v1alpha1 import (
     APIModel,
-    EngineTarget,
     EvaluationSpec,
     ExportSpec,
     QuantizationJobSpec,
@@ -70,7 +71,7 @@ class RecipeCalibration(APIModel):
 
 
 class WorkRecipe(APIModel):
-    """Everything in a spec that shapes the artifacts."""
+    """Everything in a spec that shapes the checkpoint (engines are matched one by one)."""
 
     model_source: str = Field(description="hf:<repo>, s3:<endpoint>/<bucket>/<prefix> or pvc:<claim>/<path>.")
     task: ModelTask
@@ -79,7 +80,6 @@ class WorkRecipe(APIModel):
     quantization: QuantizationSpec
     calibration: RecipeCalibration
     export: ExportSpec
-    engines: list[EngineTarget]
     serving: ServingSpec
     evaluation: EvaluationSpec
 
@@ -107,7 +107,6 @@ def recipe_of(spec: QuantizationJobSpec) -> WorkRecipe:
             samples=cal.samples, sequence_length=cal.sequence_length, batch_size=cal.batch_size, layerwise=cal.layerwise
         ),
         export=spec.export,
-        engines=sorted(spec.engines, key=lambda e: e.architecture.value),
         serving=spec.serving,
         evaluation=spec.evaluation,
     )

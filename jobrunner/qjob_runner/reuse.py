@@ -26,7 +26,7 @@ from typing import Any
 
 from qjob_api.reasons import Reason
 from qjob_api.runner import ReuseCandidate, ReuseOutcome
-from qjob_api.v1alpha1 import Quality, WorkInputs
+from qjob_api.v1alpha1 import EngineTarget, Quality, WorkInputs
 from qjob_api.work import work_key
 
 from . import storage, work
@@ -45,6 +45,7 @@ class NotReusable(Exception):  # noqa: N818 - named after what it says, like the
         self.reason = reason
 
 
+ENGINES = "engines/"
 #: (path under the output root, size, sha256) of one file a manifest lists.
 Listed = tuple[str, int, str]
 
@@ -81,23 +82,47 @@ def folder_digest(entry: dict[str, Any], listed: list[Listed]) -> str:
     return hashlib.sha256("".join(f"{f['path']} {f['sha256']}\n" for f in files).encode()).hexdigest()
 
 
-def verify(root: Path, candidate: ReuseCandidate) -> list[tuple[str, dict[str, Any], list[Listed]]]:
+def engine_of(doc: dict[str, Any]) -> EngineTarget | None:
+    """The engine target a build stage's manifest was made for (its effective runner config)."""
+    engine = ((doc.get("effectiveConfig") or {}).get("runner") or {}).get("engine")
+    return EngineTarget.model_validate(engine) if engine else None
+
+
+def chosen_manifests(root: Path, candidate: ReuseCandidate, wanted: list[EngineTarget]) -> list[tuple[str, dict]]:
+    """The checkpoint's manifest (required), and those of the candidate's engines whose target this
+    job asks for (any other engine is built again)."""
+    paths = manifest_paths(candidate)
+    if MANIFEST not in paths:
+        raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, f"its status lists no {candidate.output_uri}/{MANIFEST}")
+    chosen = []
+    for path in paths:
+        try:
+            doc = json.loads((root / path).read_text())
+        except (OSError, ValueError):
+            if path == MANIFEST:
+                raise NotReusable(
+                    Reason.REUSE_ARTIFACT_MISSING, f"{candidate.output_uri}/{path} is gone or unreadable"
+                ) from None
+            continue
+        if path == MANIFEST or engine_of(doc) in wanted:
+            chosen.append((path, doc))
+    return chosen
+
+
+Checked = list[tuple[str, dict[str, Any], list[Listed]]]
+
+
+def verify(root: Path, candidate: ReuseCandidate, wanted: list[EngineTarget]) -> Checked:
     """Check a candidate's output in ``root`` (its folder, or a download of it): returns each
-    manifest (path, document, files) once every listed file matches; raises NotReusable."""
+    chosen manifest (path, document, files) once every file it lists matches; raises NotReusable."""
     status_digest = {
         rel: a.sha256
         for a in candidate.artifacts
         if a.kind != "manifest" and (rel := _relative(a.uri, candidate.output_uri))
     }
-    checked: list[tuple[str, dict[str, Any], list[Listed]]] = []
+    checked: Checked = []
     covered: set[str] = set()
-    for path in manifest_paths(candidate):
-        try:
-            doc = json.loads((root / path).read_text())
-        except (OSError, ValueError):
-            raise NotReusable(
-                Reason.REUSE_ARTIFACT_MISSING, f"{candidate.output_uri}/{path} is gone or unreadable"
-            ) from None
+    for path, doc in chosen_manifests(root, candidate, wanted):
         files: list[Listed] = []
         for entry in doc.get("artifacts") or []:
             listed = listed_files(entry, lambda p: (root / p).is_file())
@@ -110,8 +135,9 @@ def verify(root: Path, candidate: ReuseCandidate) -> list[tuple[str, dict[str, A
             files += listed
             covered.add(entry["path"])
         checked.append((path, doc, files))
-    if missing := sorted(set(status_digest) - covered):
-        raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, f"status lists {missing} but no manifest does")
+    checkpoint = {rel for rel in status_digest if not rel.startswith(ENGINES)}
+    if missing := sorted(checkpoint - covered):
+        raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, f"status lists {missing} but {MANIFEST} does not")
     every = [f for _, _, files in checked for f in files]
     absent = [rel for rel, size, _ in every if not (root / rel).is_file() or (root / rel).stat().st_size != size]
     if absent:
@@ -130,32 +156,26 @@ def verify(root: Path, candidate: ReuseCandidate) -> list[tuple[str, dict[str, A
     return checked
 
 
-def download(ctx: RunContext, candidate: ReuseCandidate, into: Path) -> Path:
-    """The files an S3 candidate's manifests list, downloaded into ``into`` (then verified there)."""
+def download(ctx: RunContext, candidate: ReuseCandidate, into: Path, wanted: list[EngineTarget]) -> Path:
+    """The files of an S3 candidate's chosen manifests, downloaded into ``into`` (then verified there)."""
     loc = candidate.output_s3
     assert loc is not None
     store = storage.ObjectStore(loc)
     base = storage.join_key(loc.prefix)
     try:
         objects = {storage.relative_key(o["Key"], base): o for o in store.list(loc.prefix)}
-        manifests = manifest_paths(candidate)
-        if absent := [m for m in manifests if m not in objects]:
-            raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, f"{candidate.output_uri}/{absent[0]} is gone")
+        manifests = [m for m in manifest_paths(candidate) if m in objects]
         store.download([objects[m] for m in manifests], loc.prefix, into)
-        wanted = set()
-        for m in manifests:
-            for entry in json.loads((into / m).read_text()).get("artifacts") or []:
-                wanted |= {rel for rel, _, _ in listed_files(entry, lambda p: p in objects)}
-        if absent := sorted(wanted - set(objects)):
+        wanted_files = set()
+        for _, doc in chosen_manifests(into, candidate, wanted):
+            for entry in doc.get("artifacts") or []:
+                wanted_files |= {rel for rel, _, _ in listed_files(entry, lambda p: p in objects)}
+        if absent := sorted(wanted_files - set(objects)):
             raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, f"{len(absent)} object(s) are gone, e.g. {absent[0]}")
         meter = storage.RateMeter(storage.message_only(ctx), f"downloading {candidate.output_uri} to check it")
-        store.download([objects[k] for k in sorted(wanted)], loc.prefix, into, progress=meter)
+        store.download([objects[k] for k in sorted(wanted_files)], loc.prefix, into, progress=meter)
     except (InvalidInput, InvalidConfig) as exc:  # its bucket is gone or no longer readable: not reusable
         raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, str(exc)) from None
-    except ValueError:
-        raise NotReusable(
-            Reason.REUSE_ARTIFACT_MISSING, f"a manifest under {candidate.output_uri} is not JSON"
-        ) from None
     return into
 
 
@@ -167,7 +187,9 @@ def _place(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def publish(ctx: RunContext, candidate: ReuseCandidate, root: Path, checked, key_record: dict[str, Any]) -> None:
+def publish(
+    ctx: RunContext, candidate: ReuseCandidate, root: Path, checked: Checked, key_record: dict[str, Any]
+) -> None:
     """The checked files into this job's output, each manifest naming this job and the one reused."""
     staging = ctx.staging
     assert staging is not None
@@ -183,10 +205,11 @@ def publish(ctx: RunContext, candidate: ReuseCandidate, root: Path, checked, key
         storage.upload_stage(ctx, staging.path, "")
     staging.publish(last=MANIFEST)
     ctx.staging = None
+    taken = {path for path, _, _ in checked} | {e["path"] for _, doc, _ in checked for e in doc.get("artifacts") or []}
     ctx.artifacts = [
         a.model_copy(update={"uri": artifact_uri(ctx, rel)})
         for a in candidate.artifacts
-        if (rel := _relative(a.uri, candidate.output_uri))
+        if (rel := _relative(a.uri, candidate.output_uri)) in taken
     ]
     top = next((doc for path, doc, _ in checked if path == MANIFEST), None)
     if top and top.get("quality"):
@@ -238,11 +261,14 @@ def run(ctx: RunContext) -> None:
             continue
         ctx.reporter.update(message=f"checking the artifacts of {name} at {candidate.output_uri}")
         scratch = ctx.paths.work_dir / f"reuse-{candidate.job.uid}"
+        wanted = cfg.reuse.engines
         try:
-            root = download(ctx, candidate, scratch) if candidate.output_s3 else Path(candidate.output_dir or "")
+            root = (
+                download(ctx, candidate, scratch, wanted) if candidate.output_s3 else Path(candidate.output_dir or "")
+            )
             if not root.is_dir():
                 raise NotReusable(Reason.REUSE_ARTIFACT_MISSING, f"{candidate.output_uri} is gone")
-            checked = verify(root, candidate)
+            checked = verify(root, candidate, wanted)
             publish(ctx, candidate, root, checked, work.record(ctx) or {})
         except NotReusable as exc:
             log.info("not reusing %s: %s", name, exc)
@@ -250,10 +276,14 @@ def run(ctx: RunContext) -> None:
             continue
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        engines = [e.architecture for path, doc, _ in checked if path != MANIFEST and (e := engine_of(doc))]
+        built = [e.architecture.value for e in wanted if e.architecture not in engines]
         ctx.reuse = ReuseOutcome(
             reused_from=candidate.job,
             reason=Reason.REUSED,
-            message=f"{len(ctx.artifacts)} artifact(s) of {name} checked (sha256) and copied to {cfg.output_uri}",
+            message=f"{len(ctx.artifacts)} artifact(s) of {name} checked (sha256) and copied to {cfg.output_uri}"
+            + (f"; engines to build: {', '.join(built)}" if built else ""),
+            engines=engines,
         )
         ctx.reporter.update(message=ctx.reuse.message, percent=100)
         return

@@ -166,7 +166,7 @@ def build_runner_config(
         output_s3=output_s3.runner() if output_s3 else None,
         reporting=report_channel(ref, stage, config),
         work_recipe=recipe_of(spec),
-        reuse=RunnerReuse(candidates=reuse.runner_candidates(list(stage.candidates), pvc_path))
+        reuse=RunnerReuse(candidates=reuse.runner_candidates(list(stage.candidates), pvc_path), engines=spec.engines)
         if stage.name == REUSE_STAGE
         else None,
     )

@@ -13,7 +13,7 @@ architecture because an engine only runs on the compute capability that built it
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qjob_api.capabilities import GPUArchitecture
@@ -106,9 +106,10 @@ def plan_stages(
     model_size: ModelSize | None = None,
     reuse: ReuseState | None = None,
 ) -> list[Stage]:
-    """The stages of a job, in order: ``reuse`` when ``reuse`` says so (alone once it reused),
-    the model stage (``model_stage``), then ``quantize`` (with ``plan`` once there is one), then
-    the builds. ``model_size``: what the model stage reported (sizes the later stages' disk)."""
+    """The stages of a job, in order: ``reuse`` when ``reuse`` says so (once it reused, only the
+    builds of engines that did not come with the checkpoint follow it), the model stage
+    (``model_stage``), then ``quantize`` (with ``plan`` once there is one), then the builds.
+    ``model_size``: what the model stage reported (sizes the later stages' disk)."""
     memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
     tolerations = (*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations))
 
@@ -125,10 +126,21 @@ def plan_stages(
     calibration = spec.scheduling.calibration_architecture
     weights = model_size.weight_bytes if model_size else None
     stages = []
+    builds = [
+        Stage(
+            build_stage(e.architecture),
+            requirement(e.architecture, spec.resources.gpus or 1),
+            after=(QUANTIZE_STAGE,),
+            architecture=e.architecture,
+            model_bytes=weights,
+        )
+        for e in spec.engines
+    ]
     if reuse and reuse.mode:
         stages.append(Stage(REUSE_STAGE, requirement(None, 0, None), candidates=tuple(reuse.candidates)))
-        if reuse.mode == "reused":
-            return stages
+        if reuse.mode == "reused":  # only the engines that did not come with the checkpoint are built
+            missing = [b for b in builds if b.architecture.value not in reuse.reused_engines]
+            return stages + [replace(b, after=(REUSE_STAGE,)) for b in missing]
     start = tuple(s.name for s in stages)
     first = model_stage(spec, config)
     if first:
@@ -140,17 +152,7 @@ def plan_stages(
     else:
         quantize = requirement(calibration, spec.resources.gpus or 1)
     stages.append(Stage(QUANTIZE_STAGE, quantize, after=start, plan=plan, model_bytes=weights))
-    stages += [
-        Stage(
-            build_stage(e.architecture),
-            requirement(e.architecture, spec.resources.gpus or 1),
-            after=(QUANTIZE_STAGE,),
-            architecture=e.architecture,
-            model_bytes=weights,
-        )
-        for e in spec.engines
-    ]
-    return stages
+    return stages + builds
 
 
 def child_name(job_name: str, suffix: str) -> str:

@@ -7,7 +7,9 @@ a GPU-less ``reuse`` stage first. That stage resolves the new job's inputs (mode
 calibration texts, library versions: the recipe alone cannot know them), computes its work key
 with ``qjob_api.work.work_key`` and, for the first candidate with the same key, checks the
 candidate's ``manifest.json`` files and every file's sha256 where they lie (PVC or S3), then copies
-them into this job's output. Reused: the job succeeds with that stage alone (``status.reusedFrom``).
+them into this job's output. Reused: the job succeeds with that stage alone (``status.reusedFrom``),
+or with it and the builds of the engines the candidate did not have with this job's target
+(engines are matched one by one).
 Not reused (inputs changed, artifact gone or changed): the normal stages run after it.
 
 Only the job's own namespace is searched: artifacts can come from a gated model fetched with
@@ -111,6 +113,11 @@ class ReuseState:
     status: ReuseStatus | None = None
     reused_from: JobReference | None = None
 
+    @property
+    def reused_engines(self) -> set[str]:
+        """Architectures whose engines came with the reused checkpoint (no build stage for them)."""
+        return set(self.status.engines or ()) if self.status and self.mode == "reused" else set()
+
     def status_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         if self.status:
@@ -144,7 +151,10 @@ def decide_reuse(
     if outcome is None:
         return ReuseState("check", found, old)
     if outcome.reused_from and outcome.reason == Reason.REUSED:
-        done = old.model_copy(update={"outcome": "Reused", "reason": Reason.REUSED, "message": outcome.message})
+        engines = [a.value for a in outcome.engines] or None
+        done = old.model_copy(
+            update={"outcome": "Reused", "reason": Reason.REUSED, "message": outcome.message, "engines": engines}
+        )
         return ReuseState("reused", found, done, outcome.reused_from)
     missed = old.model_copy(update={"outcome": "NotReused", "reason": outcome.reason, "message": outcome.message})
     return ReuseState("check", found, missed)

@@ -273,12 +273,13 @@ def observe_stage(stage: Stage, obs: Observed, deadline: timedelta) -> StageStat
 
 
 def _weights(stages: list[Stage]) -> dict[str, float]:
-    if [s.name for s in stages] == [REUSE_STAGE]:  # reused: that stage is the whole job
-        return {REUSE_STAGE: 1.0}
+    names = [s.name for s in stages]
+    # A job that reused has no quantize stage: the reuse stage stands in for it.
+    main = QUANTIZE_STAGE if QUANTIZE_STAGE in names else REUSE_STAGE
     builds = [s for s in stages if s.name not in (QUANTIZE_STAGE, *GPU_LESS_STAGES)]
-    weights = {QUANTIZE_STAGE: 0.6, **{s.name: 0.4 / len(builds) for s in builds}} if builds else {QUANTIZE_STAGE: 1.0}
+    weights = {main: 0.6, **{s.name: 0.4 / len(builds) for s in builds}} if builds else {main: 1.0}
     # A download of a large model takes a while; reading its headers or checking a reuse does not.
-    for first in (s.name for s in reversed(stages) if s.name in GPU_LESS_STAGES):
+    for first in (name for name in reversed(names) if name in GPU_LESS_STAGES and name != main):
         share = 0.2 if first == FETCH_STAGE else 0.02
         weights = {first: share, **{name: (1 - share) * w for name, w in weights.items()}}
     return weights

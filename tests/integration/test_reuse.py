@@ -45,7 +45,7 @@ def quantize_result(ns: str, name: str) -> dict:
 def job_spec(**overrides) -> dict:
     """Pods wait until the test releases them with the result their runner would write (longer
     than a spec's pod annotations may be)."""
-    return basic_spec(engines=[], scheduling={"podAnnotations": {HOLD: "true"}}, **overrides)
+    return basic_spec(**{"engines": [], **overrides, "scheduling": {"podAnnotations": {HOLD: "true"}}})
 
 
 def release(kube_api, ns: str, pod, result: dict) -> None:
@@ -104,6 +104,7 @@ def test_same_work_completes_without_a_gpu_stage_and_names_the_job_it_reused(kub
     assert candidate["outputDir"] == f"/mnt/pvc/artifacts/{ns}/a"
     status = wait_qjob(kube_api, ns, b, lambda s: s.get("reuse"))["status"]
     assert status["reuse"] == {"candidates": [a_ref], "outcome": "Checking"}
+    assert config["reuse"]["engines"] == []
 
     # The reuse runner checked A's files and copied them: it reports B's artifacts, same sha256s.
     message = f"2 artifact(s) of {ns}/a checked (sha256) and copied to pvc://artifacts/{ns}/b"
@@ -161,3 +162,46 @@ def test_changed_artifacts_fall_back_to_a_normal_run_with_the_reason(kube_api, n
     assert obj["status"]["phase"] == "Succeeded" and "reusedFrom" not in obj["status"]
     assert [s["name"] for s in obj["status"]["stages"]] == ["reuse", "quantize"]
     assert stages_of(kube_api, ns, e) == {"reuse", "quantize"}
+
+
+def engine_result(ns: str, name: str, arch: str) -> dict:
+    base = f"pvc://artifacts/{ns}/{name}/engines/{arch}"
+    engine = {"kind": "engine", "format": "tensorrt_llm", "uri": base, "architecture": arch, "sha256": "cd" * 32}
+    manifest = {"kind": "manifest", "format": "json", "uri": f"{base}/manifest.json"}
+    return {"outcome": "Succeeded", "stage": f"build-{arch}", "artifacts": [engine, manifest]}
+
+
+def test_engines_the_earlier_job_built_are_reused_the_others_built(kube_api, ns, operator):
+    a = create_qjob(kube_api, ns, job_spec(engines=[{"architecture": "hopper"}]), name="a")
+    release(kube_api, ns, bound_pod(kube_api, ns, a, "quantize"), quantize_result(ns, a))
+    release(kube_api, ns, bound_pod(kube_api, ns, a, "build-hopper"), engine_result(ns, a, "hopper"))
+    a_status = wait_qjob(kube_api, ns, a, phase_is("Succeeded", "Failed"), operator=operator)["status"]
+    assert a_status["phase"] == "Succeeded", a_status
+
+    b = create_qjob(kube_api, ns, job_spec(engines=[{"architecture": "hopper"}, {"architecture": "ada"}]), name="b")
+    pod = bound_pod(kube_api, ns, b, "reuse")
+    config = json.loads(next(e.value for e in pod.spec.containers[0].env if e.name == "QJOB_RUNNER_CONFIG"))
+    assert [e["architecture"] for e in config["reuse"]["engines"]] == ["hopper", "ada"]
+    reused = artifacts(ns, b) + engine_result(ns, b, "hopper")["artifacts"]
+    a_ref = {"namespace": ns, "name": a, "uid": wait_qjob(kube_api, ns, a, phase_is("Succeeded"))["metadata"]["uid"]}
+    outcome = {
+        "reusedFrom": a_ref,
+        "reason": "Reused",
+        "message": "checked; engines to build: ada",
+        "engines": ["hopper"],
+    }
+    release(kube_api, ns, pod, {"outcome": "Succeeded", "stage": "reuse", "artifacts": reused,
+                                "work": INPUTS.to_api(), "reuse": outcome})  # fmt: skip
+    # Only the engine A did not have is built, on an Ada node, after the reuse stage.
+    build = bound_pod(kube_api, ns, b, "build-ada")
+    labels = node_labels(kube_api, build.spec.node_name)
+    assert (labels["nvidia.com/gpu.compute.major"], labels["nvidia.com/gpu.compute.minor"]) == ("8", "9")
+    release(kube_api, ns, build, engine_result(ns, b, "ada"))
+    status = wait_qjob(kube_api, ns, b, phase_is("Succeeded", "Failed"), operator=operator)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["reusedFrom"] == a_ref and status["reuse"]["engines"] == ["hopper"]
+    assert [s["name"] for s in status["stages"]] == ["reuse", "build-ada"]
+    assert stages_of(kube_api, ns, b) == {"reuse", "build-ada"}
+    engines = {a_["architecture"]: a_["uri"] for a_ in status["artifacts"] if a_["kind"] == "engine"}
+    assert engines == {arch: f"pvc://artifacts/{ns}/{b}/engines/{arch}" for arch in ("hopper", "ada")}
+    assert status["progress"]["percent"] == 100

@@ -67,6 +67,7 @@ def candidate(result: RunnerResult, output_uri: str, **where) -> dict:
 
 
 def reuse_config(model: Path, data: Path, out: Path, uri: str, candidates: list[dict], **extra) -> RunnerConfig:
+    fields = {"reuse": {"candidates": candidates}, **extra}
     return RunnerConfig.model_validate(
         runner_config(
             job="b",
@@ -76,8 +77,7 @@ def reuse_config(model: Path, data: Path, out: Path, uri: str, candidates: list[
             outputDir=str(out),
             outputUri=uri,
             workRecipe=RECIPE,
-            reuse={"candidates": candidates},
-            **extra,
+            **fields,
         )
     )
 
@@ -219,3 +219,64 @@ def test_s3_candidate_checked_and_copied_to_an_s3_output(
     )
     assert again.reuse.reason == "ReuseArtifactMissing" and "gone" in again.reuse.message
     assert "ml/c/manifest.json" not in s3_server.keys(s3_bucket, "ml/c/")
+
+
+def add_engine(out: Path, uri: str, arch: str = "hopper") -> list[dict]:
+    """An engine folder as a build stage leaves it (its own manifest, registered like build.py's);
+    returns the status artifacts a build stage would have reported for it."""
+    from qjob_runner.artifacts import describe
+
+    folder = out / "engines" / arch
+    folder.mkdir(parents=True)
+    (folder / "rank0.engine").write_bytes(os.urandom(64 * 1024))
+    (folder / "build_info.json").write_text(json.dumps({"engine": "tensorrt_llm", "architecture": arch}))
+    size, digest, files = describe(folder)
+    entry = {"name": "tensorrt_llm", "path": f"engines/{arch}", "kind": "engine", "format": "tensorrt_llm",
+             "sizeBytes": size, "sha256": digest, "files": files, "architecture": arch}  # fmt: skip
+    manifest = {"job": "a", "stage": f"build-{arch}", "artifacts": [entry],
+                "effectiveConfig": {"runner": {"engine": {"architecture": arch}}}}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return [
+        {"kind": "engine", "format": "tensorrt_llm", "uri": f"{uri}/engines/{arch}", "architecture": arch,
+         "computeCapability": "9.0", "tensorrtVersion": "10.13", "sizeBytes": size, "sha256": digest},
+        {"kind": "manifest", "format": "json", "uri": f"{uri}/engines/{arch}/manifest.json"},
+    ]  # fmt: skip
+
+
+def test_engines_are_reused_one_by_one_by_target(job_a, copy_of_a, tiny_llama, calib_jsonl, tmp_path):
+    _, result_a = job_a
+    cand = candidate(result_a, "pvc://artifacts/ml/a", outputDir=str(copy_of_a))
+    cand["artifacts"] += add_engine(copy_of_a, "pvc://artifacts/ml/a")
+
+    same = tmp_path / "same"
+    result = run(
+        reuse_config(tiny_llama, calib_jsonl, same, "pvc://artifacts/ml/same", [cand],
+                     reuse={"candidates": [cand], "engines": [{"architecture": "hopper"}, {"architecture": "ada"}]})
+    )  # fmt: skip
+    assert result.reuse.reason == "Reused" and [e.value for e in result.reuse.engines] == ["hopper"]
+    assert "engines to build: ada" in result.reuse.message
+    engine = next(a for a in result.artifacts if a.kind == "engine")
+    assert engine.uri == "pvc://artifacts/ml/same/engines/hopper" and engine.tensorrt_version == "10.13"
+    assert (same / "engines" / "hopper" / "rank0.engine").read_bytes() == (
+        copy_of_a / "engines" / "hopper" / "rank0.engine"
+    ).read_bytes()
+    assert json.loads((same / "engines" / "hopper" / "manifest.json").read_text())["reusedFrom"]["name"] == "a"
+
+    # Another target for the same architecture: the checkpoint is reused, the engine is built again.
+    other = tmp_path / "other"
+    result = run(
+        reuse_config(tiny_llama, calib_jsonl, other, "pvc://artifacts/ml/other", [cand],
+                     reuse={"candidates": [cand], "engines": [{"architecture": "hopper", "maxBatchSize": 64}]})
+    )  # fmt: skip
+    assert result.reuse.reason == "Reused" and result.reuse.engines == []
+    assert "engines to build: hopper" in result.reuse.message
+    assert not (other / "engines").exists() and (other / "manifest.json").exists()
+    assert all(a.kind != "engine" for a in result.artifacts)
+
+    # A damaged engine that is wanted is a changed artifact: nothing is reused.
+    (copy_of_a / "engines" / "hopper" / "rank0.engine").write_bytes(os.urandom(64 * 1024))
+    result = run(
+        reuse_config(tiny_llama, calib_jsonl, tmp_path / "late", "pvc://artifacts/ml/late", [cand],
+                     reuse={"candidates": [cand], "engines": [{"architecture": "hopper"}]})
+    )  # fmt: skip
+    assert result.reuse.reason == "ReuseArtifactChanged" and "rank0.engine" in result.reuse.message

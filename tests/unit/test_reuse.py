@@ -53,6 +53,9 @@ def key_of(spec: QuantizationJobSpec, inputs: WorkInputs = INPUTS) -> str:
         {"model__huggingFace__revision": "v2"},  # the resolved commit is an input, not the recipe
         {"model__huggingFace__tokenSecretRef": {"name": "other-token"}},
         {"calibration__dataset": {"configMap": {"name": "same-text-elsewhere", "key": "t.jsonl"}}},
+        # Engines are matched one by one (runner reuse.chosen_manifests), not through the key.
+        {"engines": [{"architecture": "blackwell"}]},
+        {"engines": []},
     ],
 )
 def test_where_and_how_it_runs_is_not_part_of_the_work(change):
@@ -72,8 +75,6 @@ def test_where_and_how_it_runs_is_not_part_of_the_work(change):
         {"calibration__sequenceLength": 1024},
         {"calibration__batchSize": 8},
         {"export__formats": ["hf", "tensorrt_llm"]},
-        {"engines": [{"architecture": "blackwell"}]},
-        {"engines": [{"architecture": "hopper", "maxBatchSize": 64}]},
         {"serving": {"runtimes": [{"name": "vllm"}]}},
         {"evaluation__gate": {"maxPerplexityIncrease": 0.01}},
         {"evaluation__samples": 32},
@@ -107,11 +108,6 @@ def test_defaults_spelled_out_give_the_same_key():
     explicit = spec_of(quantization__kvCache="none", calibration__batchSize=0, evaluation__enabled=True)
     assert key_of(explicit) == key_of(spec_of())
     assert key_of(spec_of()).startswith("sha256:") and len(key_of(spec_of())) == 7 + 64
-
-
-def test_engine_order_does_not_matter():
-    two = [{"architecture": "hopper"}, {"architecture": "ada"}]
-    assert key_of(spec_of(engines=two)) == key_of(spec_of(engines=list(reversed(two))))
 
 
 # ---------------------------------------------------------------------------------- the decision
@@ -191,23 +187,32 @@ def test_with_a_model_stage_the_reuse_stage_comes_before_the_download(spec, conf
     assert names[:3] == [("reuse", ()), ("fetch", ("reuse",)), ("quantize", ("fetch",))]
 
 
-def test_reused_leaves_the_reuse_stage_alone(spec, config):
+def reused(spec, engines: list[str]) -> reuse.ReuseState:
     checking = reuse.decide_reuse(spec, {}, True, False, [candidate()], []).status_fields()
-    result = RunnerResult(
-        outcome="Succeeded",
-        stage="reuse",
-        reuse=ReuseOutcome(reused_from=candidate().ref, reason=Reason.REUSED, message="2 artifact(s) checked"),
-        work=INPUTS,
-    )
-    state = reuse.decide_reuse(spec, checking, False, True, [], [result])
+    outcome = ReuseOutcome(reused_from=candidate().ref, reason=Reason.REUSED, message="checked", engines=engines)
+    result = RunnerResult(outcome="Succeeded", stage="reuse", reuse=outcome, work=INPUTS)
+    return reuse.decide_reuse(spec, checking, False, True, [], [result])
+
+
+def test_reused_with_its_engines_leaves_the_reuse_stage_alone(spec, config):
+    state = reused(spec, ["hopper"])
     assert state.mode == "reused" and state.reused_from.name == "a"
     assert [s.name for s in plan_stages(spec, config, reuse=state)] == ["reuse"]
     fields = state.status_fields()
     assert fields["reusedFrom"] == {"namespace": "ml", "name": "a", "uid": "uid-a"}
-    assert fields["reuse"]["outcome"] == "Reused"
+    assert fields["reuse"]["outcome"] == "Reused" and fields["reuse"]["engines"] == ["hopper"]
     # Later reconciles (the reuse Job gone after its TTL) keep it.
     again = reuse.decide_reuse(spec, fields, False, False, [], [])
     assert again.mode == "reused" and again.reused_from == state.reused_from
+    assert [s.name for s in plan_stages(spec, config, reuse=again)] == ["reuse"]
+
+
+def test_engines_the_earlier_job_lacked_are_built_after_the_reuse(spec_dict, config):
+    spec_dict["engines"] = [{"architecture": "hopper"}, {"architecture": "ada"}]
+    spec = QuantizationJobSpec.model_validate(spec_dict)
+    stages = plan_stages(spec, config, reuse=reused(spec, ["hopper"]))
+    assert [(s.name, s.after, s.requirement.gpus) for s in stages] == [("reuse", (), 0), ("build-ada", ("reuse",), 1)]
+    assert [s.name for s in plan_stages(spec, config, reuse=reused(spec, []))] == ["reuse", "build-hopper", "build-ada"]
 
 
 def test_not_reused_runs_the_normal_stages_with_the_reason(spec, config):
@@ -255,6 +260,7 @@ def test_the_reuse_job_has_no_gpu_and_reads_the_earlier_output_read_only(spec_di
     env = {e["name"]: e for e in container["env"]}
     cfg = RunnerConfig.model_validate_json(env["QJOB_RUNNER_CONFIG"]["value"])
     assert cfg.stage == "reuse" and cfg.work_recipe == recipe_of(QuantizationJobSpec.model_validate(spec_dict))
+    assert [e.architecture.value for e in cfg.reuse.engines] == ["hopper"]  # the engines this job asks for
     [c] = cfg.reuse.candidates
     assert (c.job.name, c.work_key, c.output_dir) == ("a", "sha256:k-a", "/mnt/pvc/artifacts/ml/a")
     assert c.artifacts[0].sha256 == "e" * 64
