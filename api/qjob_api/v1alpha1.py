@@ -355,12 +355,21 @@ class QuantizationSpec(APIModel):
 
 
 class HuggingFaceDataset(APIModel):
-    """A dataset on the Hugging Face Hub, used when the runner can reach the Hub."""
+    """A dataset on the Hugging Face Hub. With a model cache the fetch stage (no GPU) streams the
+    samples the job needs into the cache once per resolved commit; otherwise the quantize pod
+    streams them itself."""
 
     name: str = Field(
         description="Dataset id, for example `cnn_dailymail` or `nvidia/Nemotron-PrismMath`.",
         pattern=r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$",
         max_length=200,
+    )
+    revision: str = Field(
+        "main",
+        description="Branch, tag or commit of the dataset repository; resolved to its commit (part of the cache "
+        "entry). Pin a commit for reproducible calibration.",
+        pattern=r"^[\w./-]+$",
+        max_length=255,
     )
     config: str | None = Field(None, description="Dataset configuration name, if it has several.", max_length=200)
     split: str = Field("train", description="Split to sample from, e.g. `train` or `train[:10%]`.", max_length=200)

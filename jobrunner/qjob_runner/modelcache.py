@@ -9,13 +9,16 @@ Layout under the cache root (the shared cache PVC in a cluster, else ``QJOB_MODE
     <entry>.lock            held while an entry is checked or downloaded: a second job waits, then reuses it
     <entry>.use             held shared by every stage reading the entry: eviction skips entries in use
     refs/<request>.json     the entry the fetch stage resolved a request (source + asked-for revision) to
+    datasets/<key>.jsonl    the calibration texts a job needs from a Hub dataset; <key> hashes the dataset, the
+                            commit its revision resolved to, config, split, text field and sample count
 
 The cache is bounded: before a download the fetch stage evicts least-recently-used entries (by
 mtime, touched on every reuse) that no stage holds and that were not used in the last
 ``keep_seconds``, until the new model fits under ``max_bytes`` (default: 90% of the volume).
 
 The ``fetch`` stage (no GPU) fills an entry and writes the ref; GPU stages mount the cache
-read-only and read the ref, so they never download and never wait for a download.
+read-only and read the ref, so they never download and never wait for a download. Dataset texts
+are small (the samples a job uses, not the dataset) and are not evicted.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from qjob_api.runner import RunnerModel, RunnerS3
+from qjob_api.v1alpha1 import HuggingFaceDataset
 
 from .artifacts import atomic_write_text
 from .context import RunContext
@@ -361,8 +365,84 @@ def request_ref(m: RunnerModel) -> str:
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:32]
 
 
+# ---------------------------------------------------------------------- Hugging Face datasets
+
+
+def dataset_request(hf: HuggingFaceDataset, needed: int) -> str:
+    """What a job asked of a Hub dataset (before the revision resolves), as a file name under ``refs/``."""
+    asked = [os.environ.get("HF_ENDPOINT", "https://huggingface.co"), hf.name, hf.revision, hf.config, hf.split]
+    return hashlib.sha256(json.dumps(["hf-dataset", *asked, hf.text_field, needed]).encode()).hexdigest()[:32]
+
+
+def dataset_commit(hf: HuggingFaceDataset) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
+
+    from .work import COMMIT
+
+    if COMMIT.fullmatch(hf.revision):
+        return hf.revision
+    fix = "check spec.calibration.dataset.huggingFace (name, revision) and the token's access to it"
+    try:
+        return HfApi().dataset_info(hf.name, revision=hf.revision, token=os.environ.get("HF_TOKEN") or None).sha
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError) as exc:
+        raise InvalidInput(f"dataset {hf.name}@{hf.revision} cannot be read: {type(exc).__name__}", fix) from None
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError) as exc:
+        raise TransientError(f"cannot reach the Hugging Face Hub for dataset {hf.name}: {exc}", "retried") from None
+
+
+def write_dataset_ref(root: Path, hf: HuggingFaceDataset, needed: int, entry: Path, commit: str) -> None:
+    ref = root / "refs" / f"{dataset_request(hf, needed)}.json"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ref, json.dumps({"entry": entry.relative_to(root).as_posix(), "revision": commit}))
+
+
+def fetch_dataset(ctx: RunContext, root: Path, sink: Sink) -> Path:
+    """The texts the job needs from its Hub dataset, streamed once per resolved commit into the cache."""
+    from .steps import data
+
+    hf = ctx.config.calibration.dataset.hugging_face
+    assert hf is not None
+    needed = data.samples_needed(ctx.config)
+    commit = dataset_commit(hf)
+    identity = [os.environ.get("HF_ENDPOINT", "https://huggingface.co"), hf.name, commit, hf.config, hf.split]
+    key = hashlib.sha256(json.dumps([*identity, hf.text_field, needed]).encode()).hexdigest()[:32]
+    entry = root / "datasets" / f"{key}.jsonl"
+    with _locked(entry):
+        if entry.is_file():
+            os.utime(entry)
+            sink(f"calibration texts of {hf.name}@{commit[:12]} found in the cache", 1.0, 0.0)
+        else:
+            sink(f"streaming {needed} texts of {hf.name}@{commit[:12]} ({hf.split})", 0.0, 0.0)
+            texts = data.stream_hub_texts(hf, needed, revision=commit)
+            atomic_write_text(entry, "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_dataset_ref(root, hf, needed, entry, commit)
+    ctx.metrics["calibrationCacheEntry"] = entry.relative_to(root).as_posix()
+    return entry
+
+
+def dataset_lookup(ctx: RunContext, needed: int) -> Path:
+    """The texts file the fetch stage recorded for this job's dataset (GPU stages: read-only)."""
+    hf = ctx.config.calibration.dataset.hugging_face
+    assert hf is not None
+    root = Path(ctx.config.model.cache_dir or "")
+    ref = root / "refs" / f"{dataset_request(hf, needed)}.json"
+    try:
+        entry = root / json.loads(ref.read_text())["entry"]
+    except (OSError, ValueError, KeyError):
+        raise InvalidInput(
+            f"the model cache {root} has no record of this job's calibration dataset ({ref.name})",
+            "the fetch stage did not finish: delete and re-create the QuantizationJob",
+        ) from None
+    if not entry.is_file():
+        raise InvalidInput(f"calibration texts {entry} are gone from the model cache", "re-create the QuantizationJob")
+    ctx.metrics["calibrationCacheEntry"] = entry.relative_to(root).as_posix()
+    return entry
+
+
 def run(ctx: RunContext) -> None:
-    """The fetch stage's one step: the model into the shared cache, then the ref GPU stages read."""
+    """The fetch stage's one step: the model (and a Hub calibration dataset's texts) into the
+    shared cache, then the refs GPU stages read."""
     m = ctx.config.model
     root = Path(m.cache_dir)
     sink = stage_progress(ctx)
@@ -376,6 +456,8 @@ def run(ctx: RunContext) -> None:
         "job": ctx.config.job,
     }
     atomic_write_text(ref, json.dumps(record))
+    if ctx.config.calibration.dataset.hugging_face:
+        fetch_dataset(ctx, root, sink)
     # The inspect step's reading of the fetched files: the operator sizes the GPU pods (disk, and
     # GPUs when sized automatically) from it, so no separate inspect stage runs.
     ctx.model_size = inspect.fetched_size(entry)

@@ -145,3 +145,79 @@ def test_s3_style_digests(tmp_path):
     assert verify_files(tmp_path, {"f": ("md5", hashlib.md5(b"hello").hexdigest(), 5)}) == 1
     with pytest.raises(TransientError, match="does not match the md5"):
         verify_files(tmp_path, {"f": ("md5", "0" * 32, 5)})
+
+
+# ------------------------------------------------------------- Hugging Face calibration datasets
+
+
+def _dataset_ctx(tmp_path, stage="quantize", revision="main"):
+    from qjob_runner.context import Paths, RunContext
+    from qjob_runner.reporting import Reporter
+
+    config = RunnerConfig.model_validate(
+        {
+            "job": "j",
+            "stage": stage,
+            "model": {"hfRepo": "org/model", "cacheDir": str(tmp_path / "cache")},
+            "quantization": {"format": "fp8"},
+            "calibration": {
+                "dataset": {"huggingFace": {"name": "org/texts", "revision": revision, "textField": "body"}},
+                "samples": 3,
+            },
+            "evaluation": {"samples": 1},
+            "outputDir": str(tmp_path / "out"),
+        }
+    )
+    return RunContext(config=config, paths=Paths.from_config(config), reporter=Reporter(stage))
+
+
+def test_gpu_stages_read_the_dataset_texts_the_fetch_stage_recorded(tmp_path):
+    from qjob_runner.modelcache import write_dataset_ref
+    from qjob_runner.steps.data import read_texts
+
+    ctx = _dataset_ctx(tmp_path)
+    root = tmp_path / "cache"
+    entry = root / "datasets" / "k.jsonl"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("".join(f'{{"text": "sample {i}"}}\n' for i in range(4)))
+    write_dataset_ref(root, ctx.config.calibration.dataset.hugging_face, 4, entry, "c" * 40)
+    texts, source = read_texts(ctx, 4)
+    assert texts == [f"sample {i}" for i in range(4)] and source == "hf://org/texts/:train"
+    assert ctx.metrics["calibrationCacheEntry"] == "datasets/k.jsonl"
+
+
+def test_a_dataset_the_fetch_stage_did_not_record_fails_with_the_fix(tmp_path):
+    from qjob_runner.errors import InvalidInput
+    from qjob_runner.steps.data import read_texts
+
+    with pytest.raises(InvalidInput, match="no record of this job's calibration dataset"):
+        read_texts(_dataset_ctx(tmp_path), 4)
+
+
+def test_another_revision_or_sample_count_is_another_request():
+    from qjob_api.v1alpha1 import HuggingFaceDataset
+    from qjob_runner.modelcache import dataset_request
+
+    base = HuggingFaceDataset(name="org/texts")
+    assert dataset_request(base, 4) == dataset_request(HuggingFaceDataset(name="org/texts"), 4)
+    assert dataset_request(base, 4) != dataset_request(base, 5)
+    assert dataset_request(base, 4) != dataset_request(base.model_copy(update={"revision": "v2"}), 4)
+
+
+def test_fetching_a_dataset_without_the_datasets_library_is_a_config_error(tmp_path):
+    """The dev environment has no `datasets` (the runner image has): a pinned commit needs no Hub
+    call, so this reaches the streaming step and shows what an image without it says."""
+    pytest.importorskip("huggingface_hub")
+    from qjob_runner.errors import InvalidConfig
+    from qjob_runner.modelcache import fetch_dataset
+
+    try:
+        import datasets  # noqa: F401
+
+        pytest.skip("datasets is installed here")
+    except ImportError:
+        pass
+    ctx = _dataset_ctx(tmp_path, stage="fetch", revision="a" * 40)
+    with pytest.raises(InvalidConfig, match="needs the `datasets` library"):
+        fetch_dataset(ctx, tmp_path / "cache", lambda *_: None)
+    assert not list((tmp_path / "cache" / "datasets").glob("*.jsonl"))

@@ -1,9 +1,10 @@
 """data: calibration text -> tokenised, left-padded batches; held-out text for evaluation.
 
 Sources: a JSON Lines file (one object per line with a ``text`` field), a plain text file
-(paragraphs separated by blank lines), or a Hugging Face dataset when ``datasets`` is installed
-and the Hub is reachable. The *last* ``evaluation.samples`` texts are held out and never used for
-calibration. Batch size 0 picks the largest batch that fits on the GPU (a fixed small batch on CPU).
+(paragraphs separated by blank lines), or a Hugging Face dataset when ``datasets`` is installed:
+read from the model cache where the fetch stage streamed it, else streamed from the Hub here.
+The *last* ``evaluation.samples`` texts are held out and never used for calibration. Batch size 0
+picks the largest batch that fits on the GPU (a fixed small batch on CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import os
 from pathlib import Path
 
 from qjob_api.capabilities import QuantFormat
+from qjob_api.runner import REUSE_STAGE, RunnerConfig
+from qjob_api.v1alpha1 import HuggingFaceDataset
 
+from .. import modelcache
 from ..context import CalibData, RunContext
 from ..errors import InvalidConfig, InvalidInput, TransientError
 
@@ -38,66 +42,82 @@ HEAVY_CALIBRATION = {
 }
 
 
+def read_file_texts(path: Path, field: str = "text") -> list[str]:
+    """A JSON Lines file (one object per line with a string ``field``) or plain text (paragraphs)."""
+    if not path.is_file():
+        raise InvalidInput(
+            f"calibration file {path} does not exist",
+            "check spec.calibration.dataset (pvc path or configMap key); it must be a .jsonl or .txt file",
+        )
+    raw = path.read_text(errors="replace")
+    if not (path.suffix in {".jsonl", ".json"} or raw.lstrip().startswith("{")):
+        return [p.strip() for p in raw.split("\n\n") if p.strip()]
+    texts: list[str] = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise InvalidInput(
+                f"{path} line {n} is not JSON", 'write one JSON object per line, e.g. {"text": "..."}'
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise InvalidInput(
+                f"{path} line {n} has no string field {field!r}",
+                f'write one JSON object per line with a "{field}" field',
+            )
+        texts.append(obj[field])
+    return texts
+
+
+def stream_hub_texts(hf: HuggingFaceDataset, needed: int, revision: str | None = None) -> list[str]:
+    """The first ``needed`` non-empty texts of a Hub dataset split, streamed (nothing else is downloaded)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise InvalidConfig(
+            "a Hugging Face calibration dataset needs the `datasets` library, which this image lacks",
+            "use a .jsonl/.txt file (spec.calibration.dataset.pvc or configMap)",
+        ) from None
+    from datasets import load_dataset
+
+    try:
+        d = load_dataset(
+            hf.name,
+            hf.config,
+            split=hf.split,
+            streaming=True,
+            revision=revision or hf.revision,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+        texts = []
+        for row in d:
+            if isinstance(row.get(hf.text_field), str) and row[hf.text_field].strip():
+                texts.append(row[hf.text_field])
+            if len(texts) >= needed:
+                break
+    except (ConnectionError, TimeoutError) as exc:
+        raise TransientError(f"cannot reach dataset {hf.name}: {exc}", "retried; or use a file on a PVC") from None
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types
+        raise InvalidInput(
+            f"cannot read dataset {hf.name} split {hf.split}: {exc}",
+            "check spec.calibration.dataset.huggingFace (name, revision, config, split, textField)",
+        ) from None
+    return texts
+
+
 def read_texts(ctx: RunContext, needed: int) -> tuple[list[str], str]:
     ds = ctx.config.calibration.dataset
     if ds.path:
-        path = Path(ds.path)
-        if not path.is_file():
-            raise InvalidInput(
-                f"calibration file {path} does not exist",
-                "check spec.calibration.dataset (pvc path or configMap key); it must be a .jsonl or .txt file",
-            )
         field = ds.hugging_face.text_field if ds.hugging_face else "text"
-        raw = path.read_text(errors="replace")
-        texts: list[str] = []
-        if path.suffix in {".jsonl", ".json"} or raw.lstrip().startswith("{"):
-            for n, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise InvalidInput(
-                        f"{path} line {n} is not JSON", 'write one JSON object per line, e.g. {"text": "..."}'
-                    ) from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    raise InvalidInput(
-                        f"{path} line {n} has no string field {field!r}",
-                        f'write one JSON object per line with a "{field}" field',
-                    )
-                texts.append(obj[field])
-        else:
-            texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
-        return texts, str(path)
+        return read_file_texts(Path(ds.path), field), str(ds.path)
     if ds.hugging_face:
         hf = ds.hugging_face
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            raise InvalidConfig(
-                "a Hugging Face calibration dataset needs the `datasets` library, which this image lacks",
-                "use a .jsonl/.txt file (spec.calibration.dataset.pvc or configMap)",
-            ) from None
-        from datasets import load_dataset
-
-        try:
-            d = load_dataset(
-                hf.name, hf.config, split=hf.split, streaming=True, token=os.environ.get("HF_TOKEN") or None
-            )
-            texts = []
-            for row in d:
-                if isinstance(row.get(hf.text_field), str) and row[hf.text_field].strip():
-                    texts.append(row[hf.text_field])
-                if len(texts) >= needed:
-                    break
-        except (ConnectionError, TimeoutError) as exc:
-            raise TransientError(f"cannot reach dataset {hf.name}: {exc}", "retried; or use a file on a PVC") from None
-        except Exception as exc:  # noqa: BLE001 - datasets raises many types
-            raise InvalidInput(
-                f"cannot read dataset {hf.name} split {hf.split}: {exc}",
-                "check spec.calibration.dataset.huggingFace (name, config, split, textField)",
-            ) from None
-        return texts, f"hf://{hf.name}/{hf.config or ''}:{hf.split}"
+        source = f"hf://{hf.name}/{hf.config or ''}:{hf.split}"
+        if ctx.config.model.cache_dir and ctx.stage not in (modelcache.FETCH_STAGE, REUSE_STAGE):
+            return read_file_texts(modelcache.dataset_lookup(ctx, needed)), source  # the fetch stage streamed them
+        return stream_hub_texts(hf, needed), source
     raise InvalidConfig("no calibration dataset", "set spec.calibration.dataset")
 
 
@@ -198,10 +218,16 @@ def probe_batch_size(ctx: RunContext, texts: list[str], seq_len: int) -> int:
     return max(1, bs)
 
 
+def samples_needed(config: RunnerConfig) -> int:
+    """Calibration samples plus the held-out ones."""
+    cal, ev = config.calibration, config.evaluation
+    return cal.samples + (ev.samples if ev.enabled else 0)
+
+
 def select_texts(ctx: RunContext) -> tuple[list[str], list[str], str]:
     """(calibration texts, held-out texts, source name): what the job calibrates and evaluates on."""
     cal, ev = ctx.config.calibration, ctx.config.evaluation
-    needed = cal.samples + (ev.samples if ev.enabled else 0)
+    needed = samples_needed(ctx.config)
     texts, source = read_texts(ctx, needed)
     texts = [t for t in texts if t.strip()]
     if not texts:
