@@ -36,7 +36,7 @@ from .guards import controller_uid, foreign_child_message, output_conflict, owne
 from .kube import ApiError, Kube
 from .metrics import Metrics
 from .nodes import NodeFit
-from .plan import LABEL_PREFIX, Stage, plan_stages
+from .plan import LABEL_PREFIX, QUANTIZE_STAGE, Stage, plan_stages
 from .status import decide, fmt_time, parse_time, runner_result, set_condition, transition_events
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,9 @@ class Reconciler:
             decision.status.update(sizing.status_fields())
             decision.status.update(reused.status_fields())
             if decision.status.get("phase") == Phase.SUCCEEDED:
-                results = [runner_result(p) for pods in obs.stage_pods.values() for p in pods]
+                # What quantize ran on comes first: the reuse stage's inputs are only a prediction of it.
+                pods = [p for s in (QUANTIZE_STAGE, REUSE_STAGE) for p in obs.stage_pods.get(s, [])]
+                results = [runner_result(p) for p in pods]
                 work = reuse.work_record(parsed.recipe, parsed.recipe_key, (r for r in results if r))
                 if work:
                     decision.status["work"] = work.to_api()
