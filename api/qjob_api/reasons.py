@@ -21,6 +21,7 @@ class Reason(StrEnum):
     IMAGE_PULL_ERROR = "ImagePullError"
     RUNNING = "Running"
     OOM_KILLED = "OOMKilled"
+    RENDEZVOUS_FAILED = "RendezvousFailed"
     EVICTED = "Evicted"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     RUNNER_FAILED = "RunnerFailed"
@@ -54,4 +55,5 @@ EXIT_CODE_REASONS: dict[ExitCode, Reason] = {
     ExitCode.QUALITY_GATE_FAILED: Reason.QUALITY_GATE_FAILED,
     ExitCode.TRANSIENT: Reason.RUNNER_FAILED,
     ExitCode.OUT_OF_MEMORY: Reason.OOM_KILLED,
+    ExitCode.RENDEZVOUS_FAILED: Reason.RENDEZVOUS_FAILED,
 }

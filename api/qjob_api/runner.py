@@ -56,6 +56,7 @@ class ExitCode(IntEnum):
     QUALITY_GATE_FAILED = 4  # artifacts measured worse than the gate allows: do not retry
     TRANSIENT = 75  # network, hub, filesystem hiccup: retry (EX_TEMPFAIL)
     OUT_OF_MEMORY = 76  # CUDA or host OOM caught by the runner: retry
+    RENDEZVOUS_FAILED = 77  # the torchrun ranks of a multi-pod stage could not meet: retry
 
 
 #: Exit codes that make the operator fail the QuantizationJob without retrying.

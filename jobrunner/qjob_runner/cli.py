@@ -17,9 +17,17 @@ from qjob_api.runner import ExitCode, RunnerResult
 
 TERMINATION_LOG_ENV = "QJOB_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+#: Set by ``qjob_runner.launch`` for its workers: each rank leaves its result there, as
+#: ``<RANK>.json``, and the launcher writes the pod's one termination message.
+RANK_RESULTS_ENV = "QJOB_RANK_RESULTS"
 
 
 def write_termination_message(result: RunnerResult) -> None:
+    if folder := os.environ.get(RANK_RESULTS_ENV):
+        (Path(folder) / f"{os.environ.get('RANK', '0')}.json").write_text(result.termination_message())
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one message per pod: rank 0's
     path = os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG
     p = Path(path)
     if not os.environ.get(TERMINATION_LOG_ENV) and not (p.exists() and os.access(p, os.W_OK)):

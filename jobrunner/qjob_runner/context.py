@@ -14,6 +14,7 @@ from qjob_api.v1alpha1 import Artifact, ModelSize, Quality, ServingTarget, WorkI
 
 from .artifacts import FileHashes, Staging
 from .errors import InvalidConfig
+from .ranks import Ranks
 from .reporting import Reporter
 
 
@@ -49,6 +50,8 @@ class RunContext:
     config: RunnerConfig
     paths: Paths
     reporter: Reporter
+    #: this process among the torchrun ranks of a multi-pod stage (one rank otherwise)
+    ranks: Ranks = field(default_factory=Ranks)
     staging: Staging | None = None
     model: Any = None
     tokenizer: Any = None

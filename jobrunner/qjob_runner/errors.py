@@ -56,6 +56,13 @@ class TransientError(RunnerError):
     exit_code = ExitCode.TRANSIENT
 
 
+class RendezvousFailed(RunnerError):  # noqa: N818 - named after the stable reason it reports (qjob_api.reasons)
+    """The ranks of a multi-pod stage could not meet (rank 0 unreachable, a rank missing):
+    the whole stage is retried as a new gang."""
+
+    exit_code = ExitCode.RENDEZVOUS_FAILED
+
+
 class OutOfMemory(RunnerError):  # noqa: N818 - reported as OOMKilled, as the kubelet's OOM is
     exit_code = ExitCode.OUT_OF_MEMORY
 
@@ -81,6 +88,11 @@ def classify(exc: BaseException) -> RunnerError:
         return OutOfMemory("host memory exhausted", "raise spec.resources.memory (the pod's memory limit)")
     if "out of memory" in text.lower() and "cuda" in text.lower():
         return OutOfMemory(text.splitlines()[0], "lower spec.calibration.batchSize or use more/larger GPUs")
+    if _lost_peer(exc):
+        return TransientError(
+            f"another rank of this stage failed or was stopped ({text.splitlines()[0] if text else name})",
+            "the stage is retried as a whole; the failing rank's pod names the cause",
+        )
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return TransientError(
             f"network error: {name}: {text}", "the pod is retried; check the cluster's egress if it persists"
@@ -90,3 +102,19 @@ def classify(exc: BaseException) -> RunnerError:
     return TransientError(
         f"unexpected {name}: {text}", "this is likely a runner bug; the pod is retried, report it if it persists"
     )
+
+
+#: What a collective raises on the ranks that are left when a peer exits (gloo) or aborts (NCCL).
+PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl", "gloo")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+    except ImportError:  # pragma: no cover
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, OSError)) and any(m in text for m in PEER_LOST_MARKERS)

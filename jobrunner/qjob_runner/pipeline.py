@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from qjob_api.runner import REUSE_STAGE, ExitCode, RunnerConfig, RunnerResult
 
 from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
 from .context import Paths, RunContext
+from .ranks import Ranks, leave
 from .errors import InvalidConfig, RunnerError, classify
 from .reporting import Reporter, make_reporter
 from .versions import library_versions
@@ -32,17 +34,17 @@ class Step:
 
 
 def _plans():
-    from . import modelcache, reuse, storage
+    from . import modelcache, ranks, reuse, storage
     from .steps import build, data, evaluate, export, inspect, load, quantize, report, resolve, serving
 
     def preflight(ctx: RunContext) -> None:
-        refuse_multi_rank()
         storage.preflight(ctx)
         resolve.run(ctx)
         if not ctx.config.is_build:
             export.check_available(ctx)
 
     quantize_plan = [
+        Step("rendezvous", lambda ctx: ranks.join(ctx.ranks), 1),
         Step("resolve", preflight, 2),
         Step("load", load.run, 8),
         Step("data", data.run, 3),
@@ -60,19 +62,11 @@ def _plans():
     return quantize_plan, build_plan, fetch_plan, inspect_plan, reuse_plan
 
 
-def refuse_multi_rank() -> None:
-    """torchrun over several pods (a multi-pod plan) needs the FSDP2 path, which this runner
-    does not have yet: fail clearly rather than run N independent calibrations into one folder."""
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    if ranks > 1:
-        raise InvalidConfig(
-            f"this runner calibrates in one process; it was started as one of {ranks} torchrun ranks "
-            "(a multi-pod plan) and multi-node FSDP2 calibration is not implemented in it yet",
-            "set the operator's policy.maxPodsPerStage to 1, or spec.resources.gpus to a number",
-        )
+#: Steps rank 0 alone runs: it checks the files it wrote and publishes them.
+MAIN_RANK_STEPS = frozenset({"serving", "report"})
 
 
-def plan_for(config: RunnerConfig) -> list[Step]:
+def plan_for(config: RunnerConfig, ranks: Ranks | None = None) -> list[Step]:
     quantize_plan, build_plan, fetch_plan, inspect_plan, reuse_plan = _plans()
     if config.stage == "fetch":
         return fetch_plan
@@ -80,7 +74,20 @@ def plan_for(config: RunnerConfig) -> list[Step]:
         return reuse_plan
     if config.is_inspect:
         return inspect_plan
-    return build_plan if config.is_build else quantize_plan
+    if config.is_build:
+        return build_plan
+    if ranks is not None and not ranks.is_main:
+        return [s for s in quantize_plan if s.name not in MAIN_RANK_STEPS]
+    return quantize_plan
+
+
+def refuse_multi_rank(config: RunnerConfig, ranks: Ranks) -> None:
+    """Only the quantize stage runs as several ranks (a multi-pod plan)."""
+    if ranks.distributed and (config.stage != "quantize" or config.is_build or config.is_inspect):
+        raise InvalidConfig(
+            f"the {config.stage} stage runs in one process; it was started as {ranks.describe()}",
+            "only the quantize stage of a multi-pod plan runs under torchrun",
+        )
 
 
 def staging_destination(config: RunnerConfig, paths: Paths) -> Path:
@@ -89,8 +96,20 @@ def staging_destination(config: RunnerConfig, paths: Paths) -> Path:
     return paths.output_dir
 
 
-def result_path(config: RunnerConfig, paths: Paths) -> Path:
+def result_path(config: RunnerConfig, paths: Paths, ranks: Ranks | None = None) -> Path:
+    if ranks is not None and not ranks.is_main:  # rank 0's result is the stage's
+        return paths.work_dir / f"result-{config.stage}-rank{ranks.rank}.json"
     return paths.output_dir / (RESULT if config.stage == "quantize" else f"result-{config.stage}.json")
+
+
+def stage_folder(config: RunnerConfig, paths: Paths, ranks: Ranks) -> Staging:
+    """Rank 0 stages next to the output; the other ranks get a private folder that is never
+    published (ModelOpt's export creates its folder on every rank, and writes only on rank 0)."""
+    if not ranks.is_main:
+        return Staging(Path(tempfile.gettempdir()) / f"qjob-rank{ranks.rank}")
+    dest = staging_destination(config, paths)
+    clean_stale_staging(dest)
+    return Staging(dest)
 
 
 PREBUILT_EXTENSIONS_ENV = "QJOB_PREBUILT_EXTENSIONS"
@@ -134,18 +153,19 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
     _threads()
     prepare_extensions()
     paths = Paths.from_config(config)
-    reporter = reporter or make_reporter(config.reporting, config.stage)
-    ctx = RunContext(config=config, paths=paths, reporter=reporter)
-    steps = plan_for(config)
+    ranks = Ranks.from_env()
+    if reporter is None:  # rank 0 reports for all ranks
+        reporter = make_reporter(config.reporting, config.stage) if ranks.is_main else Reporter(config.stage)
+    ctx = RunContext(config=config, paths=paths, reporter=reporter, ranks=ranks)
+    steps = plan_for(config, ranks)
     total = sum(s.weight for s in steps)
     done = 0.0
     failed_step: str | None = None
     error: RunnerError | None = None
     started = time.monotonic()
     try:
-        dest = staging_destination(config, paths)
-        clean_stale_staging(dest)
-        ctx.staging = Staging(dest)
+        refuse_multi_rank(config, ranks)
+        ctx.staging = stage_folder(config, paths, ranks)
         for step in steps:
             failed_step = step.name
             elapsed = time.monotonic() - started
@@ -175,6 +195,7 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         if ctx.staging is not None:  # never publish a half-done stage
             ctx.staging.discard()
         _release(ctx)
+        leave(ranks, succeeded=error is None)
     result = RunnerResult(
         outcome="Failed" if error else "Succeeded",
         stage=config.stage,
@@ -191,7 +212,7 @@ def run(config: RunnerConfig, reporter: Reporter | None = None, result_file: str
         reuse=ctx.reuse,
     )
     reporter.close()
-    target = Path(result_file) if result_file else result_path(config, paths)
+    target = Path(result_file) if result_file else result_path(config, paths, ranks)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, result.model_dump_json(by_alias=True, exclude_none=True, indent=2))

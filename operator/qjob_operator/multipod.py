@@ -38,17 +38,10 @@ def rendezvous_env(job_name: str, namespace: str, plan: QuantizePlan) -> list[di
     ]
 
 
-#: torchrun starts one runner process per GPU; it sets RANK, LOCAL_RANK and WORLD_SIZE for each.
-TORCHRUN_COMMAND = [
-    "torchrun",
-    "--nnodes=$(NNODES)",
-    "--nproc-per-node=$(NPROC_PER_NODE)",
-    "--node-rank=$(NODE_RANK)",
-    "--master-addr=$(MASTER_ADDR)",
-    "--master-port=$(MASTER_PORT)",
-    "-m",
-    "qjob_runner",
-]
+#: torchrun (``qjob_runner.launch``: torchrun's launcher reading the env above) starts one runner
+#: per GPU with RANK, LOCAL_RANK and WORLD_SIZE, and ends the pod with the exit code and
+#: termination message of the rank that failed first.
+TORCHRUN_COMMAND = ["python", "-m", "qjob_runner.launch"]
 
 
 def spread(job: dict[str, Any], plan: QuantizePlan) -> dict[str, Any]:

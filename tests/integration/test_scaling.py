@@ -160,7 +160,7 @@ def test_multi_node_stage_spreads_ranks_and_retries_as_a_whole(kube_api, ns):
         assert env["MASTER_ADDR"].value == f"{job_name}-0.{job_name}.{ns}.svc"
         assert (env["NNODES"].value, env["NPROC_PER_NODE"].value, env["WORLD_SIZE"].value) == ("2", "8", "16")
         assert "job-completion-index" in env["NODE_RANK"].value_from.field_ref.field_path
-        assert pod.spec.containers[0].command[0] == "torchrun"
+        assert pod.spec.containers[0].command == ["python", "-m", "qjob_runner.launch"]
     service = core.read_namespaced_service(job_name, ns)
     assert service.spec.cluster_ip == "None" and service.spec.selector == {JOB_NAME: job_name}
 

@@ -149,7 +149,7 @@ def test_multi_pod_plan_is_an_indexed_job_with_a_headless_service(spec_dict, con
     assert (js["completionMode"], js["completions"], js["parallelism"], js["backoffLimit"]) == ("Indexed", 2, 2, 0)
     assert pod["subdomain"] == "llama-quantize"
     container = pod["containers"][0]
-    assert container["command"][0] == "torchrun" and "--node-rank=$(NODE_RANK)" in container["command"]
+    assert container["command"] == ["python", "-m", "qjob_runner.launch"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     env = {e["name"]: e for e in container["env"]}
     assert env["MASTER_ADDR"]["value"] == "llama-quantize-0.llama-quantize.ml.svc"

@@ -22,6 +22,7 @@ from qjob_api.v1alpha1 import HuggingFaceDataset
 from .. import modelcache
 from ..context import CalibData, RunContext
 from ..errors import InvalidConfig, InvalidInput, TransientError
+from ..ranks import agree_min, shard
 
 log = logging.getLogger("qjob_runner.data")
 
@@ -187,7 +188,8 @@ def probe_batch_size(ctx: RunContext, texts: list[str], seq_len: int) -> int:
     sample = (texts * (PROBE_BATCH // n + 1))[:PROBE_BATCH]
     enc = tok(sample, return_tensors="pt", padding="max_length", truncation=True, max_length=seq_len)
     enc = {k: v.to(ctx.device) for k, v in enc.items() if k in {"input_ids", "attention_mask"}}
-    devices = range(torch.cuda.device_count())
+    # one rank of several measures its own GPU (each process sees every GPU of its pod)
+    devices = [ctx.ranks.local_rank] if ctx.ranks.distributed else range(torch.cuda.device_count())
     torch.cuda.synchronize()
     base = [torch.cuda.memory_allocated(i) for i in devices]
     for i in devices:
@@ -254,10 +256,11 @@ def run(ctx: RunContext) -> None:
     if max_pos and seq_len > max_pos:
         ctx.notes.append(f"sequence length capped at the model's max_position_embeddings {max_pos}")
         seq_len = max_pos
-    bs = cal.batch_size or probe_batch_size(ctx, calib, seq_len)
+    bs = cal.batch_size or agree_min(probe_batch_size(ctx, calib, seq_len), ctx.ranks)
     bs = max(1, min(bs, len(calib)))
+    # Several ranks: the same batches as one process would make, each rank calibrating on its share.
     ctx.data = CalibData(
-        batches=tokenize(ctx.tokenizer, calib, seq_len, bs, ctx.device),
+        batches=shard(tokenize(ctx.tokenizer, calib, seq_len, bs, ctx.device), ctx.ranks),
         batch_size=bs,
         num_samples=len(calib),
         sequence_length=seq_len,
@@ -272,4 +275,6 @@ def run(ctx: RunContext) -> None:
         "held_out": len(held_out),
         "source": source,
     }
+    if ctx.ranks.distributed:
+        ctx.metrics["calibration"]["batches_per_rank"] = len(ctx.data.batches)
     ctx.reporter.update(message=f"{len(calib)} calibration samples in batches of {bs}; {len(held_out)} held out")

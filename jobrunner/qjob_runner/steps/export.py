@@ -21,6 +21,7 @@ from qjob_api.capabilities import ExportFormat, ModelTask
 
 from ..context import RunContext
 from ..errors import InvalidConfig, ToolMissing
+from ..ranks import gather_fp8_over_gloo
 
 log = logging.getLogger("qjob_runner.export")
 
@@ -44,6 +45,12 @@ def trtllm_export_available() -> bool:
 
 def check_available(ctx: RunContext) -> None:
     """Pre-flight (called by ``resolve``): fail before calibration, not after."""
+    if ctx.ranks.distributed and set(ctx.config.export.formats) != {ExportFormat.HF}:
+        raise InvalidConfig(
+            f"a stage calibrated across ranks ({ctx.ranks.describe()}) exports the hf checkpoint only "
+            "(ModelOpt's FSDP2-aware export)",
+            "set spec.export.formats to [hf], or spec.resources.gpus so the stage runs in one pod",
+        )
     if ExportFormat.TENSORRT_LLM in ctx.config.export.formats and not trtllm_export_available():
         raise ToolMissing(
             "the installed nvidia-modelopt no longer writes legacy TensorRT-LLM checkpoints",
@@ -88,9 +95,14 @@ def export_hf(ctx: RunContext, dest: Path) -> None:
     model = ctx.model
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    with torch.inference_mode(), warnings.catch_warnings(), hash_shards_as_written(ctx):
+    # Sharded: every rank takes part in gathering the full state dict (no inference tensors
+    # there: the gather detaches parameters), rank 0 alone writes, a barrier ends it.
+    mode = torch.no_grad() if ctx.ranks.distributed else torch.inference_mode()
+    with mode, warnings.catch_warnings(), hash_shards_as_written(ctx), gather_fp8_over_gloo():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, export_dir=str(dest), max_shard_size=HF_SHARD_SIZE)
+    if not ctx.ranks.is_main:
+        return
     tok = ctx.tokenizer
     side = tok.padding_side
     tok.padding_side = getattr(ctx, "original_padding_side", None) or "right"
@@ -267,7 +279,7 @@ def run(ctx: RunContext) -> None:
         elif fmt == ExportFormat.HF:
             export_hf(ctx, staging.path / "hf")
             ctx.staged["hf"] = staging.path / "hf"
-            if should_verify_hf(ctx):
+            if ctx.ranks.is_main and should_verify_hf(ctx):
                 ctx.reporter.update(message="reloading the exported checkpoint to check it")
                 ctx.metrics["hf_check"] = check_hf(ctx, staging.path / "hf")
         elif fmt == ExportFormat.TENSORRT_LLM:

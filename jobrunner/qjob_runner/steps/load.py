@@ -11,7 +11,8 @@ import logging
 from qjob_api.capabilities import ModelTask
 
 from ..context import RunContext
-from ..errors import InvalidInput
+from ..errors import InvalidConfig, InvalidInput
+from ..ranks import device_for
 
 log = logging.getLogger("qjob_runner.load")
 
@@ -94,6 +95,44 @@ def load_model(ctx: RunContext):
     return model
 
 
+def load_sharded(ctx: RunContext):
+    """The model sharded over the stage's ranks with FSDP2 (ModelOpt's parallel loader: each rank
+    reads its round-robin share of the decoder layers and broadcasts them; embeddings, norm and
+    lm_head are sharded too). Causal LMs with safetensors weights only, as ModelOpt's loader."""
+    import torch
+    from modelopt.torch.utils.plugins.model_load_utils import parallel_load_and_prepare_fsdp2
+    from transformers import AutoConfig
+
+    if ctx.task != ModelTask.CAUSAL_LM:
+        raise InvalidConfig(
+            f"only causal LMs are calibrated across ranks ({ctx.ranks.describe()}); this is a {ctx.task.value} model",
+            "set spec.resources.gpus to a number so the stage runs in one pod",
+        )
+    folder = ctx.paths.model_dir
+    on_cuda = torch.cuda.is_available()
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=ctx.config.model.trust_remote_code)
+    dtype = torch_dtype(ctx.config.model.dtype, on_cuda)
+    config.torch_dtype = getattr(config, "torch_dtype", None) if dtype == "auto" else dtype
+    ctx.device = device_for(ctx.ranks)
+    try:
+        model = parallel_load_and_prepare_fsdp2(
+            str(folder),
+            torch.device(ctx.device),
+            ctx.ranks.rank,
+            ctx.ranks.world_size,
+            trust_remote_code=ctx.config.model.trust_remote_code,
+            hf_config=config,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInput(
+            f"cannot load the model from {folder} sharded over {ctx.ranks.world_size} ranks: {str(exc)[:400]}",
+            f"check that {folder} is a complete Hugging Face causal-LM folder with safetensors weights",
+        ) from None
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    return model
+
+
 def run(ctx: RunContext) -> None:
     from .quantize import _mtq
 
@@ -101,8 +140,8 @@ def run(ctx: RunContext) -> None:
     ctx.reporter.update(message="loading tokenizer")
     ctx.tokenizer = load_tokenizer(ctx)
     ctx.reporter.update(message="loading model")
-    ctx.model = load_model(ctx)
-    n = sum(p.numel() for p in ctx.model.parameters())
+    ctx.model = load_sharded(ctx) if ctx.ranks.distributed else load_model(ctx)
+    n = sum(p.numel() for p in ctx.model.parameters())  # a DTensor counts its global size
     ctx.metrics["parameters"] = n
     device_map = getattr(ctx.model, "hf_device_map", None) or {}
     ctx.metrics["devices"] = sorted({str(v) for v in device_map.values()}) or [ctx.device]

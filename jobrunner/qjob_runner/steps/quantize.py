@@ -310,12 +310,22 @@ def run(ctx: RunContext) -> None:
 
     mtq = _mtq()
     q = ctx.config.quantization
+    if ctx.ranks.distributed and q.auto_quantize is not None:
+        raise InvalidConfig(
+            f"autoQuantize is not calibrated across ranks ({ctx.ranks.describe()}): ModelOpt 0.47 has not "
+            "validated its search under FSDP2",
+            "choose one spec.quantization.format, or set spec.resources.gpus so the stage runs in one pod",
+        )
     quant_config = build_quant_config(ctx) if q.format else {"auto_quantize": q.auto_quantize.model_dump(mode="json")}
     ctx.quant_config = quant_config
     key = state_key(ctx, quant_config)
     state_path, _ = resume_state.paths(ctx.paths.work_dir, ctx.config.job_uid, key)
-    ctx.metrics["state_file"] = str(state_path)
-    if q.format and state_path.exists():
+    # Sharded over ranks, the calibrated state is not one process's to save: a retry resumes
+    # from the layer-wise checkpoints instead (spec.calibration.layerwise).
+    keep_state = not ctx.ranks.distributed
+    if keep_state:
+        ctx.metrics["state_file"] = str(state_path)
+    if q.format and keep_state and state_path.exists():
         ctx.reporter.update(step="quantize", message=f"restoring calibrated state from {state_path.name}")
         if restore_state(ctx, key):
             ctx.resumed = True
@@ -324,7 +334,7 @@ def run(ctx: RunContext) -> None:
             return
     t0 = time.monotonic()
     if q.format:
-        before = _fingerprints(ctx.model)
+        before = _fingerprints(ctx.model) if keep_state else {}
         ctx.reporter.update(step="calibrate", message=f"calibrating {q.format.value} with {MODELOPT_PRESETS[q.format]}")
         try:
             ctx.model = mtq.quantize(ctx.model, quant_config, forward_loop_factory(ctx))
@@ -339,7 +349,8 @@ def run(ctx: RunContext) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         ctx.metrics["calibration_seconds"] = time.monotonic() - t0
-        ctx.background.append(save_state(ctx, key, before))
+        if keep_state:
+            ctx.background.append(save_state(ctx, key, before))
     else:
         ctx.reporter.update(
             step="calibrate", message=f"AutoQuantize to {q.auto_quantize.effective_bits} effective bits"
