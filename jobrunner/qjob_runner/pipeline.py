@@ -18,8 +18,8 @@ from qjob_api.runner import REUSE_STAGE, ExitCode, RunnerConfig, RunnerResult
 
 from .artifacts import RESULT, Staging, atomic_write_text, clean_stale_staging
 from .context import Paths, RunContext
-from .ranks import Ranks, leave
 from .errors import InvalidConfig, RunnerError, classify
+from .ranks import Ranks, leave
 from .reporting import Reporter, make_reporter
 from .versions import library_versions
 

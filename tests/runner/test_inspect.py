@@ -53,12 +53,3 @@ def test_inspect_names_a_corrupt_header(tiny_llama, tmp_path):
     (folder / "model.safetensors").write_bytes((16).to_bytes(8, "little") + b"{not json at all")
     result = _inspect(folder, tmp_path / "out")
     assert result.reason == "InvalidInput" and "model.safetensors" in result.message
-
-
-def test_a_torchrun_rank_of_a_multi_pod_plan_is_refused_clearly(tiny_llama, calib_jsonl, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "16")
-    cfg = runner_config(model={"path": str(tiny_llama)}, outputDir=str(tmp_path))
-    cfg["calibration"]["dataset"]["path"] = str(calib_jsonl)
-    result = run(RunnerConfig.model_validate(cfg))
-    assert result.outcome == "Failed" and result.reason == "InvalidConfig" and result.failed_step == "resolve"
-    assert "16 torchrun ranks" in result.message and "policy.maxPodsPerStage" in result.message
