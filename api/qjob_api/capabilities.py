@@ -122,6 +122,15 @@ MODELOPT_KV_PRESETS: dict[KVCacheFormat, str] = {
     KVCacheFormat.NVFP4: "NVFP4_KV_CFG",
 }
 
+#: ModelOpt calibration algorithms whose result over FSDP2 ranks (a multi-pod plan) equals one
+#: process's: ``max`` (every quantizer's amax is all-reduced by max over the ranks) and
+#: ``smoothquant`` (its smoothing comes from those synced amax values); both give bit-identical
+#: checkpoints on 2 CPU ranks (tests/runner/test_ranks.py). The AWQ methods are left out: in
+#: ModelOpt 0.47 awq_lite picks each layer's alpha from the rank's own loss
+#: (model_calib.py ``update_best_params``, no all-reduce), so ranks can smooth their shards
+#: differently (weight scales up to 34% apart from one process's on the tiny Llama).
+MULTI_RANK_ALGORITHMS: frozenset[str] = frozenset({"max", "smoothquant"})
+
 #: Formats whose fake quantization needs CUDA kernels even for calibration.
 CUDA_ONLY_FORMATS: frozenset[QuantFormat] = frozenset({QuantFormat.NVFP4, QuantFormat.NVFP4_AWQ, QuantFormat.MXFP4})
 

@@ -42,6 +42,7 @@ def _plans():
         resolve.run(ctx)
         if not ctx.config.is_build:
             export.check_available(ctx)
+            quantize.check_ranks(ctx)
 
     quantize_plan = [
         Step("rendezvous", lambda ctx: ranks.join(ctx.ranks), 1),

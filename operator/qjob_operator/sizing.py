@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from qjob_api.capabilities import QuantFormat
+from qjob_api.capabilities import MULTI_RANK_ALGORITHMS, QuantFormat
 from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import MemoryEstimate, ModelSize
 
@@ -204,6 +204,8 @@ def _candidates(
     found = []
     for shape in shapes:
         max_pods = shape.count if limits is None else min(shape.count, limits.max_pods_per_stage)
+        if inputs.algorithm not in MULTI_RANK_ALGORITHMS or inputs.layerwise:
+            max_pods = 1  # the runner calibrates it in one process only
         for pods in range(1, (max_pods if not inputs.gpus else 1) + 1):
             if inputs.gpus:
                 counts = [inputs.gpus] if inputs.gpus <= shape.gpus else []
@@ -215,7 +217,8 @@ def _candidates(
                 if limits and (gpus > limits.max_gpus_per_pod or gpus * pods > limits.max_gpus_per_job):
                     continue
                 for batch in batches:
-                    for layerwise in modes:
+                    # ModelOpt 0.47 keeps no layer-wise checkpoints across ranks: one pod only
+                    for layerwise in modes if pods == 1 else [False]:
                         est = estimate(
                             size,
                             inputs,
@@ -280,10 +283,16 @@ def plan_quantize(
         key=lambda c: c.estimate.peak_mib - c.estimate.usable_mib,
     )
     what = "a plan not tried before" if tried else "it"
+    one_pod = (
+        f" ({inputs.algorithm} calibration runs in one pod; a format calibrated with "
+        f"{' or '.join(sorted(MULTI_RANK_ALGORITHMS))}, e.g. fp8 or nvfp4, can spread over several)"
+        if inputs.algorithm not in MULTI_RANK_ALGORITHMS
+        else ""
+    )
     return Refusal(
         Reason.NO_MATCHING_NODES,
         f"{weights} do not fit the nodes that can run the quantize stage ({'; '.join(s.describe() for s in shapes)}): "
-        f"even {smallest.describe()} leaves no room for {what}",
+        f"even {smallest.describe()} leaves no room for {what}{one_pod}",
     )
 
 

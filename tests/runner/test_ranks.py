@@ -89,14 +89,17 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / a.abs().clamp(min=1e-12)).max().item()
 
 
-def test_two_ranks_export_what_one_process_exports(tiny_llama, calib_jsonl, tmp_path):
+@pytest.mark.parametrize("fmt", ["fp8", "int8_smoothquant"])
+def test_two_ranks_export_what_one_process_exports(fmt, tiny_llama, calib_jsonl, tmp_path):
     from qjob_runner.pipeline import run
 
-    single = run(RunnerConfig.model_validate_json(_config(tiny_llama, calib_jsonl, tmp_path / "single").read_text()))
+    quantization = {"format": fmt}
+    single_config = _config(tiny_llama, calib_jsonl, tmp_path / "single", quantization=quantization)
+    single = run(RunnerConfig.model_validate_json(single_config.read_text()))
     assert single.outcome == "Succeeded", single.message
 
     termination = tmp_path / "termination-log"
-    done = _launch(_config(tiny_llama, calib_jsonl, tmp_path / "ranks"), termination)
+    done = _launch(_config(tiny_llama, calib_jsonl, tmp_path / "ranks", quantization=quantization), termination)
     assert done.returncode == 0, done.stderr[-3000:]
     result = RunnerResult.model_validate_json(termination.read_text())
     assert result.outcome == "Succeeded" and "rendezvous" in result.step_seconds
@@ -108,7 +111,8 @@ def test_two_ranks_export_what_one_process_exports(tiny_llama, calib_jsonl, tmp_
     scales = [k for k in one if k.endswith("_scale")]
     assert len(scales) >= 2 * 7 * 2  # input and weight scale of 7 linears in each of 2 layers
     assert max(_relative_difference(one[k], two[k]) for k in scales) <= SCALE_RTOL
-    assert any(t.dtype == torch.float8_e4m3fn for t in two.values())  # FP8 weights came through the gather
+    quantized = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
+    assert any(t.dtype == quantized for t in two.values())  # FP8 weights came through the byte-wise gather
 
     manifest = json.loads((tmp_path / "ranks" / "manifest.json").read_text())
     assert manifest["metrics"]["calibration"]["batches_per_rank"] == 2  # 16 samples / batch 4 / 2 ranks
@@ -146,16 +150,23 @@ def test_a_killed_rank_fails_the_other_at_once(tiny_llama, calib_jsonl, tmp_path
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_the_launcher_ends_the_pod_with_the_failing_ranks_code(tiny_llama, calib_jsonl, tmp_path):
-    """Every rank refuses a legacy TensorRT-LLM export across ranks (InvalidConfig, exit 2): the
-    pod exits 2, not torchrun's 1, so the operator's podFailurePolicy fails the job at once."""
-    config = _config(tiny_llama, calib_jsonl, tmp_path / "out", export={"formats": ["hf", "tensorrt_llm"]})
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"export": {"formats": ["hf", "tensorrt_llm"]}}, "exports the hf checkpoint only"),
+        ({"quantization": {"format": "int4_awq"}}, "awq_lite calibration (int4_awq) is not calibrated across ranks"),
+    ],
+)
+def test_the_launcher_ends_the_pod_with_the_failing_ranks_code(overrides, says, tiny_llama, calib_jsonl, tmp_path):
+    """Every rank refuses what it cannot do across ranks (InvalidConfig, exit 2): the pod exits 2,
+    not torchrun's 1, so the operator's podFailurePolicy fails the job at once."""
+    config = _config(tiny_llama, calib_jsonl, tmp_path / "out", **overrides)
     termination = tmp_path / "termination-log"
     done = _launch(config, termination)
     assert done.returncode == ExitCode.INVALID_CONFIG, done.stderr[-3000:]
     result = RunnerResult.model_validate_json(termination.read_text())
     assert result.reason == "InvalidConfig" and result.failed_step == "resolve"
-    assert "exports the hf checkpoint only" in result.message and "spec.export.formats" in result.message
+    assert says in result.message and "Fix:" in result.message
 
 
 def test_a_rank_that_cannot_meet_rank_0_fails_with_rendezvous_failed(tiny_llama, calib_jsonl, tmp_path):

@@ -63,6 +63,15 @@ def test_405b_spans_two_h100_nodes_when_there_is_no_b200():
     )
 
 
+def test_awq_is_never_spread_over_pods():
+    """The runner calibrates AWQ in one process only (its scales come from each rank's own data),
+    so a model that needs two nodes for AWQ is refused, naming the formats that can spread."""
+    h100_only = node_shapes([(81559, 8)] * 2)
+    plan = plan_quantize(LLAMA_405B, Inputs("awq_lite", 512, 512, 0, False, 0), h100_only, POLICY)
+    assert isinstance(plan, Refusal) and plan.reason == "NoMatchingNodes"
+    assert "awq_lite calibration runs in one pod" in plan.message and "fp8 or nvfp4" in plan.message
+
+
 def test_plan_beyond_policy_is_refused_with_the_numbers():
     h100_only = node_shapes([(81559, 8)] * 2)
     refusal = plan_quantize(LLAMA_405B, Inputs("max", 512, 512, 0, False, 0), h100_only, Limits(8, 8, 1))

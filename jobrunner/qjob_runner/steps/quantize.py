@@ -21,7 +21,13 @@ import threading
 import time
 from typing import Any
 
-from qjob_api.capabilities import MODELOPT_KV_PRESETS, MODELOPT_PRESETS, KVCacheFormat, ModelTask
+from qjob_api.capabilities import (
+    MODELOPT_KV_PRESETS,
+    MODELOPT_PRESETS,
+    MULTI_RANK_ALGORITHMS,
+    KVCacheFormat,
+    ModelTask,
+)
 
 from .. import resume_state
 from ..context import RunContext
@@ -69,6 +75,37 @@ def build_quant_config(ctx: RunContext) -> dict[str, Any]:
         algorithm["layerwise"] = {"enable": True, "checkpoint_dir": str(ctx.paths.work_dir / "layerwise")}
         cfg["algorithm"] = algorithm
     return cfg
+
+
+def check_ranks(ctx: RunContext) -> None:
+    """Pre-flight (called by ``resolve``): across ranks, only calibrations whose result equals
+    one process's (``MULTI_RANK_ALGORITHMS``)."""
+    if not ctx.ranks.distributed:
+        return
+    fix = "set spec.resources.gpus to a number so the stage runs in one pod"
+    q = ctx.config.quantization
+    if q.auto_quantize is not None:
+        raise InvalidConfig(
+            f"autoQuantize is not calibrated across ranks ({ctx.ranks.describe()}): ModelOpt 0.47 has not "
+            "validated its search under FSDP2",
+            f"choose one spec.quantization.format, or {fix}",
+        )
+    if ctx.config.calibration.layerwise:
+        raise InvalidConfig(
+            f"layer-wise calibration runs in one process; this is {ctx.ranks.describe()} (ModelOpt 0.47 keeps "
+            "no layer checkpoints across ranks: 'Layerwise calibration checkpointing is not supported in "
+            "multi-process distributed jobs')",
+            f"set spec.calibration.layerwise to false, or {fix}",
+        )
+    method = build_quant_config(ctx).get("algorithm") or "max"
+    method = method.get("method", "max") if isinstance(method, dict) else method
+    if method not in MULTI_RANK_ALGORITHMS:
+        raise InvalidConfig(
+            f"{method} calibration ({q.format.value}) is not calibrated across ranks ({ctx.ranks.describe()}): "
+            "ModelOpt 0.47 chooses its AWQ scales from each rank's own data, so the shards could disagree",
+            f"choose a format calibrated with {' or '.join(sorted(MULTI_RANK_ALGORITHMS))} (e.g. fp8, nvfp4, "
+            f"int8_smoothquant), or {fix}",
+        )
 
 
 # ------------------------------------------------------------------------------ resume support
@@ -310,12 +347,6 @@ def run(ctx: RunContext) -> None:
 
     mtq = _mtq()
     q = ctx.config.quantization
-    if ctx.ranks.distributed and q.auto_quantize is not None:
-        raise InvalidConfig(
-            f"autoQuantize is not calibrated across ranks ({ctx.ranks.describe()}): ModelOpt 0.47 has not "
-            "validated its search under FSDP2",
-            "choose one spec.quantization.format, or set spec.resources.gpus so the stage runs in one pod",
-        )
     quant_config = build_quant_config(ctx) if q.format else {"auto_quantize": q.auto_quantize.model_dump(mode="json")}
     ctx.quant_config = quant_config
     key = state_key(ctx, quant_config)
