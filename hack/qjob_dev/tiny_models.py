@@ -59,7 +59,7 @@ def llama_config(vocab_size: int = 512, hidden: int = 128, layers: int = 2, inte
     )
 
 
-def make_tiny_llama(folder: Path, train_steps: int = 0, seed: int = 0, seq: int = 64) -> Path:
+def make_tiny_llama(folder: Path, train_steps: int = 0, seed: int = 0, seq: int = 64, layers: int = 2) -> Path:
     """A tiny Llama with the pydoc tokenizer; optionally trained a few steps on the pydoc text."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -67,7 +67,7 @@ def make_tiny_llama(folder: Path, train_steps: int = 0, seed: int = 0, seq: int 
     train_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(seed)
-    cfg = llama_config(vocab_size=len(tok))
+    cfg = llama_config(vocab_size=len(tok), layers=layers)
     model = LlamaForCausalLM(cfg)
     if train_steps:
         ids = tok(" ".join(pydoc_paragraphs()[:1500]), return_tensors="pt", add_special_tokens=False)["input_ids"][0]

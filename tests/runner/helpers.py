@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from qjob_api.runner import RunnerS3
 
@@ -24,6 +25,25 @@ def runner_config(**overrides) -> dict:
         else:
             cfg[k] = v
     return cfg
+
+
+def checkpoint_tensors(folder: Path) -> dict:
+    """Every tensor of a safetensors checkpoint folder, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def as_bytes(t):
+    """A tensor's storage as bytes (compares FP8 tensors exactly, bit for bit)."""
+    import torch
+
+    return t.contiguous().view(-1).view(torch.uint8)
 
 
 # ------------------------------------------------------------------------------ S3 (real server)

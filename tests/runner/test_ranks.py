@@ -16,9 +16,8 @@ import pytest
 import torch
 from qjob_api.runner import ExitCode, RunnerConfig, RunnerResult
 from qjob_dev.s3server import free_port
-from safetensors import safe_open
 
-from .helpers import runner_config
+from .helpers import as_bytes, checkpoint_tensors, runner_config
 
 #: The 2-rank checkpoint must match the single process's: max |a-b|/|a| of every scale tensor
 #: (amax / format max: input_scale, weight_scale, k/v scales). Measured: 0 (bit-identical), as
@@ -75,15 +74,6 @@ def _launch(config: Path, termination: Path, **extra: str) -> subprocess.Complet
     )
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                out[k] = sf.get_tensor(k)
-    return out
-
-
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).abs() / a.abs().clamp(min=1e-12)).max().item()
@@ -105,12 +95,14 @@ def test_two_ranks_export_what_one_process_exports(fmt, tiny_llama, calib_jsonl,
     assert result.outcome == "Succeeded" and "rendezvous" in result.step_seconds
     assert {a.kind for a in result.artifacts} == {"checkpoint", "manifest"}
 
-    one, two = _tensors(tmp_path / "single" / "hf"), _tensors(tmp_path / "ranks" / "hf")
+    one, two = checkpoint_tensors(tmp_path / "single" / "hf"), checkpoint_tensors(tmp_path / "ranks" / "hf")
     assert sorted(one) == sorted(two)
     assert {k: (t.dtype, t.shape) for k, t in one.items()} == {k: (t.dtype, t.shape) for k, t in two.items()}
     scales = [k for k in one if k.endswith("_scale")]
     assert len(scales) >= 2 * 7 * 2  # input and weight scale of 7 linears in each of 2 layers
     assert max(_relative_difference(one[k], two[k]) for k in scales) <= SCALE_RTOL
+    weights = [k for k in one if k.endswith(".weight")]
+    assert all(as_bytes(one[k]).equal(as_bytes(two[k])) for k in weights)  # quantized weights bit for bit
     quantized = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
     assert any(t.dtype == quantized for t in two.values())  # FP8 weights came through the byte-wise gather
 

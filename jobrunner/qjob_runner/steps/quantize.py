@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from qjob_api.capabilities import (
@@ -67,13 +68,6 @@ def build_quant_config(ctx: RunContext) -> dict[str, Any]:
     for pattern in q.exclude_modules:
         entries.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}*", "enable": False})
     cfg["quant_cfg"] = entries
-    if ctx.config.calibration.layerwise:
-        # One decoder layer at a time, a checkpoint per layer in work_dir: a new attempt resumes
-        # at the last finished layer (ModelOpt's layerwise_calib.detect_resume_point).
-        method = cfg.get("algorithm") or "max"
-        algorithm = dict(method) if isinstance(method, dict) else {"method": method}
-        algorithm["layerwise"] = {"enable": True, "checkpoint_dir": str(ctx.paths.work_dir / "layerwise")}
-        cfg["algorithm"] = algorithm
     return cfg
 
 
@@ -106,6 +100,29 @@ def check_ranks(ctx: RunContext) -> None:
             f"choose a format calibrated with {' or '.join(sorted(MULTI_RANK_ALGORITHMS))} (e.g. fp8, nvfp4, "
             f"int8_smoothquant), or {fix}",
         )
+
+
+def with_layerwise(cfg: dict[str, Any], checkpoints: Path) -> dict[str, Any]:
+    """One decoder layer at a time, a checkpoint per layer: an attempt that stops mid-way (killed,
+    evicted, OOM) resumes at the layer after the last finished one (ModelOpt's
+    ``layerwise_calib.detect_resume_point`` reads the folder's manifest)."""
+    method = cfg.get("algorithm") or "max"
+    algorithm = dict(method) if isinstance(method, dict) else {"method": method}
+    algorithm["layerwise"] = {"enable": True, "checkpoint_dir": str(checkpoints)}
+    return {**cfg, "algorithm": algorithm}
+
+
+def layerwise_resume(ctx: RunContext, checkpoints: Path) -> None:
+    """Record where layer-wise calibration starts: 0, or the layer after an earlier attempt's last."""
+    from modelopt.torch.quantization.utils.layerwise_calib import detect_resume_point
+
+    found = detect_resume_point(str(checkpoints))
+    start = found[0] if found else 0
+    ctx.metrics["layerwise"] = {"checkpoints": str(checkpoints), "start_layer": start}
+    if start:
+        layers = found[1].get("num_layers")
+        ctx.notes.append(f"layer-wise calibration resumed at layer {start} of {layers} ({checkpoints})")
+        ctx.reporter.update(message=f"resuming layer-wise calibration at layer {start} of {layers}")
 
 
 # ------------------------------------------------------------------------------ resume support
@@ -348,8 +365,13 @@ def run(ctx: RunContext) -> None:
     mtq = _mtq()
     q = ctx.config.quantization
     quant_config = build_quant_config(ctx) if q.format else {"auto_quantize": q.auto_quantize.model_dump(mode="json")}
+    layerwise = bool(q.format and ctx.config.calibration.layerwise)
+    key = state_key(ctx, {**quant_config, "layerwise": layerwise})
+    if layerwise:  # the checkpoints of this job and config only: another config starts afresh
+        checkpoints = ctx.paths.work_dir / "layerwise" / f"{ctx.config.job_uid}-{key}"
+        quant_config = with_layerwise(quant_config, checkpoints)
+        layerwise_resume(ctx, checkpoints)
     ctx.quant_config = quant_config
-    key = state_key(ctx, quant_config)
     state_path, _ = resume_state.paths(ctx.paths.work_dir, ctx.config.job_uid, key)
     # Sharded over ranks, the calibrated state is not one process's to save: a retry resumes
     # from the layer-wise checkpoints instead (spec.calibration.layerwise).
