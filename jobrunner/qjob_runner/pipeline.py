@@ -63,6 +63,8 @@ def _plans():
     return quantize_plan, build_plan, fetch_plan, inspect_plan, reuse_plan
 
 
+#: The step only a process among torchrun ranks runs (it joins the others first).
+RANKS_ONLY_STEPS = frozenset({"rendezvous"})
 #: Steps rank 0 alone runs: it checks the files it wrote and publishes them.
 MAIN_RANK_STEPS = frozenset({"serving", "report"})
 
@@ -77,9 +79,9 @@ def plan_for(config: RunnerConfig, ranks: Ranks | None = None) -> list[Step]:
         return inspect_plan
     if config.is_build:
         return build_plan
-    if ranks is not None and not ranks.is_main:
-        return [s for s in quantize_plan if s.name not in MAIN_RANK_STEPS]
-    return quantize_plan
+    ranks = ranks or Ranks()
+    skip = (set() if ranks.distributed else RANKS_ONLY_STEPS) | (set() if ranks.is_main else MAIN_RANK_STEPS)
+    return [s for s in quantize_plan if s.name not in skip]
 
 
 def refuse_multi_rank(config: RunnerConfig, ranks: Ranks) -> None:

@@ -41,13 +41,16 @@ class Ranks:
     master_port: int = 0
     #: torchrun's agent already serves the rendezvous store: every rank is its client
     agent_store: bool = False
+    #: started by torchrun (or as one of several ranks): the sharded path, even as its only rank
+    launched: bool = False
 
     @classmethod
     def from_env(cls, env: os._Environ | dict[str, str] = os.environ) -> Ranks:
         world = int(env.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        if world <= 1 and "TORCHELASTIC_RUN_ID" not in env:
             return cls()
         return cls(
+            launched=True,
             rank=int(env.get("RANK", env.get("NODE_RANK", "0"))),
             world_size=world,
             local_rank=int(env.get("LOCAL_RANK", "0")),
@@ -58,7 +61,8 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """One process group over the ranks, FSDP2 shards (a 1-rank torchrun too: same code path)."""
+        return self.launched
 
     @property
     def is_main(self) -> bool:
