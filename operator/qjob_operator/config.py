@@ -38,8 +38,8 @@ class Policy(_Settings):
     max_gpus_per_pod: int = Field(8, ge=1)
     # Automatic sizing (spec.resources.gpus 0) plans within these; larger plans are refused.
     max_gpus_per_job: int = Field(16, ge=1)
-    # 1: the runner has no multi-rank (FSDP2) path yet, so a multi-pod plan would fail; opt in above 1.
-    max_pods_per_stage: int = Field(1, ge=1)
+    # Pods (torchrun nodes) one quantize stage may span: 2 = maxGpusPerJob / maxGpusPerPod.
+    max_pods_per_stage: int = Field(2, ge=1)
     allowed_output_claims: list[str] = Field(default_factory=list, description="Empty: any claim.")
     allowed_output_buckets: list[str] = Field(default_factory=list, description="S3 buckets; empty: any bucket.")
     # What job authors may set on runner pods (spec.scheduling).

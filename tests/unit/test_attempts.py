@@ -113,7 +113,6 @@ def test_hand_sized_oom_shrinks_the_batch_then_goes_layerwise_then_gives_up(spec
 
 def test_bad_input_is_not_retried_and_a_failed_rank_retries_the_whole_gang(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
-    config.policy.max_pods_per_stage = 2  # multi-pod plans are opt-in
     h100s = attempts.sizing.node_shapes([(81559, 8)] * 2)
     status = {"modelSize": LLAMA_405B.to_api()}
     first = _advance(spec, config, status, shapes=h100s).current
@@ -124,23 +123,26 @@ def test_bad_input_is_not_retried_and_a_failed_rank_retries_the_whole_gang(spec_
     again = transient.current
     assert (again.attempt, again.pods, again.gpus_per_pod, again.batch_size) == (2, 2, 8, first.batch_size)
     assert "whole stage runs again" in again.reason
+    missed = _advance(spec, config, status, failed, {"quantize": [_pod(first.job_name, 77, "rank 0 unreachable")]}, h100s)
+    assert missed.plans[0].outcome.startswith("RendezvousFailed") and missed.current.attempt == 2
     bad = _advance(spec, config, status, failed, {"quantize": [_pod(first.job_name, 3, "corrupt shard")]}, h100s)
     assert len(bad.plans) == 1 and bad.current.outcome == "InvalidInput"
 
 
-def test_default_policy_keeps_a_stage_on_one_pod(spec_dict, config):
-    # The runner has no multi-rank path yet: by default a model beyond one node is refused.
+def test_default_policy_spans_two_pods_and_one_keeps_a_stage_on_one_pod(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
     h100s = attempts.sizing.node_shapes([(81559, 8)] * 2)
+    assert config.policy.max_pods_per_stage == 2
+    assert _advance(spec, config, {"modelSize": LLAMA_405B.to_api()}, shapes=h100s).current.pods == 2
+    config.policy.max_pods_per_stage = 1
     sizing = _advance(spec, config, {"modelSize": LLAMA_405B.to_api()}, shapes=h100s)
-    assert config.policy.max_pods_per_stage == 1 and sizing.plans == []
+    assert sizing.plans == []
     assert sizing.refusal[0] == "PolicyViolation" and "maxPodsPerStage" in sizing.refusal[1]
     assert "need 2 pod(s) x 8 GPU(s)" in sizing.refusal[1]
 
 
 def test_multi_pod_plan_is_an_indexed_job_with_a_headless_service(spec_dict, config):
     spec = _spec(spec_dict, gpus=0)
-    config.policy.max_pods_per_stage = 2  # multi-pod plans are opt-in
     h100s = attempts.sizing.node_shapes([(81559, 8)] * 2)
     plan = _advance(spec, config, {"modelSize": LLAMA_405B.to_api()}, shapes=h100s).current
     stage = next(s for s in plan_stages(spec, config, plan) if s.name == "quantize")
