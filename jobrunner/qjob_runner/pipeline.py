@@ -86,7 +86,7 @@ def plan_for(config: RunnerConfig, ranks: Ranks | None = None) -> list[Step]:
 
 def refuse_multi_rank(config: RunnerConfig, ranks: Ranks) -> None:
     """Only the quantize stage runs as several ranks (a multi-pod plan)."""
-    if ranks.distributed and (config.stage != "quantize" or config.is_build or config.is_inspect):
+    if ranks.distributed and (config.stage != "quantize" or config.is_build):
         raise InvalidConfig(
             f"the {config.stage} stage runs in one process; it was started as {ranks.describe()}",
             "only the quantize stage of a multi-pod plan runs under torchrun",
