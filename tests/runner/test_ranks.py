@@ -182,3 +182,44 @@ def test_a_pod_whose_torchrun_cannot_meet_rank_0_fails_with_rendezvous_failed(ti
     assert done.returncode == ExitCode.RENDEZVOUS_FAILED, done.stderr[-3000:]
     result = RunnerResult.model_validate_json(termination.read_text())
     assert result.reason == "RendezvousFailed" and "node rank 1 of 2" in result.message
+
+
+def _children_with_rank(parent: int, rank: int) -> list[int]:
+    """Processes below ``parent`` whose environment says RANK=<rank> (torchrun's workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_worker_killed_under_the_launcher_ends_the_pod_with_its_signal(tiny_llama, calib_jsonl, tmp_path):
+    """torchrun stops the other worker when one dies; the pod says which rank died and how
+    (128 + SIGKILL), instead of torchrun's exit 1."""
+    config = _config(tiny_llama, calib_jsonl, tmp_path / "out")
+    termination = tmp_path / "termination-log"
+    env = _env(NNODES="1", NPROC_PER_NODE=str(WORLD), NODE_RANK="0", MASTER_PORT=str(free_port()))
+    env["QJOB_TERMINATION_LOG"] = str(termination)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "qjob_runner.launch", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (victims := _children_with_rank(launcher.pid, 1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victims, "torchrun started no rank 1"
+    time.sleep(2)  # well inside the run (imports alone take longer)
+    os.kill(victims[0], signal.SIGKILL)
+    assert launcher.wait(120) == 128 + signal.SIGKILL
+    result = RunnerResult.model_validate_json(termination.read_text())
+    assert result.outcome == "Failed" and "rank 1 of this stage ended with signal SIGKILL" in result.message
+    assert not (tmp_path / "out" / "manifest.json").exists()
