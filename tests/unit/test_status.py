@@ -193,6 +193,17 @@ def test_running_progress_comes_from_runner_report(spec_dict, config):
             "nvfp4 needs CUDA",
         ),
         ({"exitCode": 1, "message": "Traceback: boom"}, None, "RunnerFailed", "Traceback: boom"),
+        (
+            {
+                "exitCode": 77,
+                "message": json.dumps(
+                    {"outcome": "Failed", "stage": "quantize", "exitCode": 77, "message": "could not meet rank 0"}
+                ),
+            },
+            None,
+            "RendezvousFailed",
+            "could not meet rank 0",
+        ),
         (None, "Evicted", "Evicted", "evicted"),
     ],
 )
