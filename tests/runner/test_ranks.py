@@ -27,12 +27,8 @@ WORLD = 2
 
 
 def _config(tiny_llama, calib_jsonl, out: Path, **overrides) -> Path:
-    cfg = runner_config(
-        model={"path": str(tiny_llama)},
-        calibration={"dataset": {"path": str(calib_jsonl)}},
-        outputDir=str(out),
-        **overrides,
-    )
+    calibration = {"dataset": {"path": str(calib_jsonl)}, **overrides.pop("calibration", {})}
+    cfg = runner_config(model={"path": str(tiny_llama)}, calibration=calibration, outputDir=str(out), **overrides)
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -147,6 +143,7 @@ def test_a_killed_rank_fails_the_other_at_once(tiny_llama, calib_jsonl, tmp_path
     [
         ({"export": {"formats": ["hf", "tensorrt_llm"]}}, "exports the hf checkpoint only"),
         ({"quantization": {"format": "int4_awq"}}, "awq_lite calibration (int4_awq) is not calibrated across ranks"),
+        ({"calibration": {"layerwise": True}}, "layer-wise calibration runs in one process"),
     ],
 )
 def test_the_launcher_ends_the_pod_with_the_failing_ranks_code(overrides, says, tiny_llama, calib_jsonl, tmp_path):

@@ -123,7 +123,9 @@ def test_bad_input_is_not_retried_and_a_failed_rank_retries_the_whole_gang(spec_
     again = transient.current
     assert (again.attempt, again.pods, again.gpus_per_pod, again.batch_size) == (2, 2, 8, first.batch_size)
     assert "whole stage runs again" in again.reason
-    missed = _advance(spec, config, status, failed, {"quantize": [_pod(first.job_name, 77, "rank 0 unreachable")]}, h100s)
+    missed = _advance(
+        spec, config, status, failed, {"quantize": [_pod(first.job_name, 77, "rank 0 unreachable")]}, h100s
+    )
     assert missed.plans[0].outcome.startswith("RendezvousFailed") and missed.current.attempt == 2
     bad = _advance(spec, config, status, failed, {"quantize": [_pod(first.job_name, 3, "corrupt shard")]}, h100s)
     assert len(bad.plans) == 1 and bad.current.outcome == "InvalidInput"
