@@ -5,28 +5,14 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+from qjob_api.work import WORK_LIBRARIES
+
 #: Distributions whose versions go into the manifest (the version mismatches users hit are
-#: between these: ModelOpt / transformers / TensorRT / TensorRT-LLM).
+#: between these: ModelOpt / transformers / TensorRT / TensorRT-LLM): the ones that are part of
+#: the work key, and the ones that only read inputs or check outputs. (CUDA's comes from torch.)
 TRACKED = (
-    "qjob-operator",
-    "torch",
-    "transformers",
-    "nvidia-modelopt",
-    "accelerate",
-    "safetensors",
-    "huggingface-hub",
-    "tokenizers",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
-    "tensorrt",
-    "tensorrt-cu12",
-    "tensorrt-cu13",
-    "tensorrt-llm",
-    "tensorrt_llm",
-    "datasets",
-    "numpy",
-    "pydantic",
+    *(name for name in WORK_LIBRARIES if name != "cuda"),
+    *("huggingface-hub", "tokenizers", "onnxruntime", "datasets", "numpy", "pydantic"),
 )
 
 
