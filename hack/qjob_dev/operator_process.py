@@ -3,6 +3,7 @@ exactly as in its pod (config file, kubeconfig), so tests and benchmarks can kil
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,15 +68,18 @@ class OperatorProcess:
                 cwd=self.workdir,
                 start_new_session=True,
             )
-        wait_for(self._healthy, timeout=60, what=f"operator liveness at {self.health_url} (log: {self.log_path})")
+        # Ready: a standby at once, the active replica once kopf has listed what it watches (a
+        # restart in a cluster full of namespaces takes a while; tests must not count it).
+        wait_for(self._ready, timeout=180, what=f"operator readiness at {self.health_url} (log: {self.log_path})")
 
-    def _healthy(self) -> bool:
+    def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(
                 f"operator exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
             )
         with urllib.request.urlopen(self.health_url, timeout=2) as resp:
-            return resp.status == 200
+            state = json.loads(resp.read())
+        return resp.status == 200 and (not state["active"] or state.get("listed", True))
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies."""

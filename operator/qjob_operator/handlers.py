@@ -152,6 +152,9 @@ async def child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_:
 
 @kopf.on.event("", "v1", "nodes")
 async def node_event(event: dict, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # kopf holds every handler until all watched resources are listed; each node's listing event
+    # comes right after: the controller's view is complete (readiness).
+    memo.reconciler.listed = True
     # Heartbeats change nothing that fit depends on; a node appearing or changing may unblock
     # jobs waiting with NoMatchingNodes.
     view = None if event.get("type") == "DELETED" else _node_view(name, body)

@@ -42,13 +42,21 @@ from .tokenreview import TokenReviewer
 log = logging.getLogger("qjob_operator")
 
 
-async def _probes(port: int, active: Callable[[], bool]) -> web.AppRunner:
+async def _probes(port: int, active: Callable[[], bool], listed: Callable[[], bool]) -> web.AppRunner:
+    def state() -> dict[str, bool]:
+        return {"ok": True, "active": active(), "listed": listed()}
+
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "active": active()})
+        return web.json_response(state())
+
+    async def readyz(_: web.Request) -> web.Response:
+        # A standby is ready (to take over); the active replica once its caches are listed.
+        now = state()
+        return web.json_response(now, status=200 if not now["active"] or now["listed"] else 503)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)  # ready once it serves: a standby is ready to take over
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
@@ -87,7 +95,7 @@ async def run(config: OperatorConfig, namespaces: list[str]) -> int:
         lambda outcome: metrics.reports.labels(outcome).inc(),
     )
     await server.start("0.0.0.0", reports.port, certificate.server_context())
-    probes = await _probes(config.health_port, active)
+    probes = await _probes(config.health_port, active, lambda: reconciler.listed)
     log.info("metrics on :%d, probes on :%d, reports on :%d (%s)", config.metrics_port, config.health_port,
              reports.port, reports.url)  # fmt: skip
 

@@ -187,6 +187,7 @@ class Reconciler:
         self._retry_at: dict[Key, float] = {}  # monotonic time of the next retry of a job in backoff
         self._priority_classes: dict[str, bool] = {}  # name -> exists (only missing ones are re-checked)
         self.debounce_seconds = DEBOUNCE_SECONDS
+        self.listed = False  # kopf listed every watched resource (handlers run only then)
 
     # ------------------------------------------------------------------------------ scheduling
 

@@ -237,9 +237,9 @@ def test_operator_runs_with_its_own_config_and_records_and_stops_every_failure(k
             basic_spec(engines=[], resources={"gpus": 2}, scheduling={"podAnnotations": {HOLD: "true"}}),
         )
         spec = basic_spec(
-            engines=[], resources={"cpu": "5000", "memory": "4Gi"}, runPolicy={"pendingDeadlineSeconds": 4}
+            engines=[], resources={"cpu": "5000", "memory": "4Gi"}, runPolicy={"pendingDeadlineSeconds": 3}
         )
-        names = [create_qjob(kube_api, namespace, spec) for _ in range(3)]  # failing together: writes queue
+        names = [create_qjob(kube_api, namespace, spec) for _ in range(2)]  # failing together: writes queue
         for name in names:
             obj = wait_qjob(kube_api, namespace, name, phase_is("Failed", "Succeeded"), timeout=90, operator=op)
             assert obj["status"]["reason"] == "Unschedulable", obj["status"]
@@ -361,38 +361,18 @@ def test_an_error_loop_backs_off_and_says_why_in_status(kube_api, ns, operator):
 # ------------------------------------------------------------------------------- identity (16)
 
 
-def test_operator_requests_carry_its_user_agent(cluster, tmp_path):
-    """On a second control plane with an audit log: the operator's client says who it is."""
-    import os
-    import subprocess
-    import sys
-
-    from qjob_dev import localcluster
+def test_operator_requests_carry_its_user_agent(kube_api, ns, operator):
+    """The apiserver names the manager of what a request writes after its User-Agent (up to the
+    first /): the operator's Jobs and status writes are qjob-operator's, not OpenAPI-Generator's."""
     from qjob_operator.kube import user_agent
 
-    ask = (
-        "import asyncio\n"
-        "from qjob_operator.kube import Kube, connect\n"
-        "from qjob_operator.metrics import Metrics\n"
-        "async def main():\n"
-        "    api = await connect()\n"
-        "    try:\n"
-        "        print(await Kube(api, Metrics()).priority_class_exists('qjob-user-agent-probe'))\n"
-        "    finally:\n"
-        "        await api.close()\n"
-        "asyncio.run(main())\n"
-    )
-    audited = localcluster.LocalCluster(tmp_path / "audited", audit=True)
-    audited.up(timeout=180)
-    try:
-        env = {**os.environ, "KUBECONFIG": str(audited.kubeconfig)}
-        done = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True, timeout=60)
-        assert done.stdout.strip() == "False", done.stderr[-2000:]
-    finally:
-        audited.down(keep_logs=True)  # a clean stop flushes the audit batch
-    records = [json.loads(line) for line in (tmp_path / "audited" / "logs" / "audit.log").read_text().splitlines()]
-    agents = {r.get("userAgent") for r in records if "priorityclasses/qjob-user-agent-probe" in r["requestURI"]}
-    assert agents == {user_agent()} and user_agent().startswith("qjob-operator/0.")
+    product, _, release = user_agent().partition("/")
+    assert product == "qjob-operator" and release.startswith("0.")
+    name = create_qjob(kube_api, ns, basic_spec(engines=[]))
+    obj = wait_qjob(kube_api, ns, name, phase_is("Succeeded", "Failed"), timeout=60, operator=operator)
+    status_managers = {m["manager"] for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"}
+    [job] = jobs_of(kube_api, ns, name)
+    assert product in status_managers and product in {m.manager for m in job.metadata.managed_fields}
 
 
 def test_operator_exposes_process_metrics_without_created_series(operator):

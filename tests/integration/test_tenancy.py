@@ -153,6 +153,21 @@ def test_paths_and_labels_cannot_escape(tenants, mutate, fragment):
     assert refused.value.status == 422 and fragment in json.loads(refused.value.body)["message"]
 
 
+def test_cluster_critical_priority_and_tolerating_every_taint_are_refused(kube_api, tenants, operator):
+    """What runner pods may take of the cluster is the platform team's policy (the default: no
+    system-* PriorityClass, no toleration without a key), not the job author's."""
+    a, _, _, alice = tenants
+    takes = [
+        {"priorityClassName": "system-cluster-critical"},  # exists in every cluster
+        {"tolerations": [{"operator": "Exists"}]},
+    ]
+    names = [create_qjob(alice, a, basic_spec(engines=[], scheduling=scheduling)) for scheduling in takes]
+    for name, field in zip(names, ("priorityClassName", "toleration"), strict=True):
+        obj = wait_qjob(kube_api, a, name, phase_is("Failed", "Running", "Succeeded"), timeout=60, operator=operator)
+        assert obj["status"]["reason"] == "PolicyViolation" and field in obj["status"]["message"], obj["status"]
+        assert not client.BatchV1Api(kube_api).list_namespaced_job(a, label_selector=f"qjob.dev/job-name={name}").items
+
+
 def test_a_job_planted_under_a_future_jobs_name_is_not_adopted(kube_api, tenants, operator):
     """Alice (a namespace editor) plants a finished Job labelled as the operator's, then creates
     the QuantizationJob: the operator never takes the planted outcome."""
