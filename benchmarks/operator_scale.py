@@ -24,23 +24,36 @@ shared, so only figures of one sitting compare), a before/after table is printed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import urllib3
 from kubernetes import client
 from kubernetes import config as kconfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_dev import localcluster
+from qjob_dev.localcluster import HOLD_ANNOTATION, TERMINATION_MESSAGE_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
-from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
+from qjob_dev.qjobs import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    make_artifacts_pvc,
+    make_calibration_configmap,
+    qjob_manifest,
+    runner_summary,
+)
 from qjob_dev.waits import wait_for
 from qjob_operator.builders import QuantizationJobRef, build_job
 from qjob_operator.config import OperatorConfig
@@ -51,7 +64,8 @@ ROOT = localcluster.REPO_ROOT
 RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
 
 
-def spec(suspend: bool = False, engines: list | None = None) -> dict:
+def spec(suspend: bool = False, engines: list | None = None, hold: bool = False) -> dict:
+    """A one-stage job; ``hold``: its pods stay Running (kwok neither completes nor fails them)."""
     return {
         "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
         "quantization": {"format": "fp8"},
@@ -60,7 +74,25 @@ def spec(suspend: bool = False, engines: list | None = None) -> dict:
         "output": {"pvc": {"claimName": "artifacts"}},
         "resources": {"cpu": "100m", "memory": "256Mi"},
         "runPolicy": {"suspend": suspend},
+        # kwok ends the pods as the runner does: exit 0 with a summary naming an artifact
+        "scheduling": {
+            "podAnnotations": {
+                TERMINATION_MESSAGE_ANNOTATION: runner_summary(),
+                **({HOLD_ANNOTATION: "true"} if hold else {}),
+            }
+        },  # fmt: skip
     }
+
+
+def direct_job(name: str, parsed: QuantizationJobSpec, stage) -> dict:
+    """The Job the operator would build, minus what makes it the operator's (owner, qjob.dev
+    labels): the operator must not see these at all."""
+    job = build_job(QuantizationJobRef(name, "unused", "0" * 8), parsed, stage, OperatorConfig())
+    job["metadata"].pop("ownerReferences")
+    job["metadata"].pop("namespace", None)
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        meta["labels"] = {k: v for k, v in meta["labels"].items() if not k.startswith("qjob.dev/")}
+    return job
 
 
 def rss_mib(pid: int) -> float:
@@ -146,6 +178,96 @@ def parse(timestamp: str):
     from datetime import datetime
 
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def watch_creates(api, namespace: str, label_selector: str = "") -> Callable[[int], float]:
+    """Watches a namespace's Jobs (metadata only) from now on; the returned function waits until
+    `count` distinct Jobs were seen and gives the monotonic time the last of them arrived. Both
+    throughput phases are timed by it, so both end at the same thing: the last Job's creation."""
+    accept = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+    path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    params = [("labelSelector", label_selector)] if label_selector else []
+    listed = api.call_api(path, "GET", query_params=[*params, ("limit", 1)], header_params={"Accept": accept},
+                          auth_settings=["BearerToken"], _preload_content=False,
+                          _return_http_data_only=True)  # fmt: skip
+    version = json.loads(listed.data)["metadata"]["resourceVersion"]
+    seen: dict[str, float] = {}
+    done = threading.Event()
+    wanted = [0]
+
+    def run() -> None:
+        stream = api.call_api(
+            path, "GET",
+            query_params=[*params, ("watch", "true"), ("resourceVersion", version), ("timeoutSeconds", 1800)],
+            header_params={"Accept": accept.replace("List", "")}, auth_settings=["BearerToken"],
+            _preload_content=False, _return_http_data_only=True,
+        )  # fmt: skip
+        with contextlib.suppress(urllib3.exceptions.ProtocolError):  # the namespace's deletion ends it
+            for line in stream:
+                event = json.loads(line)
+                if event["type"] == "ADDED":
+                    seen.setdefault(event["object"]["metadata"]["name"], time.monotonic())
+                    if wanted[0] and len(seen) >= wanted[0]:
+                        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+
+    def last_created(count: int, timeout: float = 1200) -> float:
+        wanted[0] = count
+        if len(seen) < count and not done.wait(timeout):
+            raise TimeoutError(f"{len(seen)} of {count} Jobs created in {namespace} after {timeout}s")
+        return max(seen.values())
+
+    return last_created
+
+
+def throughput_round(api, core, cluster, operator, kind: str, name: str, jobs: int, manifests: list) -> dict:
+    """One phase: `jobs` creates (Jobs directly, or QuantizationJobs) into a fresh namespace, timed
+    from the first create to the last Job's arrival; the namespace is deleted and gone afterwards,
+    so the next phase starts on a quiet cluster."""
+    ns = namespace(core, name)
+    if kind == "operator":
+        make_artifacts_pvc(api, ns)
+        make_calibration_configmap(api, ns)
+    last_created = watch_creates(api, ns, "qjob.dev/stage=quantize" if kind == "operator" else "")
+    path = (
+        f"/apis/batch/v1/namespaces/{ns}/jobs"
+        if kind == "direct"
+        else f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+    )
+    cpu0 = cpu_snapshot(cluster, operator)
+    t0 = time.monotonic()
+    created_s = post_all(api, path, manifests)
+    seconds = last_created(jobs) - t0
+    result = {
+        "phase": kind,
+        "seconds_to_last_job": round(seconds, 2),
+        "jobs_per_second": round(jobs / seconds, 1),
+        "create_seconds": round(created_s, 2),
+        "cpu_seconds": cpu_used(cpu0, cpu_snapshot(cluster, operator)),
+    }
+    if kind == "operator":
+        result.update(first_job_latency(client.CustomObjectsApi(api), client.BatchV1Api(api), ns))
+    delete_namespace(core, ns)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def post_all(api, path: str, manifests: list[dict]) -> float:
+    """Creates the objects one after another, as raw requests (no client-side model
+    (de)serialisation in any timing); returns the seconds taken."""
+    t0 = time.monotonic()
+    for manifest in manifests:
+        api.call_api(path, "POST", body=manifest, header_params={"Content-Type": "application/json"},
+                     auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)  # fmt: skip
+    return time.monotonic() - t0
+
+
+def delete_namespace(core: client.CoreV1Api, name: str) -> None:
+    """Deletes a namespace and waits until it is gone (its pods terminated): the next phase starts quiet."""
+    core.delete_namespace(name, propagation_policy="Background")
+    wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == name],
+             timeout=900, interval=2, what=f"namespace {name} deleted")  # fmt: skip
 
 
 def add_nodes(core: client.CoreV1Api, count: int) -> None:
@@ -268,9 +390,11 @@ def lifecycle(api, custom, core, cluster, op_user: str, ns_name: str, jobs: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=500)
-    parser.add_argument("--lifecycle", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating direct/operator rounds (median ratio)")
+    parser.add_argument("--lifecycle", type=int, default=50, help="0: skip the API-request count")
     parser.add_argument("--memory-jobs", type=int, default=2000)
     parser.add_argument("--nodes", type=int, default=5000, help="simulated nodes added for the last memory figure")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
     parser.add_argument(
         "--baseline", type=Path, help="results file of another revision's run, for a before/after table"
     )
@@ -282,111 +406,91 @@ def main() -> None:
     operator = None
     try:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
-        core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         install_crds(cluster)
         op_kubeconfig, op_user = chart_identity(cluster, api, workdir)
 
         # 0. the user's QuantizationJob creates alone (no operator yet): what admission, schema
         #    and CEL validation cost; the operator phase cannot be faster than this.
         alone_ns = namespace(core, "bench-alone")
-        t0 = time.monotonic()
-        for i in range(args.jobs):
-            custom.create_namespaced_custom_object(GROUP, VERSION, alone_ns, PLURAL, qjob_manifest(f"a-{i}", spec()))
-        alone_s = time.monotonic() - t0
-        core.delete_namespace(alone_ns, propagation_policy="Background")
-        wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == alone_ns],
-                 timeout=600, interval=2, what="namespace of lone creates deleted")  # fmt: skip
-        operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config())
+        alone_s = post_all(api, f"/apis/{GROUP}/{VERSION}/namespaces/{alone_ns}/{PLURAL}",
+                           [qjob_manifest(f"a-{i}", spec(hold=True)) for i in range(args.jobs)])  # fmt: skip
+        delete_namespace(core, alone_ns)
+        # The chart's defaults (resyncSeconds 30), not the tests' quick resync.
+        operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config(resyncSeconds=30))
         operator.start()
+        print(f"operator pid {operator.proc.pid}, log {operator.log_path}", flush=True)
         idle_rss = rss_mib(operator.proc.pid)
         results: dict = {
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
             "operator_idle_rss_mib": round(idle_rss, 1),
         }
 
-        # 1. direct Jobs
-        direct_ns = namespace(core, "bench-direct")
-        parsed = QuantizationJobSpec.model_validate(spec())
+        # 1.-2. direct Jobs and QuantizationJobs, alternating, ROUNDS of each
+        parsed = QuantizationJobSpec.model_validate(spec(hold=True))
         stage = plan_stages(parsed, OperatorConfig())[0]
-        cpu0 = cpu_snapshot(cluster, operator)
-        t0 = time.monotonic()
-        for i in range(args.jobs):
-            job = build_job(QuantizationJobRef(f"direct-{i}", direct_ns, "0" * 8), parsed, stage, OperatorConfig())
-            # The same Job, minus what makes it the operator's (owner, qjob.dev labels): the
-            # operator must not see these at all.
-            job["metadata"].pop("ownerReferences")
-            for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
-                meta["labels"] = {k: v for k, v in meta["labels"].items() if not k.startswith("qjob.dev/")}
-            batch.create_namespaced_job(direct_ns, job)
-        direct_s = time.monotonic() - t0
-        direct_cpu = cpu_used(cpu0, cpu_snapshot(cluster, operator))
-        core.delete_namespace(direct_ns, propagation_policy="Background")
-        wait_for(
-            lambda: not [n for n in core.list_namespace().items if n.metadata.name == direct_ns],
-            timeout=600,
-            interval=2,
-            what="direct namespace deleted",
-        )
+        direct_manifests = [direct_job(f"direct-{i}", parsed, stage) for i in range(args.jobs)]
+        qjob_manifests = [qjob_manifest(f"q-{i}", spec(hold=True)) for i in range(args.jobs)]
+        rounds = []
+        for r in range(args.rounds):
+            order = ("direct", "operator") if r % 2 == 0 else ("operator", "direct")
+            phases = {
+                kind: throughput_round(api, core, cluster, operator, kind, f"bench-{kind}-{r}", args.jobs,
+                                       direct_manifests if kind == "direct" else qjob_manifests)
+                for kind in order
+            }  # fmt: skip
+            ratio = phases["direct"]["seconds_to_last_job"] / phases["operator"]["seconds_to_last_job"]
+            rounds.append({"round": r, "order": list(order), **phases, "ratio_operator_to_direct": round(ratio, 3)})
+        if rounds:
+            direct_s = statistics.median(r["direct"]["seconds_to_last_job"] for r in rounds)
+            operator_s = statistics.median(r["operator"]["seconds_to_last_job"] for r in rounds)
+            results["throughput"] = {
+                "jobs": args.jobs,
+                "rounds": args.rounds,
+                "ratio_operator_to_direct": statistics.median(r["ratio_operator_to_direct"] for r in rounds),
+                "ratios": [r["ratio_operator_to_direct"] for r in rounds],
+                "direct_seconds": direct_s,
+                "direct_jobs_per_second": round(args.jobs / direct_s, 1),
+                "operator_seconds_to_all_first_jobs": operator_s,
+                "operator_jobs_per_second": round(args.jobs / operator_s, 1),
+                "quantizationjob_creates_alone_seconds": round(alone_s, 2),
+                "best_possible_ratio": round(direct_s / alone_s, 3),
+                "by_round": rounds,
+            }
+            print(json.dumps({k: v for k, v in results["throughput"].items() if k != "by_round"}, indent=2), flush=True)
 
-        # 2. QuantizationJobs through the operator
-        ns = namespace(core, "bench-operator")
-        make_artifacts_pvc(api, ns)
-        make_calibration_configmap(api, ns)
-        cpu0 = cpu_snapshot(cluster, operator)
-        t0 = time.monotonic()
-        for i in range(args.jobs):
-            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(f"q-{i}", spec()))
-        created_s = time.monotonic() - t0
-
-        def first_jobs_exist() -> bool:
-            return len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items) >= args.jobs
-
-        wait_for(first_jobs_exist, timeout=1200, interval=0.5, what="first Jobs of all QuantizationJobs")
-        operator_s = time.monotonic() - t0
-        operator_cpu = cpu_used(cpu0, cpu_snapshot(cluster, operator))
-        results["throughput"] = {
-            "jobs": args.jobs,
-            "direct_seconds": round(direct_s, 2),
-            "direct_jobs_per_second": round(args.jobs / direct_s, 1),
-            "quantizationjob_creates_alone_seconds": round(alone_s, 2),
-            "best_possible_ratio": round(direct_s / alone_s, 3),
-            "operator_create_seconds": round(created_s, 2),
-            "operator_seconds_to_all_first_jobs": round(operator_s, 2),
-            "operator_jobs_per_second": round(args.jobs / operator_s, 1),
-            "ratio_operator_to_direct": round(direct_s / operator_s, 3),
-            "cpu_seconds_direct_phase": direct_cpu,
-            "cpu_seconds_operator_phase": operator_cpu,
-            **first_job_latency(custom, batch, ns),
-        }
-        print(json.dumps(results["throughput"], indent=2), flush=True)
-
-        if not args.lifecycle:
-            return
         # 3. API requests per lifecycle: one job alone, then LIFECYCLE jobs competing for GPUs
         #    (waiting for a node is a user-visible state: it costs status writes and Events).
-        results["api_requests_per_lifecycle"] = [
-            lifecycle(api, custom, core, cluster, op_user, "bench-single", 1),
-            lifecycle(api, custom, core, cluster, op_user, "bench-lifecycle", args.lifecycle),
-        ]
-        print(json.dumps(results["api_requests_per_lifecycle"], indent=2), flush=True)
+        lifecycle_jobs = 0
+        if args.lifecycle:
+            results["api_requests_per_lifecycle"] = [
+                lifecycle(api, custom, core, cluster, op_user, "bench-single", 1),
+                lifecycle(api, custom, core, cluster, op_user, "bench-lifecycle", args.lifecycle),
+            ]
+            lifecycle_jobs = args.lifecycle + 1
+            print(json.dumps(results["api_requests_per_lifecycle"], indent=2), flush=True)
 
-        # 4. memory with M QuantizationJobs (the rest suspended: no pods, but in every index)
-        extra = max(0, args.memory_jobs - args.jobs - args.lifecycle - 1)
+        # 4. memory with M QuantizationJobs: JOBS that run to Succeeded (their Jobs and pods stay in
+        #    the indexes), the rest suspended (no pods, but in every index).
+        with_children = args.jobs
+        extra = max(0, args.memory_jobs - with_children - lifecycle_jobs)
         mem_ns = namespace(core, "bench-memory")
-        for i in range(extra):
-            custom.create_namespaced_custom_object(
-                GROUP, VERSION, mem_ns, PLURAL, qjob_manifest(f"m-{i}", spec(suspend=True))
-            )
+        make_artifacts_pvc(api, mem_ns)
+        make_calibration_configmap(api, mem_ns)
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{mem_ns}/{PLURAL}"
+        post_all(api, path, [qjob_manifest(f"r-{i}", spec()) for i in range(with_children)])
+        post_all(api, path, [qjob_manifest(f"m-{i}", spec(suspend=True)) for i in range(extra)])
 
         def settled() -> bool:
             items = custom.list_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL)["items"]
-            return sum((o.get("status") or {}).get("phase") == "Suspended" for o in items) >= extra
+            phases = Counter((o.get("status") or {}).get("phase") for o in items)
+            return phases["Suspended"] >= extra and phases["Succeeded"] >= with_children
 
-        wait_for(settled, timeout=1200, interval=2, what="memory jobs observed")
+        wait_for(settled, timeout=1200, interval=5, what="memory jobs observed")
         time.sleep(5)
         results["memory"] = {
-            "quantization_jobs": args.jobs + args.lifecycle + 1 + extra,
-            "of_which_with_children": args.jobs + args.lifecycle + 1,
+            "quantization_jobs": with_children + lifecycle_jobs + extra,
+            "of_which_with_children": with_children + lifecycle_jobs,
             "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
             "operator_idle_rss_mib": round(idle_rss, 1),
             **latency(operator),
@@ -415,9 +519,9 @@ def main() -> None:
             baseline = json.loads(args.baseline.read_text())
             results["before_after"] = {"baseline": str(args.baseline), "table": comparison_table(baseline, results)}
             print(results["before_after"]["table"])
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written to {RESULTS.relative_to(ROOT)}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written to {args.out}")
     finally:
         if operator:
             operator.stop()

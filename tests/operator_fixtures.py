@@ -3,13 +3,12 @@ control plane for the session, and the QuantizationJob spec the integration test
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
-from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap
+from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap, runner_summary
 
 
 @pytest.fixture(scope="session")
@@ -49,12 +48,6 @@ def ns(namespace, kube_api, operator):
     make_artifacts_pvc(kube_api, namespace)
     make_calibration_configmap(kube_api, namespace)
     return namespace
-
-
-def runner_summary(outcome: str = "Succeeded", uri: str = "pvc://artifacts/checkpoint-hf", **extra: Any) -> str:
-    """The JSON summary a real runner leaves as its termination message (an artifact when it succeeded)."""
-    artifacts = [{"kind": "checkpoint", "format": "hf", "uri": uri}] if outcome == "Succeeded" else []
-    return json.dumps({"outcome": outcome, "stage": "quantize", "artifacts": artifacts, **extra})
 
 
 def basic_spec(**overrides: Any) -> dict[str, Any]:

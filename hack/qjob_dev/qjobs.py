@@ -3,6 +3,7 @@ read, wait on; a statically provisioned PVC and a calibration ConfigMap."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -107,3 +108,9 @@ def make_calibration_configmap(kube_api, namespace: str, name: str = "calibratio
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"samples.jsonl": text}},
     )
     return name
+
+
+def runner_summary(outcome: str = "Succeeded", uri: str = "pvc://artifacts/checkpoint-hf", **extra: Any) -> str:
+    """The JSON summary a real runner leaves as its termination message (an artifact when it succeeded)."""
+    artifacts = [{"kind": "checkpoint", "format": "hf", "uri": uri}] if outcome == "Succeeded" else []
+    return json.dumps({"outcome": outcome, "stage": "quantize", "artifacts": artifacts, **extra})
