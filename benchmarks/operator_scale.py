@@ -235,7 +235,7 @@ def throughput_round(api, core, cluster, operator, kind: str, name: str, jobs: i
         if kind == "direct"
         else f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
     )
-    cpu0 = cpu_snapshot(cluster, operator)
+    cpu0, requests0 = cpu_snapshot(cluster, operator), operator_requests(operator)
     t0 = time.monotonic()
     created_s = post_all(api, path, manifests)
     seconds = last_created(jobs) - t0
@@ -245,12 +245,22 @@ def throughput_round(api, core, cluster, operator, kind: str, name: str, jobs: i
         "jobs_per_second": round(jobs / seconds, 1),
         "create_seconds": round(created_s, 2),
         "cpu_seconds": cpu_used(cpu0, cpu_snapshot(cluster, operator)),
+        "operator_requests": dict(operator_requests(operator) - requests0),
     }
     if kind == "operator":
         result.update(first_job_latency(client.CustomObjectsApi(api), client.BatchV1Api(api), ns))
     delete_namespace(core, ns)
     print(json.dumps(result), flush=True)
     return result
+
+
+def operator_requests(operator: OperatorProcess) -> Counter:
+    """The operator's API requests so far, by verb (its qjob_api_requests_total counter)."""
+    counts: Counter = Counter()
+    for line in operator.metrics().splitlines():
+        if line.startswith("qjob_api_requests_total{"):
+            counts[line.split('verb="', 1)[1].split('"', 1)[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 def post_all(api, path: str, manifests: list[dict]) -> float:

@@ -305,7 +305,8 @@ def observe_attempts(
     if quantize is not None:
         shapes = node_shapes(nodes.nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
         found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
-    stages = plan_stages(spec, config, found.current, found.model_size, reuse)
+    planned = found.current is not None or found.model_size is not None
+    stages = plan_stages(spec, config, found.current, found.model_size, reuse) if planned else unplanned
     obs = observe(
         body,
         stages,

@@ -43,7 +43,10 @@ def _age(body: Mapping[str, Any]) -> tuple[str, str]:
     return meta.get("creationTimestamp") or "", meta.get("name") or ""
 
 
-def output_target(body: Mapping[str, Any]) -> tuple[str, str, tuple[str, ...]]:
+OutputTarget = tuple[str, str, tuple[str, ...]]  # (field, store, folder)
+
+
+def output_target(body: Mapping[str, Any]) -> OutputTarget:
     """(field, store, folder) a job writes, from its stored body (no parsing: this runs for every
     other job). A claim is namespaced, so its store includes the namespace; a bucket is not."""
     meta = body["metadata"]
@@ -59,6 +62,11 @@ def output_target(body: Mapping[str, Any]) -> tuple[str, str, tuple[str, ...]]:
     return "spec.output.pvc", f"pvc {meta.get('namespace')}/{pvc.get('claimName')}", _parts(pvc.get("path") or default)
 
 
+def same_output(a: OutputTarget, b: OutputTarget) -> bool:
+    """The same store, and one folder is the other or inside it."""
+    return a[1] == b[1] and _overlap(a[2], b[2])
+
+
 def output_conflict(
     body: Mapping[str, Any], others: Iterable[Mapping[str, Any]], started: Collection[str] = ()
 ) -> str | None:
@@ -68,7 +76,8 @@ def output_conflict(
     children, also those the operator saw first); the other is refused. Buckets are compared
     across namespaces, without naming another namespace's job."""
     meta = body["metadata"]
-    field, store, folder = output_target(body)
+    target = output_target(body)
+    field, _, folder = target
     for other in others:
         theirs = other["metadata"]
         if theirs.get("uid") == meta.get("uid") or theirs.get("deletionTimestamp"):
@@ -81,8 +90,9 @@ def output_conflict(
             and not (other.get("status") or {}).get("stages")
         ):
             continue
-        _, their_store, their_folder = output_target(other)
-        if their_store == store and _overlap(their_folder, folder):
+        theirs_target = output_target(other)
+        if same_output(theirs_target, target):
+            their_folder = theirs_target[2]
             whose = (
                 f"QuantizationJob {theirs['name']}"
                 if theirs.get("namespace") == meta.get("namespace")

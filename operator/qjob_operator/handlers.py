@@ -20,12 +20,26 @@ QJOB = (GROUP, VERSION, PLURAL)
 OWNED = {LABEL_QUANTIZATION_JOB: kopf.PRESENT, LABEL_STAGE: kopf.PRESENT}
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """The operator has event handlers and indexes only (no on.create/on.update), which never read
+    kopf's diff of an object: building its base (a deep copy of every event's body) is skipped."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     # No finalizer: there is no deletion handler (children go by owner references), so a job can
     # be deleted with the operator gone. Our own prefixes in case kopf stores anything.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=LABEL_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=LABEL_PREFIX)
+    settings.persistence.diffbase_storage = NoDiffBase()
     # The operator posts its own Events (events.py); handler log lines stay in the log.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
@@ -55,6 +69,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 # Indexes: kopf lists these fully before any handler runs, so a reconcile after a restart sees
 # every existing child and never creates a duplicate. Values are trimmed to what decide() reads.
+# Coroutines, though they never wait: kopf runs plain functions in its thread pool, a hop per event.
 
 
 def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -76,14 +91,14 @@ def _trim(body: kopf.Body, status_keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
-def qjob_stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+async def qjob_stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     trimmed = _trim(body, ("conditions", "active", "failed", "succeeded", "startTime", "completionTime"))
     trimmed["spec"] = {"suspend": body["spec"].get("suspend")}
     return {(namespace, labels[LABEL_QUANTIZATION_JOB], labels[LABEL_STAGE]): trimmed}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED)
-def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+async def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     trimmed = _trim(body, ("phase", "reason", "message", "conditions", "containerStatuses", "startTime"))
     spec = body.get("spec") or {}
     trimmed["spec"] = {
@@ -108,7 +123,7 @@ def _node_view(name: str, body: kopf.Body) -> dict[str, Any]:
 
 
 @kopf.index("", "v1", "nodes")
-def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
+async def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
     return {name: _node_view(name, body)}
 
 

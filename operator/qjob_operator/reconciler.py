@@ -32,7 +32,16 @@ from . import attempts, multipod, reuse
 from .builders import QuantizationJobRef, build_job
 from .config import OperatorConfig
 from .events import build_event
-from .guards import controller_uid, foreign_child_message, output_conflict, owned_by, refusal
+from .guards import (
+    OutputTarget,
+    controller_uid,
+    foreign_child_message,
+    output_conflict,
+    output_target,
+    owned_by,
+    refusal,
+    same_output,
+)
 from .kube import ApiError, Kube
 from .metrics import Metrics
 from .nodes import NodeFit
@@ -175,7 +184,8 @@ class Reconciler:
         self.bodies: dict[Key, dict[str, Any]] = {}
         self._tasks: dict[Key, asyncio.Task] = {}
         self._dirty: set[Key] = set()
-        self._created: set[tuple[str, str]] = set()  # (uid, Job name): created, maybe not indexed yet
+        self._created: dict[str, set[str]] = {}  # uid -> Job names created, maybe not indexed yet
+        self._outputs: dict[Key, OutputTarget] = {}  # each job's output (guards.output_target)
         self._parsed: dict[Key, ParsedSpec] = {}
         self.node_fit = NodeFit(config)
         self.reports: dict[Key, dict[str, RunnerReport]] = {}  # accepted, not yet written
@@ -215,20 +225,20 @@ class Reconciler:
             # Parsed: only the output the other jobs' folder checks read (guards.output_target).
             kept["spec"] = spec if parsed is None or not parsed.current(body) else _output_only(spec)
             self.bodies[key] = kept
+            self._outputs[key] = output_target(kept)
         self.schedule(key)
 
     def forget(self, key: Key) -> None:
         self._failures.pop(key, None)
         self._retry_at.pop(key, None)
         body = self.bodies.pop(key, None)
-        for table in (self._parsed, self.reports, self._written_at):
+        for table in (self._parsed, self.reports, self._written_at, self._outputs):
             table.pop(key, None)
         self._stale.discard(key)
         if timer := self._deferred.pop(key, None):
             timer.cancel()
         if body:
-            uid = body["metadata"]["uid"]
-            self._created = {c for c in self._created if c[0] != uid}
+            self._created.pop(body["metadata"]["uid"], None)
 
     # --------------------------------------------------------------------------- runner reports
 
@@ -463,7 +473,7 @@ class Reconciler:
     ) -> reuse.ReuseState:
         """Whether a reuse stage comes first: decided once, before anything of the job exists."""
         uid, old = body["metadata"]["uid"], body.get("status") or {}
-        created = {job for created_uid, job in self._created if created_uid == uid}
+        created = self._created.get(uid, set())
         started = bool(stage_jobs.get(REUSE_STAGE)) or any(job.endswith(f"-{REUSE_STAGE}") for job in created)
         fresh = (
             not created
@@ -480,9 +490,13 @@ class Reconciler:
         self, body: dict[str, Any], spec: QuantizationJobSpec, started: bool
     ) -> tuple[str, str] | None:
         """Checks that need other objects, made once before anything is created."""
-        if started or body["metadata"]["uid"] in {uid for uid, _ in self._created}:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if started or body["metadata"]["uid"] in self._created:
             return None
-        if message := output_conflict(body, self.bodies.values(), {uid for uid, _ in self._created}):
+        # Only the jobs whose output overlaps (a pass over cached targets, not over every body).
+        target = self._outputs[key]
+        overlapping = [self.bodies[k] for k, t in self._outputs.items() if k != key and same_output(t, target)]
+        if message := output_conflict(body, overlapping, self._created):
             return Reason.OUTPUT_PATH_CONFLICT, message
         name = spec.scheduling.priority_class_name
         if name and not self._priority_classes.get(name):
@@ -508,9 +522,7 @@ class Reconciler:
         and not indexed yet)."""
         uid = body["metadata"]["uid"]
         done = {j["metadata"]["name"] for j in jobs if (j.get("status") or {}).get("completionTime")}
-        started = {job for created_uid, job in self._created if created_uid == uid} | {
-            j["metadata"]["name"] for j in jobs
-        }
+        started = self._created.get(uid, set()) | {j["metadata"]["name"] for j in jobs}
         old = body.get("status") or {}
         status = refusal(old, reason, message, self.clock(), body["metadata"].get("generation"))
         fmt = spec.quantization.format.value if spec.quantization.format else "auto"
@@ -521,7 +533,8 @@ class Reconciler:
                 await self.kube.delete_batch_job(key[0], job_name)
 
     async def _create(self, ref: QuantizationJobRef, spec: QuantizationJobSpec, create: list[Stage]) -> None:
-        todo = [s for s in create if (ref.uid, s.job_name(ref.name)) not in self._created]
+        created = self._created.get(ref.uid, set())
+        todo = [s for s in create if s.job_name(ref.name) not in created]
         if not todo:
             return
         # Runner pods need no API identity (see reports.py): a stage is its Job (and, spread over
@@ -530,7 +543,8 @@ class Reconciler:
         services = [multipod.build_rank_service(j) for s, j in zip(todo, manifests, strict=True) if s.pods > 1]
         await asyncio.gather(*(self.kube.create(m) for m in services))
         results = await asyncio.gather(*(self.kube.create(m) for m in manifests), return_exceptions=True)
-        self._created.update((ref.uid, s.job_name(ref.name)) for s, r in zip(todo, results, strict=True) if r is True)
+        if made := {s.job_name(ref.name) for s, r in zip(todo, results, strict=True) if r is True}:
+            self._created[ref.uid] = created | made
         errors = [r for r in results if isinstance(r, BaseException)]
         rejected = next((e for e in errors if isinstance(e, ApiError) and e.status == 422), None)
         if rejected:  # the same spec would be refused again: say why and stop
