@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from typing import Any
 
 import kopf
-from qjob_api.reasons import Reason
 from qjob_api.v1alpha1 import GROUP, PLURAL, TERMINAL_PHASES, VERSION
 
 from . import reuse
@@ -108,31 +106,12 @@ async def qjob_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: A
     return {(namespace, labels[LABEL_QUANTIZATION_JOB], labels[LABEL_STAGE]): trimmed}
 
 
-def _shared(mapping: dict[str, str] | None) -> dict[str, str]:
-    # Thousands of nodes repeat the same label keys and values: one string object each.
-    return {sys.intern(k): sys.intern(str(v)) for k, v in (mapping or {}).items()}
-
-
-def _node_view(name: str, body: kopf.Body) -> dict[str, Any]:
-    spec, status = body.get("spec") or {}, body.get("status") or {}
-    return {
-        "metadata": {"name": name, "labels": _shared(body["metadata"].get("labels"))},
-        "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
-        "status": {"allocatable": _shared(status.get("allocatable"))},
-    }
-
-
-@kopf.index("", "v1", "nodes")
-async def qjob_nodes(name: str, body: kopf.Body, **_: Any) -> dict:
-    return {name: _node_view(name, body)}
-
-
 def _finished_work(status: kopf.Status, **_: Any) -> bool:
     return (status or {}).get("phase") == "Succeeded" and bool((status or {}).get("work"))
 
 
 @kopf.index(*QJOB, when=_finished_work)
-def qjob_finished_work(namespace: str, body: kopf.Body, **_: Any) -> dict | None:
+async def qjob_finished_work(namespace: str, body: kopf.Body, **_: Any) -> dict | None:
     """Succeeded jobs by (namespace, recipe key): the candidates a new job may reuse (reuse.py)."""
     entry = reuse.indexed(body)
     return {(namespace, entry["recipe_key"]): entry["candidate"]} if entry else None
@@ -147,12 +126,13 @@ async def quantizationjob_event(
     memo: kopf.Memo,
     qjob_stage_jobs: kopf.Index,
     qjob_pods: kopf.Index,
-    qjob_nodes: kopf.Index,
     qjob_finished_work: kopf.Index,
     **_: Any,
 ) -> None:
     reconciler: Reconciler = memo.reconciler
-    reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_nodes, qjob_finished_work)
+    # kopf holds every handler until all indexed resources are listed: any event means it is done
+    reconciler.listed = True
+    reconciler.indexes.bind(qjob_stage_jobs, qjob_pods, qjob_finished_work)
     if event.get("type") == "DELETED":
         reconciler.forget((namespace, name))
     else:
@@ -162,16 +142,5 @@ async def quantizationjob_event(
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("", "v1", "pods", labels=OWNED)
 async def child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.listed = True  # as above
     memo.reconciler.schedule((namespace, labels[LABEL_QUANTIZATION_JOB]))
-
-
-@kopf.on.event("", "v1", "nodes")
-async def node_event(event: dict, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    # kopf holds every handler until all watched resources are listed; each node's listing event
-    # comes right after: the controller's view is complete (readiness).
-    memo.reconciler.listed = True
-    # Heartbeats change nothing that fit depends on; a node appearing or changing may unblock
-    # jobs waiting with NoMatchingNodes.
-    view = None if event.get("type") == "DELETED" else _node_view(name, body)
-    if memo.reconciler.node_fit.changed(name, view):
-        memo.reconciler.schedule_all(lambda b: (b.get("status") or {}).get("reason") == Reason.NO_MATCHING_NODES)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -35,6 +36,8 @@ CONNECTIONS = 16
 CREATE_QUIET = 1.0
 MAX_YIELD = 10.0
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+WATCH_SECONDS = 300  # a watch the apiserver ends after this long is resumed from its last resourceVersion
+LIST_PAGE = 500
 
 
 def user_agent() -> str:
@@ -79,6 +82,21 @@ class ApiSession:
             if resp.status >= 400:
                 raise ApiError(resp.status, resp.reason or "", text)
             return json.loads(text) if text else {}
+
+    async def stream_lines(self, path: str, **params: str) -> AsyncIterator[bytes]:
+        """The lines of a streamed response (a watch): one JSON event each, however long."""
+        headers = {**self._headers(), "Accept": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=WATCH_SECONDS + 30)
+        async with self.session.get(self.server + path, headers=headers, params=params, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, resp.reason or "", await resp.text())
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield line
 
     async def close(self) -> None:
         await self.session.close()
@@ -181,6 +199,57 @@ class Kube:
             if exc.status == 409:
                 return False
             raise
+
+    async def list_and_watch(self, path: str, handle: Callable[[str, dict[str, Any]], None],
+                             synced: asyncio.Event) -> None:  # fmt: skip
+        """Keeps ``handle(event type, object)`` told of every object at ``path``: a paged list
+        (then ``synced`` is set), then a watch from the list's resourceVersion, resumed where it
+        ended; when the apiserver no longer has that version (410 Gone) it lists again, reporting
+        objects gone meanwhile as DELETED. Each event's object is parsed and handed on alone, so
+        memory holds what ``handle`` keeps, not the objects (a lightweight informer)."""
+        known: set[str] = set()
+        while True:
+            try:
+                listed: set[str] = set()
+                page: dict[str, Any] = {"metadata": {}}
+                while True:
+                    more = {"continue": page["metadata"]["continue"]} if page["metadata"].get("continue") else {}
+                    page = await self._call("list", "GET", path, missing_ok=False, limit=str(LIST_PAGE), **more)
+                    for obj in page.get("items") or []:
+                        listed.add(obj["metadata"]["name"])
+                        handle("ADDED", obj)
+                    if not page["metadata"].get("continue"):
+                        break
+                for name in known - listed:
+                    handle("DELETED", {"metadata": {"name": name}})
+                known = listed
+                synced.set()
+                version = page["metadata"]["resourceVersion"]
+                while version:
+                    version = await self._watch(path, version, handle, known)
+            except (TimeoutError, aiohttp.ClientError, ApiError, ValueError) as exc:
+                log.warning("watch of %s failed, listing again in 5 s: %s", path, exc)
+                await asyncio.sleep(5)
+
+    async def _watch(self, path: str, version: str, handle: Callable[[str, dict[str, Any]], None],
+                     known: set[str]) -> str | None:  # fmt: skip
+        """One watch request; the resourceVersion to resume from, None when it is too old."""
+        self._count.labels("watch").inc()
+        params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(WATCH_SECONDS)}  # fmt: skip
+        async for line in self.api.stream_lines(path, **params):
+            event = json.loads(line)
+            obj = event.get("object") or {}
+            if event.get("type") == "ERROR":
+                if obj.get("code") == 410:
+                    return None
+                raise ApiError(obj.get("code") or 500, obj.get("reason") or "", obj.get("message") or "")
+            version = obj["metadata"].get("resourceVersion") or version
+            if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                name = obj["metadata"]["name"]
+                (known.discard if event["type"] == "DELETED" else known.add)(name)
+                handle(event["type"], obj)
+        return version
 
     async def priority_class_exists(self, name: str) -> bool | None:
         """None when the operator may not read PriorityClasses (namespaced RBAC without the grant)."""

@@ -24,15 +24,17 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Callable
 
 import kopf
 from aiohttp import web
+from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from .certificates import generate, shared_certificate
 from .config import CONFIG_ENV, OperatorConfig, load_config
-from .kube import Kube, connect
+from .kube import ApiError, ApiSession, Kube, connect
 from .leader import LeaderElector
 from .metrics import Metrics
 from .reconciler import Reconciler
@@ -61,6 +63,30 @@ async def _probes(port: int, active: Callable[[], bool], listed: Callable[[], bo
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
     return runner
+
+
+#: How long readiness waits for kopf's first event when QuantizationJobs exist (bounded: a
+#: namespace pattern may exclude every one of them).
+LISTING_SECONDS = 30
+
+
+async def _mark_listed(api: ApiSession, reconciler: Reconciler, namespaces: list[str]) -> None:
+    """Readiness for a controller with nothing to list: kopf's first handler event says it has
+    listed what it watches (handlers.py), but with no QuantizationJob there is none. Namespace
+    patterns can exclude the jobs listed here, so waiting for an event is bounded."""
+    paths = [f"/apis/{GROUP}/{VERSION}/{PLURAL}"]
+    if namespaces and not any(set(n) & set("*?![]") for n in namespaces):
+        paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{n}/{PLURAL}" for n in namespaces]
+    try:
+        empty = all(not (await api.request("GET", path, limit="1")).get("items") for path in paths)
+    except ApiError as exc:
+        log.warning("could not list QuantizationJobs for readiness: %s", exc)
+        empty = False
+    if not empty:
+        deadline = time.monotonic() + LISTING_SECONDS
+        while not reconciler.listed and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+    reconciler.listed = True
 
 
 async def run(config: OperatorConfig, namespaces: list[str]) -> int:
@@ -104,6 +130,7 @@ async def run(config: OperatorConfig, namespaces: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     code = 0
+    node_watch = listing = None
     try:
         if elector:
             acquiring = asyncio.create_task(elector.acquire())
@@ -113,7 +140,17 @@ async def run(config: OperatorConfig, namespaces: list[str]) -> int:
             if stop.is_set():
                 acquiring.cancel()
                 return 0
+        # Fit must see every node before the first reconcile (or it would say NoMatchingNodes).
+        nodes_synced = asyncio.Event()
+        node_watch = asyncio.create_task(kube.list_and_watch("/api/v1/nodes", reconciler.node_event, nodes_synced))
+        synced, stopping = asyncio.create_task(nodes_synced.wait()), asyncio.create_task(stop.wait())
+        await asyncio.wait({synced, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        synced.cancel()
+        stopping.cancel()
+        if stop.is_set():
+            return 0
         controller_started.set()
+        listing = asyncio.create_task(_mark_listed(api, reconciler, namespaces))
         controller = asyncio.create_task(
             kopf.operator(
                 standalone=True,  # one active replica at a time: the Lease decides, not kopf peering
@@ -137,6 +174,10 @@ async def run(config: OperatorConfig, namespaces: list[str]) -> int:
         else:
             controller.result()
     finally:
+        if node_watch:
+            node_watch.cancel()
+        if listing:
+            listing.cancel()
         if elector and code == 0:
             await elector.release()
         await server.stop()

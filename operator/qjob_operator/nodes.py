@@ -1,6 +1,7 @@
 """Which nodes could ever run a stage: the fail-fast check behind ``NoMatchingNodes``.
 
-Evaluated on the operator's in-memory node index, from the same ``NodeRequirement`` that the
+Evaluated on the operator's in-memory node index (kept here, from its own node watch:
+``Kube.list_and_watch``), from the same ``NodeRequirement`` that the
 Job's node affinity is built from, so the check and the scheduler agree. ``NodeFit`` evaluates
 each distinct requirement (tolerations included) once per change of the node index, not per reconcile:
 on a 5,000-node cluster a reconcile then costs a dictionary lookup, not a pass over every node.
@@ -8,8 +9,8 @@ on a 5,000-node cluster a reconcile then costs a dictionary lookup, not a pass o
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .config import OperatorConfig
@@ -71,35 +72,51 @@ def node_architecture(labels: Mapping[str, str], config: OperatorConfig) -> str:
     return arch.value if arch else labels.get(keys.family, "unknown")
 
 
+def _shared(mapping: Mapping[str, Any] | None) -> dict[str, str]:
+    # Thousands of nodes repeat the same label keys and values: one string object each.
+    return {sys.intern(k): sys.intern(str(v)) for k, v in (mapping or {}).items()}
+
+
+def node_view(node: Mapping[str, Any]) -> dict[str, Any]:
+    """What fit reads of a node (as the API returns it): labels, unschedulable, taints, allocatable."""
+    spec, status = node.get("spec") or {}, node.get("status") or {}
+    return {
+        "metadata": {"name": sys.intern(node["metadata"]["name"]), "labels": _shared(node["metadata"].get("labels"))},
+        "spec": {"unschedulable": spec.get("unschedulable"), "taints": spec.get("taints") or []},
+        "status": {"allocatable": _shared(status.get("allocatable"))},
+    }
+
+
 class NodeFit:
-    """Node facts and fit results, cached until the node index changes (``changed()``)."""
+    """The node index (``node_view`` of each node, fed by ``changed()`` from the operator's node
+    watch) and fit results, cached until a node changes in what fit reads."""
 
     def __init__(self, config: OperatorConfig):
         self.config = config
         self.revision = 0  # bumped by changed()
-        self._fingerprints: dict[str, int] = {}
+        self._views: dict[str, dict[str, Any]] = {}
         self._computed_at = -1
-        self.nodes: list[Mapping[str, Any]] = []  # the index's, as of the last refresh()
+        self.nodes: list[Mapping[str, Any]] = []  # as of the last refresh()
         self._matches: dict[str, list[str]] = {}  # repr(requirement) -> node names
         self.products: dict[str, str] = {}  # node -> GPU product
         self.architectures: dict[str, str] = {}  # node -> GPU architecture
 
     def changed(self, name: str, node: Mapping[str, Any] | None) -> bool:
-        """Records a node event (None: deleted); True if what fit depends on changed."""
-        if node is None:
-            found = self._fingerprints.pop(name, None) is not None
+        """Records a node (None: deleted); True if what fit reads of it changed (a heartbeat does not)."""
+        view = None if node is None else node_view(node)
+        if view == self._views.get(name):
+            return False
+        if view is None:
+            del self._views[name]
         else:
-            fingerprint = hash(json.dumps(node, sort_keys=True, default=str))
-            found = self._fingerprints.get(name) != fingerprint
-            self._fingerprints[name] = fingerprint
-        if found:
-            self.revision += 1
-        return found
+            self._views[sys.intern(name)] = view
+        self.revision += 1
+        return True
 
-    def refresh(self, nodes: Callable[[], list[Mapping[str, Any]]]) -> None:
+    def refresh(self) -> None:
         if self._computed_at == self.revision:
             return
-        self.nodes = nodes()
+        self.nodes = list(self._views.values())
         self._matches = {}
         self.products, self.architectures = {}, {}
         for node in self.nodes:

@@ -143,19 +143,16 @@ def _revision(body: Mapping[str, Any]) -> int:
 
 class Indexes:
     """kopf's indexes of the operator's stage Jobs and their Pods (keyed by namespace,
-    QuantizationJob name, stage), of the cluster's nodes, and of Succeeded jobs by (namespace,
-    recipe key)."""
+    QuantizationJob name, stage) and of Succeeded jobs by (namespace, recipe key). Nodes are in
+    ``NodeFit``."""
 
     def __init__(self) -> None:
         self.stage_jobs: kopf.Index | None = None
         self.pods: kopf.Index | None = None
-        self.nodes: kopf.Index | None = None
         self.finished_work: kopf.Index | None = None
 
-    def bind(
-        self, stage_jobs: kopf.Index, pods: kopf.Index, nodes: kopf.Index, finished_work: kopf.Index | None = None
-    ) -> None:
-        self.stage_jobs, self.pods, self.nodes, self.finished_work = stage_jobs, pods, nodes, finished_work
+    def bind(self, stage_jobs: kopf.Index, pods: kopf.Index, finished_work: kopf.Index | None = None) -> None:
+        self.stage_jobs, self.pods, self.finished_work = stage_jobs, pods, finished_work
 
     def reusable(self, namespace: str, key: str) -> list[reuse.Candidate]:
         return list(self.finished_work.get((namespace, key), ())) if self.finished_work is not None else []
@@ -166,9 +163,6 @@ class Indexes:
 
     def stage_pods(self, key: tuple[str, str, str]) -> list[dict[str, Any]]:
         return list(self.pods.get(key, ())) if self.pods is not None else []
-
-    def all_nodes(self) -> list[dict[str, Any]]:
-        return [n for store in (self.nodes.values() if self.nodes is not None else ()) for n in store]
 
 
 class Reconciler:
@@ -188,6 +182,7 @@ class Reconciler:
         self._outputs: dict[Key, OutputTarget] = {}  # each job's output (guards.output_target)
         self._parsed: dict[Key, ParsedSpec] = {}
         self.node_fit = NodeFit(config)
+        self._nodes_changed = False  # a re-check of NoMatchingNodes jobs is due
         self.reports: dict[Key, dict[str, RunnerReport]] = {}  # accepted, not yet written
         self._written_at: dict[Key, float] = {}  # monotonic time of each job's last status write
         self._deferred: dict[Key, asyncio.TimerHandle] = {}
@@ -252,6 +247,18 @@ class Reconciler:
     def receive_report(self, key: Key, stage: str, report: RunnerReport) -> None:
         self.reports.setdefault(key, {})[stage] = report
         self.schedule(key)
+
+    def node_event(self, kind: str, node: dict[str, Any]) -> None:
+        """From the node watch: a node appearing or changing may unblock jobs waiting with
+        NoMatchingNodes (once per batch of node events, however many nodes changed)."""
+        changed = self.node_fit.changed(node["metadata"]["name"], None if kind == "DELETED" else node)
+        if changed and not self._nodes_changed:
+            self._nodes_changed = True
+            asyncio.get_running_loop().call_soon(self._after_node_changes)
+
+    def _after_node_changes(self) -> None:
+        self._nodes_changed = False
+        self.schedule_all(lambda b: (b.get("status") or {}).get("reason") == Reason.NO_MATCHING_NODES)
 
     def phases(self) -> list[str]:
         return [(b.get("status") or {}).get("phase") or Phase.PENDING for b in self.bodies.values()]
@@ -386,7 +393,7 @@ class Reconciler:
         if fresh := self.reports.get(key):
             body = {**body, "status": {**old, "runnerReports": {**(old.get("runnerReports") or {}), **{
                 s: r.to_api() for s, r in fresh.items()}}}}  # fmt: skip
-        self.node_fit.refresh(self.indexes.all_nodes)
+        self.node_fit.refresh()
         names = [REUSE_STAGE, *(s.name for s in parsed.stages)]
         uid = body["metadata"]["uid"]
         stage_jobs, stage_pods, foreign = {}, {}, []

@@ -66,5 +66,7 @@ def fitted(nodes, config):
     from qjob_operator.nodes import NodeFit
 
     fit = NodeFit(config)
-    fit.refresh(lambda: list(nodes))
+    for node in nodes:
+        fit.changed(node["metadata"]["name"], node)
+    fit.refresh()
     return fit
