@@ -123,24 +123,31 @@ async def connect() -> ApiSession:
 
 class TokenBucket:
     """Client-side rate limit (as client-go's QPS/burst): under a burst of new jobs, status
-    writes queue here, and the reconciles waiting on them coalesce, so the apiserver's capacity
-    goes to creating the Jobs that do the work."""
+    writes wait for their turn (the reconciler queues the jobs, not their reconciles), so the
+    apiserver's capacity goes to creating the Jobs that do the work."""
 
     def __init__(self, per_second: float, burst: int):
         self.per_second, self.burst = per_second, burst
         self._tokens, self._last = float(burst), time.monotonic()
         self._lock = asyncio.Lock()
 
+    def _take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
-                self._last = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
+            while not self._take():
                 await asyncio.sleep((1 - self._tokens) / self.per_second)
+
+    def try_acquire(self) -> bool:
+        """A token now, if one is free and nobody waits for one."""
+        return not self._lock.locked() and self._take()
 
     def give_back(self) -> None:
         """Returns an acquired token that was not used."""
@@ -162,6 +169,10 @@ class Kube:
         while time.monotonic() < deadline and time.monotonic() - self._last_create < CREATE_QUIET:
             await asyncio.sleep(0.25)
         await self.status_writes.acquire()
+
+    def status_write_turn_now(self) -> bool:
+        """``status_write_turn`` without waiting: False while Jobs are being created or no turn is free."""
+        return time.monotonic() - self._last_create >= CREATE_QUIET and self.status_writes.try_acquire()
 
     async def _call(self, verb: str, method: str, path: str, body: Any = None, *, missing_ok: bool = True,
                     content_type: str = "application/json", **params: str) -> dict[str, Any] | None:  # fmt: skip

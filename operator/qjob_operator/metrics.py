@@ -89,7 +89,7 @@ class Metrics:
         )
         self.reconcile_duration = Histogram(
             "qjob_reconcile_duration_seconds",
-            "Time spent in one reconcile, without waiting for a status write's turn.",
+            "Time spent in one reconcile (it never waits for a status write's turn: the job is queued).",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
             registry=r,
         )

@@ -186,8 +186,11 @@ class Reconciler:
         self.reports: dict[Key, dict[str, RunnerReport]] = {}  # accepted, not yet written
         self._written_at: dict[Key, float] = {}  # monotonic time of each job's last status write
         self._deferred: dict[Key, asyncio.TimerHandle] = {}
-        self._stale: set[Key] = set()  # skipped one write for a newer state (see _write)
-        self._waited: dict[Key, float] = {}  # seconds the running reconcile waited for a write turn
+        # Jobs waiting for a status write's turn (and since when), in order; a job whose turn came
+        # is reconciled again and writes its newest state (see _write).
+        self._write_queue: dict[Key, float] = {}
+        self._granted: set[Key] = set()
+        self._granter: asyncio.Task | None = None
         self._failures: dict[Key, int] = {}  # consecutive failed reconciles, for backoff
         self._retry_at: dict[Key, float] = {}  # monotonic time of the next retry of a job in backoff
         self._priority_classes: dict[str, bool] = {}  # name -> exists (only missing ones are re-checked)
@@ -229,7 +232,8 @@ class Reconciler:
         body = self.bodies.pop(key, None)
         for table in (self._parsed, self.reports, self._written_at, self._outputs):
             table.pop(key, None)
-        self._stale.discard(key)
+        self._write_queue.pop(key, None)
+        self._granted.discard(key)
         if timer := self._deferred.pop(key, None):
             timer.cancel()
         if body:
@@ -298,8 +302,7 @@ class Reconciler:
         while True:
             await self._settle()
             self._dirty.discard(key)
-            started = time.monotonic()
-            self._waited[key] = 0.0
+            started, granted = time.monotonic(), key in self._granted
             try:
                 await self.reconcile(key)
                 self._retry_at.pop(key, None)
@@ -315,8 +318,10 @@ class Reconciler:
                 asyncio.get_running_loop().call_later(delay, self._retry, key)
                 self._dirty.discard(key)  # what changed meanwhile waits for the retry too
             finally:
-                # Its own work, without the wait for a status write's turn (measured apart).
-                self.metrics.reconcile_duration.observe(time.monotonic() - started - self._waited.pop(key, 0.0))
+                self.metrics.reconcile_duration.observe(time.monotonic() - started)
+                if granted and key in self._granted:  # its turn came but it had nothing to write
+                    self._granted.discard(key)
+                    self.kube.status_writes.give_back()
             if key not in self._dirty:
                 break
         self._tasks.pop(key, None)
@@ -343,7 +348,7 @@ class Reconciler:
         try:
             # Not coalesced: a deferred write would reconcile again, outside the backoff.
             await self._write(
-                key, body, {"conditions": conditions}, spec_format="unknown", gpus=0, stages=[], news=True
+                key, body, {"conditions": conditions}, spec_format="unknown", gpus=0, stages=[], news=True, queue=False
             )
         except Exception as exc:  # noqa: BLE001 - the apiserver may be what fails; the log has it
             log.warning("could not record the reconcile error of %s/%s: %s", *key, _describe(exc))
@@ -570,6 +575,18 @@ class Reconciler:
 
         self._deferred[key] = asyncio.get_running_loop().call_later(delay, fire)
 
+    async def _grant_write_turns(self) -> None:
+        """Gives the queued jobs their status write turns, first come first served."""
+        while self._write_queue:
+            await self.kube.status_write_turn()
+            if not self._write_queue:  # forgotten meanwhile
+                self.kube.status_writes.give_back()
+                break
+            key = next(iter(self._write_queue))
+            self.metrics.status_write_wait.observe(time.monotonic() - self._write_queue.pop(key))
+            self._granted.add(key)
+            self.schedule(key)
+
     async def _write(
         self,
         key: Key,
@@ -582,9 +599,14 @@ class Reconciler:
         job_created: dict | None = None,
         archs: dict[str, str] | None = None,
         news: bool = False,
+        queue: bool = True,
     ) -> bool:
         """Writes what changed in ``status``; True when the status now holds it (written, or
-        nothing to write), False when the write was deferred or left to the rerun that is due."""
+        nothing to write), False when the write was deferred or queued. Without a free turn
+        (``statusWritesPerSecond``, Job creates first) the job joins the write queue and this
+        decision is dropped: at its turn the job is reconciled again and writes its state as of
+        then, once. Queued jobs cost a key each, not a parked reconcile (thousands wait after a
+        burst). ``queue=False``: waits here."""
         old = body.get("status") or {}
         patch = merge_patch(old, status)
         if not patch:
@@ -594,17 +616,19 @@ class Reconciler:
         if not news and wait > 0:
             self._defer(key, wait)  # progress and stage details go out with the next write
             return False
-        waiting = time.monotonic()
-        await self.kube.status_write_turn()
-        self._waited[key] = self._waited.get(key, 0.0) + time.monotonic() - waiting
-        self.metrics.status_write_wait.observe(time.monotonic() - waiting)
-        if key in self._dirty and key not in self._stale:
-            # The job changed while this write waited for its turn (bursts): the rerun that is
-            # due writes the newer state instead, once; so a waiting job writes once, not twice.
-            self.kube.status_writes.give_back()
-            self._stale.add(key)
+        if key in self._granted:
+            self._granted.discard(key)
+        elif not queue:
+            waiting = time.monotonic()
+            await self.kube.status_write_turn()
+            self.metrics.status_write_wait.observe(time.monotonic() - waiting)
+        elif self._write_queue or not self.kube.status_write_turn_now():
+            self._write_queue.setdefault(key, time.monotonic())
+            if self._granter is None or self._granter.done():
+                self._granter = asyncio.create_task(self._grant_write_turns(), name="status write turns")
             return False
-        self._stale.discard(key)
+        else:
+            self.metrics.status_write_wait.observe(0.0)
         written = await self.kube.patch_status(key[0], key[1], patch)
         if written is None:
             return False
