@@ -14,6 +14,7 @@ endpoint (reports.py) and goes out with the job's next status write.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -274,8 +275,10 @@ class Reconciler:
         return [(b.get("status") or {}).get("phase") or Phase.PENDING for b in self.bodies.values()]
 
     def schedule(self, key: Key, delay: float = 0.0) -> None:
+        # Tasks and timers start in an empty context: they would copy the caller's, and a kopf
+        # handler's holds its cause, the event's whole body (~30 KB a job, for as long as they live).
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.schedule, key)
+            asyncio.get_running_loop().call_later(delay, self.schedule, key, context=contextvars.Context())
             return
         if self._retry_at.get(key, 0.0) > time.monotonic():
             return  # in backoff: events (our own status writes too) wait for the retry
@@ -284,8 +287,7 @@ class Reconciler:
             self._dirty.add(key)
             return
         self._tasks[key] = asyncio.create_task(
-            self._run(key),
-            name=f"reconcile {key[0]}/{key[1]}",
+            self._run(key), name=f"reconcile {key[0]}/{key[1]}", context=contextvars.Context()
         )
 
     def _retry(self, key: Key) -> None:
@@ -581,7 +583,7 @@ class Reconciler:
             self._deferred.pop(key, None)
             self.schedule(key)
 
-        self._deferred[key] = asyncio.get_running_loop().call_later(delay, fire)
+        self._deferred[key] = asyncio.get_running_loop().call_later(delay, fire, context=contextvars.Context())
 
     async def _grant_write_turns(self) -> None:
         """Gives the queued jobs their status write turns, first come first served."""
