@@ -78,7 +78,9 @@ async def _mark_listed(api: ApiSession, reconciler: Reconciler, namespaces: list
     if namespaces and not any(set(n) & set("*?![]") for n in namespaces):
         paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{n}/{PLURAL}" for n in namespaces]
     try:
-        empty = all(not (await api.request("GET", path, limit="1")).get("items") for path in paths)
+        empty = True
+        for path in paths:
+            empty = empty and not (await api.request("GET", path, limit="1")).get("items")
     except ApiError as exc:
         log.warning("could not list QuantizationJobs for readiness: %s", exc)
         empty = False
