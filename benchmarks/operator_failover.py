@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -39,14 +38,6 @@ ROOT = localcluster.REPO_ROOT
 
 RESULTS = ROOT / "benchmarks" / "results" / "operator_failover.json"
 LEASE, TLS_SECRET = "qjob-operator", "qjob-operator-report-tls"
-
-
-def active(replica: OperatorProcess) -> bool:
-    try:
-        with urllib.request.urlopen(replica.health_url, timeout=1) as resp:
-            return json.loads(resp.read())["active"]
-    except OSError:
-        return False
 
 
 def status_writes(replica: OperatorProcess) -> float:
@@ -83,7 +74,7 @@ def main() -> None:
             replica = OperatorProcess(kubeconfig=kubeconfig, workdir=workdir / f"replica-{i}", config=config)
             replica.start()
             replicas.append(replica)
-        leader = wait_for(lambda: next((r for r in replicas if active(r)), None), timeout=60, what="a leader")
+        leader = wait_for(lambda: next((r for r in replicas if r.active()), None), timeout=60, what="a leader")
         standby = next(r for r in replicas if r is not leader)
 
         job_spec = spec(engines=[{"architecture": "hopper"}])
@@ -111,7 +102,7 @@ def main() -> None:
         leader.kill()
         killed = time.monotonic()
         created_at_kill = len(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"])
-        wait_for(lambda: active(standby), timeout=120, interval=0.05, what="standby active")
+        wait_for(lambda: standby.active(), timeout=120, interval=0.05, what="standby active")
         takeover = time.monotonic() - killed
         writes = status_writes(standby)
         wait_for(lambda: status_writes(standby) > writes, timeout=120, interval=0.05, what="standby reconciling")

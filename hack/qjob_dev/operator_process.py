@@ -72,14 +72,25 @@ class OperatorProcess:
         # restart in a cluster full of namespaces takes a while; tests must not count it).
         wait_for(self._ready, timeout=180, what=f"operator readiness at {self.health_url} (log: {self.log_path})")
 
+    def health(self) -> dict[str, Any]:
+        """What the operator's /healthz says (active: holds the Lease; listed: kopf has listed)."""
+        with urllib.request.urlopen(self.health_url, timeout=2) as resp:
+            return json.loads(resp.read())
+
+    def active(self) -> bool:
+        """Whether this replica reconciles now; False while it is down or standing by."""
+        try:
+            return self.health()["active"]
+        except OSError:
+            return False
+
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(
                 f"operator exited with {self.proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
             )
-        with urllib.request.urlopen(self.health_url, timeout=2) as resp:
-            state = json.loads(resp.read())
-        return resp.status == 200 and (not state["active"] or state.get("listed", True))
+        state = self.health()  # /healthz answers 200 whenever the process serves
+        return not state["active"] or state.get("listed", True)
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies."""

@@ -7,10 +7,8 @@ standby must take over within the Lease duration, create no duplicate Job and lo
 
 from __future__ import annotations
 
-import json
 import ssl
 import time
-import urllib.request
 
 import pytest
 from kubernetes import client
@@ -26,14 +24,6 @@ pytestmark = pytest.mark.cluster
 LEASE = "qjob-operator"  # the chart's names for release qjob-operator (its Role allows these only)
 TLS_SECRET = "qjob-operator-report-tls"
 LEASE_SECONDS = 4
-
-
-def active(replica: OperatorProcess) -> bool:
-    try:
-        with urllib.request.urlopen(replica.health_url, timeout=2) as resp:
-            return json.loads(resp.read())["active"]
-    except OSError:
-        return False
 
 
 def served_certificate(replica: OperatorProcess) -> str:
@@ -77,7 +67,7 @@ def replicas(kube_api, namespace, operator, tmp_path):
 def test_standby_takes_over_without_duplicates_or_lost_status(kube_api, namespace, replicas):
     make_artifacts_pvc(kube_api, namespace)
     make_calibration_configmap(kube_api, namespace)
-    first = wait_for(lambda: [r for r in replicas if active(r)], timeout=30, what="one active replica")
+    first = wait_for(lambda: [r for r in replicas if r.active()], timeout=30, what="one active replica")
     assert len(first) == 1, "exactly one replica is active"
     leader, standby = first[0], next(r for r in replicas if r is not first[0])
     # One certificate for both (the runners' CA must be right whichever replica built their Job).
@@ -93,7 +83,7 @@ def test_standby_takes_over_without_duplicates_or_lost_status(kube_api, namespac
 
     leader.kill()
     killed = time.monotonic()
-    wait_for(lambda: active(standby), timeout=LEASE_SECONDS + 10, interval=0.1, what="the standby to take over")
+    wait_for(lambda: standby.active(), timeout=LEASE_SECONDS + 10, interval=0.1, what="the standby to take over")
     takeover = time.monotonic() - killed
     assert takeover <= LEASE_SECONDS + 3, takeover
 
@@ -114,8 +104,8 @@ def test_standby_takes_over_without_duplicates_or_lost_status(kube_api, namespac
 
     # A graceful stop hands the Lease over at once (rolling updates): no wait for expiry.
     leader.start()
-    wait_for(lambda: not active(leader), timeout=10, what="the restarted replica standing by")
+    wait_for(lambda: not leader.active(), timeout=10, what="the restarted replica standing by")
     standby.stop()
     stopped = time.monotonic()
-    wait_for(lambda: active(leader), timeout=LEASE_SECONDS + 10, interval=0.1, what="the other replica taking over")
+    wait_for(lambda: leader.active(), timeout=LEASE_SECONDS + 10, interval=0.1, what="the other replica taking over")
     assert time.monotonic() - stopped < LEASE_SECONDS
