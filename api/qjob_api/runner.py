@@ -97,6 +97,19 @@ class RunnerModel(APIModel):
     )
     cache_max_bytes: int | None = Field(None, description="Bound of the shared cache; default 90% of its volume.")
     cache_keep_seconds: int = Field(86400, description="Entries used this recently are never evicted.")
+    cache_role: Literal["own", "fill", "wait"] = Field(
+        "own",
+        description="`own`: the fetch stage downloads into the cache it mounts read-write (the namespace's). "
+        "`fill`: a fill Job in the shared cache's namespace downloads into the cross-namespace cache and keeps "
+        "`fills/<fill_record>.json` current. `wait`: the job's own fetch stage mounts its namespace's read-only "
+        "view of that cache, downloads nothing, and follows the fill record until the entry is ready.",
+    )
+    fill_record: str | None = Field(
+        None, description="Name of the fill record (the fill Job's name) under `fills/` (roles fill and wait)."
+    )
+    fill_stall_seconds: int = Field(
+        600, description="Role wait: fail (retryably) when the fill record has not changed for this long."
+    )
     task: ModelTask = ModelTask.CAUSAL_LM
     trust_remote_code: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
