@@ -25,7 +25,7 @@ from qjob_api.runner import RunnerConfig
 from qjob_api.v1alpha1 import GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, QuantizationJob
 from qjob_operator.builders import CACHE_ROOT, CALIBRATION_ROOT, PVC_ROOT, QuantizationJobRef, build_runner_config
 from qjob_operator.config import OperatorConfig
-from qjob_operator.fetch import MODEL_CACHE_ROOT, cache_claim
+from qjob_operator.fetch import MODEL_CACHE_ROOT
 from qjob_operator.plan import plan_stages
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
@@ -77,7 +77,7 @@ def local_runner_config(
         if path.startswith(CACHE_ROOT + "/"):  # the pod's scratch volume (e.g. an S3 output's staging)
             return str(workdir / "cache" / path[len(CACHE_ROOT) + 1 :])
         if path == MODEL_CACHE_ROOT:  # the shared model cache claim
-            claim = cache_claim(job.spec, operator_config)
+            claim = stages[stage_name].cache.claim
             return str(volumes.get(claim, workdir / "pvc" / claim))
         return path
 

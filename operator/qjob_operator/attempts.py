@@ -205,6 +205,7 @@ def _reported_size(pods: list[dict[str, Any]]) -> ModelSize | None:
 def advance(
     spec: QuantizationJobSpec,
     config: OperatorConfig,
+    namespace: str,
     job: str,
     status: Mapping[str, Any],
     jobs: Mapping[str, Mapping[str, Any]],
@@ -215,7 +216,7 @@ def advance(
     plans = [QuantizePlan.model_validate(p) for p in status.get("plans") or []]
     size = ModelSize.model_validate(status["modelSize"]) if status.get("modelSize") else None
     auto = spec.resources.gpus == 0
-    pre = model_stage(spec, config)
+    pre = model_stage(spec, config, namespace)
     if auto and pre == INSPECT_STAGE and spec.model.s3:
         return Sizing(
             refusal=(
@@ -297,16 +298,18 @@ def observe_attempts(
     has one Job per attempt). Returns the stages with the current plan, what ``decide`` sees of
     them (the current attempt's Job and pods only) and the plans to record. ``reuse``: whether a
     reuse stage comes first (a job that reused has no quantize stage, so no plan)."""
-    name = body["metadata"]["name"]
-    unplanned = plan_stages(spec, config, reuse=reuse)
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    unplanned = plan_stages(spec, config, reuse=reuse, namespace=namespace)
     jobs = {j["metadata"]["name"]: j for s in unplanned for j in stage_jobs.get(s.name, [])}
     quantize = next((s for s in unplanned if s.name == QUANTIZE_STAGE), None)
     found = Sizing()
     if quantize is not None:
         shapes = node_shapes(nodes.nodes, quantize.requirement, config) if spec.resources.gpus == 0 else []
-        found = advance(spec, config, name, body.get("status") or {}, jobs, stage_pods, shapes)
+        found = advance(spec, config, namespace, name, body.get("status") or {}, jobs, stage_pods, shapes)
     planned = found.current is not None or found.model_size is not None
-    stages = plan_stages(spec, config, found.current, found.model_size, reuse) if planned else unplanned
+    stages = (
+        plan_stages(spec, config, found.current, found.model_size, reuse, namespace=namespace) if planned else unplanned
+    )
     obs = observe(
         body,
         stages,

@@ -28,7 +28,14 @@ from qjob_api.work import recipe_of
 from . import multipod, reuse
 from .config import OperatorConfig
 from .disk import quantity, scratch_plan
-from .fetch import FETCH_STAGE, MODEL_CACHE_ROOT, cache_claim, cache_volume, fetch_resources, prefer_nodes_without_gpus
+from .fetch import (
+    FETCH_STAGE,
+    MODEL_CACHE_ROOT,
+    cache_volume,
+    fetch_resources,
+    fill_job_name,
+    prefer_nodes_without_gpus,
+)
 from .objectstore import S3Use
 from .plan import (
     GPU_LESS_STAGES,
@@ -124,7 +131,11 @@ def build_runner_config(
     model = RunnerModel(
         path=pvc_path(source.pvc) if source.pvc else None,
         s3=model_s3.runner() if model_s3 else None,
-        cache_dir=MODEL_CACHE_ROOT if cache_claim(spec, config) else None,
+        cache_dir=MODEL_CACHE_ROOT if stage.cache else None,
+        cache_role=stage.cache.role if stage.cache else "own",
+        fill_record=fill_job_name(ref.namespace, ref.name, ref.uid)
+        if stage.cache and stage.cache.role != "own"
+        else None,
         cache_max_bytes=quantity_to_mib(config.model_cache.max_size) * 2**20 if config.model_cache.max_size else None,
         cache_keep_seconds=config.model_cache.keep_seconds,
         hf_repo=source.hugging_face.repo if source.hugging_face else None,
@@ -242,8 +253,8 @@ def _volumes(
         ca_volumes, ca_mounts = use.volumes()
         volumes += ca_volumes
         mounts += ca_mounts
-    if claim := cache_claim(spec, config):
-        volume, mount = cache_volume(claim, stage.name)
+    if stage.cache:
+        volume, mount = cache_volume(stage.cache, stage.name)
         volumes.append(volume)
         mounts.append(mount)
     return volumes, mounts
@@ -254,9 +265,22 @@ def _env(
 ) -> list[dict[str, Any]]:
     # The RunnerConfig travels inline in the Job (one object fewer per job than a ConfigMap,
     # nothing to mount, and `kubectl get job -o yaml` shows exactly what the runner ran).
-    runner_config = build_runner_config(ref, spec, stage, config).model_dump_json(by_alias=True, exclude_none=True)
+    env = runner_env(build_runner_config(ref, spec, stage, config), spec)
+    # With a cache, only the fetch stage that fills it reads the model source (and the reuse stage,
+    # which resolves its revision); a fetch stage waiting on the shared cache's fill Job reads nothing.
+    fills = stage.name == FETCH_STAGE and stage.cache and stage.cache.role != "wait"
+    reads_source = not stage.cache or fills or stage.name == REUSE_STAGE
+    for use in s3_uses(ref, spec, stage):
+        if reads_source or use.role != "model":
+            env += use.env()
+    env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
+    return env
+
+
+def runner_env(runner_config: RunnerConfig, spec: QuantizationJobSpec) -> list[dict[str, Any]]:
+    """What every runner container has: its config, where it caches, and the Hub token if any."""
     env = [
-        {"name": CONFIG_ENV, "value": runner_config},
+        {"name": CONFIG_ENV, "value": runner_config.model_dump_json(by_alias=True, exclude_none=True)},
         {"name": "HF_HOME", "value": f"{CACHE_ROOT}/huggingface"},
         {"name": "QJOB_MODEL_CACHE", "value": f"{CACHE_ROOT}/models"},
         {"name": "HOME", "value": "/tmp"},
@@ -271,13 +295,83 @@ def _env(
                 "valueFrom": {"secretKeyRef": {"name": hf.token_secret_ref.name, "key": hf.token_secret_ref.key}},
             }
         )
-    # With a fetch stage, only it reads the model source (and the reuse stage, which resolves its revision).
-    fetched = cache_claim(spec, config) and stage.name not in (FETCH_STAGE, REUSE_STAGE)
-    for use in s3_uses(ref, spec, stage):
-        if not (fetched and use.role == "model"):
-            env += use.env()
-    env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
     return env
+
+
+def runner_container(config: OperatorConfig, env: list[dict], resources: dict, mounts: list[dict]) -> dict[str, Any]:
+    return {
+        "name": RUNNER_CONTAINER,
+        "image": config.runner.image,
+        "imagePullPolicy": config.runner.image_pull_policy,
+        "command": ["qjob-runner"],
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def runner_pod_spec(config: OperatorConfig, container: dict, volumes: list[dict], tolerations: list[dict]) -> dict:
+    """A runner pod: no API token, non-root, the runtime's seccomp profile."""
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": config.runner.service_account_name,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            **(
+                {"runAsUser": config.runner.run_as_user, "fsGroup": config.runner.run_as_user}
+                if config.runner.run_as_user is not None
+                else {}
+            ),
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": tolerations,
+    }
+    if config.runner.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
+    return pod_spec
+
+
+def failure_policy(stage_name: str) -> dict[str, Any]:
+    """Exit codes that fail the Job at once (retrying cannot help), disruptions that do not count."""
+    return {
+        "rules": [
+            # Bad config, bad input or a failed quality gate: retrying cannot help.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": RUNNER_CONTAINER,
+                    "operator": "In",
+                    "values": [int(c) for c in NON_RETRYABLE_EXIT_CODES],
+                },
+            },
+            # Evictions and preemptions are not the runner's fault: do not count them.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            # Out of memory: the same pod would fail the same way; the operator re-plans.
+            *(
+                [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": RUNNER_CONTAINER,
+                            "operator": "In",
+                            "values": [int(ExitCode.OUT_OF_MEMORY)],
+                        },
+                    }
+                ]
+                if stage_name == QUANTIZE_STAGE
+                else []
+            ),
+        ]
+    }
 
 
 def build_job(
@@ -317,38 +411,8 @@ def build_job(
         requests = {"cpu": spec.resources.cpu, "memory": spec.resources.memory, **gpus}
         resources = {"requests": requests, "limits": {"memory": spec.resources.memory, **gpus}}
     resources["requests"]["ephemeral-storage"] = quantity(scratch_plan(spec, stage, config).request_bytes)
-    container = {
-        "name": RUNNER_CONTAINER,
-        "image": config.runner.image,
-        "imagePullPolicy": config.runner.image_pull_policy,
-        "command": ["qjob-runner"],
-        "env": _env(ref, spec, stage, config),
-        "resources": resources,
-        "volumeMounts": mounts,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": config.runner.service_account_name,
-        "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            **(
-                {"runAsUser": config.runner.run_as_user, "fsGroup": config.runner.run_as_user}
-                if config.runner.run_as_user is not None
-                else {}
-            ),
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-        "tolerations": list(stage.requirement.tolerations),
-    }
+    container = runner_container(config, _env(ref, spec, stage, config), resources, mounts)
+    pod_spec = runner_pod_spec(config, container, volumes, list(stage.requirement.tolerations))
     if spec.scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)
     if stage.name in GPU_LESS_STAGES:
@@ -357,8 +421,6 @@ def build_job(
         pod_spec["affinity"] = affinity
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    if config.runner.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in config.runner.image_pull_secrets]
 
     metadata = _metadata(ref, stage.job_name(ref.name), stage.name)
     queued = bool(spec.scheduling.queue_name)
@@ -370,36 +432,7 @@ def build_job(
         "parallelism": 1,
         # Kueue admits a queued Job by un-suspending it; otherwise suspend follows runPolicy.
         "suspend": True if queued else spec.run_policy.suspend,
-        "podFailurePolicy": {
-            "rules": [
-                # Bad config, bad input or a failed quality gate: retrying cannot help.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": RUNNER_CONTAINER,
-                        "operator": "In",
-                        "values": [int(c) for c in NON_RETRYABLE_EXIT_CODES],
-                    },
-                },
-                # Evictions and preemptions are not the runner's fault: do not count them.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                # Out of memory: the same pod would fail the same way; the operator re-plans.
-                *(
-                    [
-                        {
-                            "action": "FailJob",
-                            "onExitCodes": {
-                                "containerName": RUNNER_CONTAINER,
-                                "operator": "In",
-                                "values": [int(ExitCode.OUT_OF_MEMORY)],
-                            },
-                        }
-                    ]
-                    if stage.name == QUANTIZE_STAGE
-                    else []
-                ),
-            ]
-        },
+        "podFailurePolicy": failure_policy(stage.name),
         "template": {
             "metadata": {
                 "labels": {**config.runner.pod_labels, **spec.scheduling.pod_labels, **metadata["labels"]},

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 from qjob_api.capabilities import COMPUTE_CAPABILITIES, GPUArchitecture
+from qjob_api.v1alpha1 import S3Location
 
 CONFIG_ENV = "QJOB_OPERATOR_CONFIG"
 DEFAULT_CONFIG_PATH = "/etc/qjob-operator/config.yaml"
@@ -78,6 +79,37 @@ class RunnerSettings(_Settings):
     job_ttl_seconds_after_finished: int | None = None
 
 
+class SharedHuggingFace(_Settings):
+    """Hugging Face models in the cross-namespace cache."""
+
+    enabled: bool = False
+    # Secret (key ``token``) in the shared cache's namespace: the platform's Hub token, so what it can
+    # read is shared on purpose. Empty: anonymous, i.e. public models only. A job that names its own
+    # token (spec.model.huggingFace.tokenSecretRef) never uses the shared cache.
+    token_secret: str = Field("", max_length=253)
+
+
+class SharedCacheSettings(_Settings):
+    """One model cache read by several namespaces: an explicit policy, since whatever enters it
+    becomes readable by all of them (see qjob_operator/fetch.py)."""
+
+    # Namespaces whose jobs read the shared cache; ["*"]: every namespace the operator watches.
+    namespaces: list[str] = Field(default_factory=list)
+    # Where its claim lives and its fill Jobs run; empty: the operator's namespace.
+    namespace: str = Field("", max_length=63)
+    # PersistentVolumeClaim (ReadWriteMany) holding the cache; empty: nothing is shared.
+    claim_name: str = Field("", max_length=253)
+    # The read-only claim the operator binds in each namespace to a copy of the cache's volume.
+    view_claim_name: str = Field("qjob-shared-model-cache", max_length=253)
+    hugging_face: SharedHuggingFace = Field(default_factory=SharedHuggingFace)
+    # S3 prefixes whose models are shared, read with these locations' credentials (Secrets in the
+    # shared cache's namespace), never a job's; a job's spec.model.s3 under one of them is shared.
+    s3: list[S3Location] = Field(default_factory=list)
+
+    def covers(self, namespace: str) -> bool:
+        return bool(self.claim_name) and ("*" in self.namespaces or namespace in self.namespaces)
+
+
 class ModelCacheSettings(_Settings):
     """The shared model cache and the pods that fill it (see qjob_operator/fetch.py)."""
 
@@ -91,6 +123,7 @@ class ModelCacheSettings(_Settings):
     # What a fetch pod (no GPU) requests.
     cpu: str = "1"
     memory: str = "4Gi"
+    shared: SharedCacheSettings = Field(default_factory=SharedCacheSettings)
 
 
 class ReportSettings(_Settings):

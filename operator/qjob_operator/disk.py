@@ -17,7 +17,6 @@ from qjob_api.capabilities import ExportFormat
 from qjob_api.v1alpha1 import QuantizationJobSpec, quantity_to_mib
 
 from .config import OperatorConfig
-from .fetch import cache_claim
 from .plan import MODEL_STAGES, REUSE_STAGE, Stage
 
 MiB = 1 << 20
@@ -57,7 +56,7 @@ def scratch_plan(spec: QuantizationJobSpec, stage: Stage, config: OperatorConfig
         return ScratchPlan(HEADROOM, tmp)
     if spec.resources.scratch_storage:
         return ScratchPlan(quantity_to_mib(spec.resources.scratch_storage) * MiB, tmp)
-    downloads = not spec.model.pvc and not cache_claim(spec, config)
+    downloads = not spec.model.pvc and stage.cache is None
     if not downloads and not spec.output.s3:
         return ScratchPlan(HEADROOM, tmp)  # model and artifacts live on PVCs
     if not downloads and stage.model_bytes is not None:

@@ -194,13 +194,16 @@ class Kube:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}" + (f"/{sub}" if sub else "")
 
     async def create(self, obj: dict[str, Any]) -> bool:
-        """Creates a stage's Job, a multi-pod stage's headless Service or an Event; returns False
+        """Creates a stage's Job, a multi-pod stage's headless Service, an Event, or the shared model
+        cache's fill Job, view PersistentVolume and claim; returns False
         when it already exists (idempotent) or its namespace is gone (the QuantizationJob went with it)."""
-        namespace = obj["metadata"]["namespace"]
+        namespace = obj["metadata"].get("namespace", "")
         path = {
             "Job": self._jobs(namespace),
             "Service": f"/api/v1/namespaces/{namespace}/services",
             "Event": f"/api/v1/namespaces/{namespace}/events",
+            "PersistentVolumeClaim": f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+            "PersistentVolume": "/api/v1/persistentvolumes",
         }[obj["kind"]]
         if obj["kind"] == "Job":
             self._last_create = time.monotonic()
@@ -307,6 +310,12 @@ class Kube:
                   "spec": {"token": token, "audiences": audiences}}  # fmt: skip
         answer = await self._call("create", "POST", "/apis/authentication.k8s.io/v1/tokenreviews", review)
         return (answer or {}).get("status") or {}
+
+    async def read_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._call("get", "GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}")
+
+    async def read_volume(self, name: str) -> dict[str, Any] | None:
+        return await self._call("get", "GET", f"/api/v1/persistentvolumes/{name}")
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._call("get", "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")

@@ -21,7 +21,7 @@ from qjob_api.runner import INSPECT_STAGE, REUSE_STAGE
 from qjob_api.v1alpha1 import ModelSize, QuantizationJobSpec, QuantizePlan, quantity_to_mib
 
 from .config import OperatorConfig
-from .fetch import FETCH_STAGE, cache_claim
+from .fetch import FETCH_STAGE, CacheUse, cache_use
 from .reuse import Candidate, ReuseState
 
 #: The GPU-less stages that come before ``quantize`` (a job has at most one of them).
@@ -76,6 +76,8 @@ class Stage:
     plan: QuantizePlan | None = None
     #: The earlier jobs the reuse stage checks (reuse stage only).
     candidates: tuple[Candidate, ...] = ()
+    #: The model cache its pod mounts (fetch.cache_use), if any.
+    cache: CacheUse | None = None
 
     @property
     def pods(self) -> int:
@@ -90,11 +92,12 @@ def quantize_job_name(job_name: str, attempt: int) -> str:
     return child_name(job_name, QUANTIZE_STAGE if attempt == 1 else f"{QUANTIZE_STAGE}-{attempt}")
 
 
-def model_stage(spec: QuantizationJobSpec, config: OperatorConfig) -> str | None:
-    """The one GPU-less stage before ``quantize``, if any: ``fetch`` with a shared model cache (it
-    downloads the model and reports its size), else ``inspect`` when GPUs are sized automatically
-    (spec.resources.gpus 0: it only reads the size), else none."""
-    if cache_claim(spec, config):
+def model_stage(spec: QuantizationJobSpec, config: OperatorConfig, namespace: str) -> str | None:
+    """The one GPU-less stage before ``quantize``, if any: ``fetch`` with a model cache (it
+    downloads the model, or follows the shared cache's fill Job, and reports its size), else
+    ``inspect`` when GPUs are sized automatically (spec.resources.gpus 0: it only reads the size),
+    else none."""
+    if cache_use(spec, config, namespace):
         return FETCH_STAGE
     return INSPECT_STAGE if spec.resources.gpus == 0 else None
 
@@ -105,11 +108,14 @@ def plan_stages(
     plan: QuantizePlan | None = None,
     model_size: ModelSize | None = None,
     reuse: ReuseState | None = None,
+    *,
+    namespace: str = "",
 ) -> list[Stage]:
-    """The stages of a job, in order: ``reuse`` when ``reuse`` says so (once it reused, only the
-    builds of engines that did not come with the checkpoint follow it), the model stage
-    (``model_stage``), then ``quantize`` (with ``plan`` once there is one), then the builds.
-    ``model_size``: what the model stage reported (sizes the later stages' disk)."""
+    """The stages of a job in ``namespace``, in order: ``reuse`` when ``reuse`` says so (once it
+    reused, only the builds of engines that did not come with the checkpoint follow it), the model
+    stage (``model_stage``), then ``quantize`` (with ``plan`` once there is one), then the builds.
+    ``model_size``: what the model stage reported (sizes the later stages' disk). No namespace (a
+    local run): the shared cache, a policy over namespaces, does not apply."""
     memory = quantity_to_mib(spec.resources.min_gpu_memory) if spec.resources.min_gpu_memory else None
     tolerations = (*config.runner.tolerations, *(t.to_api() for t in spec.scheduling.tolerations))
 
@@ -125,6 +131,7 @@ def plan_stages(
 
     calibration = spec.scheduling.calibration_architecture
     weights = model_size.weight_bytes if model_size else None
+    cache = cache_use(spec, config, namespace)
     stages = []
     builds = [
         Stage(
@@ -133,25 +140,26 @@ def plan_stages(
             after=(QUANTIZE_STAGE,),
             architecture=e.architecture,
             model_bytes=weights,
+            cache=cache,
         )
         for e in spec.engines
     ]
     if reuse and reuse.mode:
-        stages.append(Stage(REUSE_STAGE, requirement(None, 0, None), candidates=tuple(reuse.candidates)))
+        stages.append(Stage(REUSE_STAGE, requirement(None, 0, None), candidates=tuple(reuse.candidates), cache=cache))
         if reuse.mode == "reused":  # only the engines that did not come with the checkpoint are built
             missing = [b for b in builds if b.architecture.value not in reuse.reused_engines]
             return stages + [replace(b, after=(REUSE_STAGE,)) for b in missing]
     start = tuple(s.name for s in stages)
-    first = model_stage(spec, config)
+    first = model_stage(spec, config, namespace)
     if first:
-        stages.append(Stage(first, requirement(None, 0, None), after=start))
+        stages.append(Stage(first, requirement(None, 0, None), after=start, cache=cache))
         start = (first,)
     if plan:
         planned_memory = max(memory or 0, plan.gpu_memory_mib or 0) or None
         quantize = requirement(calibration, plan.gpus_per_pod, planned_memory)
     else:
         quantize = requirement(calibration, spec.resources.gpus or 1)
-    stages.append(Stage(QUANTIZE_STAGE, quantize, after=start, plan=plan, model_bytes=weights))
+    stages.append(Stage(QUANTIZE_STAGE, quantize, after=start, plan=plan, model_bytes=weights, cache=cache))
     return stages + builds
 
 

@@ -29,10 +29,11 @@ from qjob_api.runner import REUSE_STAGE
 from qjob_api.v1alpha1 import TERMINAL_PHASES, Phase, QuantizationJobSpec, RunnerReport
 from qjob_api.work import recipe_key, recipe_of
 
-from . import attempts, multipod, reuse
+from . import attempts, multipod, reuse, sharedcache
 from .builders import QuantizationJobRef, build_job
 from .config import OperatorConfig
 from .events import build_event
+from .fetch import FETCH_STAGE
 from .guards import (
     OutputTarget,
     controller_uid,
@@ -72,7 +73,7 @@ class ParsedSpec:
         meta = body["metadata"]
         self.uid, self.generation = meta.get("uid"), meta.get("generation")
         self.spec = QuantizationJobSpec.model_validate(spec)
-        self.stages = plan_stages(self.spec, config)
+        self.stages = plan_stages(self.spec, config, namespace=meta.get("namespace", ""))
         self.recipe = recipe_of(self.spec)
         self.recipe_key = recipe_key(self.recipe)
 
@@ -201,6 +202,7 @@ class Reconciler:
         self._failures: dict[Key, int] = {}  # consecutive failed reconciles, for backoff
         self._retry_at: dict[Key, float] = {}  # monotonic time of the next retry of a job in backoff
         self._priority_classes: dict[str, bool] = {}  # name -> exists (only missing ones are re-checked)
+        self._views: set[str] = set()  # namespaces whose view of the shared model cache is bound
         self.debounce_seconds = DEBOUNCE_SECONDS
         self.listed = False  # kopf listed every watched resource (handlers run only then)
 
@@ -562,6 +564,9 @@ class Reconciler:
         # Runner pods need no API identity (see reports.py): a stage is its Job (and, spread over
         # several pods, the headless Service its ranks find each other through).
         manifests = [build_job(ref, spec, s, self.config) for s in todo]
+        if any(s.name == FETCH_STAGE and s.cache and s.cache.role == "wait" for s in todo):
+            await self._shared_cache_view(ref.namespace)
+            await self.kube.create(sharedcache.fill_job(ref, spec, self.config))
         services = [multipod.build_rank_service(j) for s, j in zip(todo, manifests, strict=True) if s.pods > 1]
         await asyncio.gather(*(self.kube.create(m) for m in services))
         results = await asyncio.gather(*(self.kube.create(m) for m in manifests), return_exceptions=True)
@@ -573,6 +578,43 @@ class Reconciler:
             raise ChildRefusedError(Reason.JOB_REJECTED, f"the apiserver refused the runner Job: {_describe(rejected)}")
         if errors:
             raise errors[0]
+
+    async def _shared_cache_view(self, namespace: str) -> None:
+        """Binds ``namespace``'s read-only view of the shared model cache (once per process; both
+        objects are created only if missing). A claim of that name that is not the view is refused:
+        it could point the namespace's jobs at other data."""
+        if namespace in self._views:
+            return
+        shared, home = self.config.model_cache.shared, sharedcache.shared_namespace(self.config)
+        claim = await self.kube.read_claim(home, shared.claim_name)
+        bound = claim and claim.get("spec", {}).get("volumeName")
+        if not bound or (claim.get("status") or {}).get("phase") != "Bound":
+            raise SharedCacheUnavailable(
+                f"the shared model cache's claim {home}/{shared.claim_name} (modelCache.shared.claimName) "
+                f"{'is not bound to a volume yet' if claim else 'does not exist'}: create it (ReadWriteMany), "
+                "or clear modelCache.shared.claimName"
+            )
+        source = await self.kube.read_volume(bound)
+        if source is None:
+            raise SharedCacheUnavailable(f"the shared model cache's volume {bound} is gone")
+        volume, enforced = sharedcache.view_volume(source, namespace, self.config)
+        if not enforced:
+            log.warning(
+                "the shared model cache's volume %s has no readOnly field (%s): the view in %s is read-only in "
+                "runner pods only, not in pods that namespace's users create",
+                bound,
+                ", ".join(source["spec"]),
+                namespace,
+            )
+        await self.kube.create(volume)
+        await self.kube.create(sharedcache.view_claim(volume, namespace, self.config))
+        view = await self.kube.read_claim(namespace, shared.view_claim_name)
+        if view and view["spec"].get("volumeName") != volume["metadata"]["name"]:
+            raise SharedCacheUnavailable(
+                f"PersistentVolumeClaim {namespace}/{shared.view_claim_name} exists and is not the shared model "
+                "cache's view: delete it, or set modelCache.shared.viewClaimName to a free name"
+            )
+        self._views.add(namespace)
 
     def _defer(self, key: Key, delay: float) -> None:
         """One reconcile of ``key`` in ``delay`` seconds, however many ask for it meanwhile."""
@@ -665,6 +707,10 @@ class Reconciler:
             node_architecture=lambda n: (archs or {}).get(n or "", "unknown"),
         )
         return True
+
+
+class SharedCacheUnavailable(Exception):  # noqa: N818 - says what is wrong, as the status message reads it
+    """The shared model cache cannot be mounted in a namespace yet (retried with backoff)."""
 
 
 def _describe(exc: BaseException) -> str:
