@@ -107,7 +107,7 @@ class SharedCacheSettings(_Settings):
     s3: list[S3Location] = Field(default_factory=list)
 
     def covers(self, namespace: str) -> bool:
-        return bool(self.claim_name) and ("*" in self.namespaces or namespace in self.namespaces)
+        return bool(self.claim_name and namespace) and ("*" in self.namespaces or namespace in self.namespaces)
 
 
 class ModelCacheSettings(_Settings):
