@@ -143,16 +143,20 @@ def operator_config(**overrides: Any) -> dict[str, Any]:
 OPERATOR_NS = "qjob-test-operator"  # not qjob-system: test_chart.py creates and deletes that one
 
 
-def chart_identity(cluster: LocalCluster, kube_api, workdir: Path, release: str = "qjob-operator") -> tuple[Path, str]:
+def chart_identity(
+    cluster: LocalCluster, kube_api, workdir: Path, release: str = "qjob-operator", values: dict[str, Any] | None = None
+) -> tuple[Path, str]:
     """The chart's ServiceAccount and RBAC (cluster-wide mode), applied as `helm template` renders
-    them; returns a kubeconfig with a token of that ServiceAccount, as the operator's pod has, and
-    the user name the apiserver knows it by. Operators started with it have exactly the chart's
-    permissions, not the admin's."""
+    them with ``values``; returns a kubeconfig with a token of that ServiceAccount, as the
+    operator's pod has, and the user name the apiserver knows it by. Operators started with it have
+    exactly the chart's permissions, not the admin's."""
     from kubernetes import client
 
+    values_file = workdir / f"{release}-values.yaml"
+    values_file.write_text(yaml.safe_dump(values or {}))
     rendered = subprocess.run(
         [str(cluster.helm), "template", release, str(REPO_ROOT / "charts" / "qjob-operator"),
-         "--namespace", OPERATOR_NS, "--kube-version", "v1.36.3"],
+         "--namespace", OPERATOR_NS, "--kube-version", "v1.36.3", "--values", str(values_file)],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}

@@ -105,6 +105,8 @@ class SharedCacheSettings(_Settings):
     # S3 prefixes whose models are shared, read with these locations' credentials (Secrets in the
     # shared cache's namespace), never a job's; a job's spec.model.s3 under one of them is shared.
     s3: list[S3Location] = Field(default_factory=list)
+    # A job's fetch stage fails (retryably) when its fill Job's record has not changed for this long.
+    fill_stall_seconds: int = Field(600, ge=10)
 
     def covers(self, namespace: str) -> bool:
         return bool(self.claim_name and namespace) and ("*" in self.namespaces or namespace in self.namespaces)

@@ -44,7 +44,9 @@ def _spec(spec_dict, **resources) -> QuantizationJobSpec:
 
 
 def _advance(spec, config, status, jobs=(), pods=None, shapes=TOPOLOGY):
-    return attempts.advance(spec, config, "ml", "llama", status, {j["metadata"]["name"]: j for j in jobs}, pods or {}, shapes)
+    return attempts.advance(
+        spec, config, "ml", "llama", status, {j["metadata"]["name"]: j for j in jobs}, pods or {}, shapes
+    )
 
 
 def test_auto_waits_for_inspect_then_plans_from_its_termination_message(spec_dict, config):
