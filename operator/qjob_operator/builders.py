@@ -136,6 +136,7 @@ def build_runner_config(
         fill_record=fill_job_name(ref.namespace, ref.name, ref.uid)
         if stage.cache and stage.cache.role != "own"
         else None,
+        fill_stall_seconds=config.model_cache.shared.fill_stall_seconds,
         cache_max_bytes=quantity_to_mib(config.model_cache.max_size) * 2**20 if config.model_cache.max_size else None,
         cache_keep_seconds=config.model_cache.keep_seconds,
         hf_repo=source.hugging_face.repo if source.hugging_face else None,
