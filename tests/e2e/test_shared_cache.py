@@ -40,6 +40,9 @@ def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
     # The platform's namespace holds the cache and the only credential to its model registry.
     home = _namespace(core, "test-operator-runs-with-cache-home")
     other = _namespace(core, "test-operator-runs-with-cache-b")
+    # A user of this namespace made a claim named like the view, on a volume of their own.
+    squatted = _namespace(core, "test-operator-runs-with-cache-c")
+    make_artifacts_pvc(kube_api, squatted, name="qjob-shared-model-cache")
     registry = {"endpoint": s3_server.endpoint, "bucket": s3_bucket, "prefix": "registry"}
     core.create_namespaced_secret(
         home,
@@ -49,7 +52,7 @@ def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
         },
     )
     shared = {
-        "namespaces": [e2e_ns, other],
+        "namespaces": [e2e_ns, other, squatted],
         "namespace": home,
         "claimName": "shared-models",
         "s3": [{**registry, "credentialsSecretRef": {"name": "model-registry"}}],
@@ -67,7 +70,7 @@ def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
         values={"modelCache": {"shared": {"claimName": "shared-models"}}},
     )
     config = operator_config(
-        namespaces=[e2e_ns, other],
+        namespaces=[e2e_ns, other, squatted],
         runner={"image": "registry.example/qjob-runner:test", "podLabels": EXTERNAL},
         modelCache={"shared": shared},
     )
@@ -98,6 +101,19 @@ def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
             assert obj["status"]["phase"] == "Succeeded", json.dumps(obj["status"], indent=2)
             results[namespace] = obj["status"]
 
+        # The squatted claim could point the namespace's jobs at other data: refused, saying so.
+        refused = create_qjob(kube_api, squatted, job, name="tiny-shared")
+        obj = wait_qjob(
+            kube_api,
+            squatted,
+            refused,
+            lambda s: _conditions(s).get("Reconciled", {}).get("status") == "False",
+            timeout=60,
+            operator=op,
+        )
+        assert "is not the shared model cache's view" in _conditions(obj["status"])["Reconciled"]["message"]
+        assert not client.BatchV1Api(kube_api).list_namespaced_job(squatted).items
+
         fills = client.BatchV1Api(kube_api).list_namespaced_job(home, label_selector="app.kubernetes.io/name=qjob-fill")
         assert sorted(j.metadata.labels["qjob.dev/fill-for-namespace"] for j in fills.items) == sorted([e2e_ns, other])
         for namespace, status in results.items():
@@ -120,9 +136,9 @@ def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
             p.name: json.loads(p.read_text())
             for p in (pv_folder(kube_api, home, "shared-models") / "fills").glob("*.json")
         }
-        fetched = sorted(r.get("bytesFetched", r.get("modelBytesFetched", 0)) for r in records.values())
+        fetched = sorted(r["bytesFetched"] for r in records.values())
         assert len(fetched) == 2 and fetched[0] == 0 and fetched[1] > 0, records  # downloaded once for both
     finally:
         op.stop()
-        for namespace in (home, other):
+        for namespace in (home, other, squatted):
             core.delete_namespace(namespace, propagation_policy="Background")
