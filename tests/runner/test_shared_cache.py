@@ -81,8 +81,9 @@ class _DownloadLock:
 
     def waiters(self) -> int:
         """Processes or threads blocked on this lock (Linux /proc/locks marks them ``->``)."""
-        ino = f":{self.path.stat().st_ino} "
-        return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and ino in line)
+        st = self.path.stat()
+        file = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+        return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and file in line)
 
     def release(self) -> None:
         fcntl.flock(self.file, fcntl.LOCK_UN)  # LOCK_UN: a forked child may share the descriptor
@@ -238,7 +239,8 @@ def test_two_fills_of_one_model_at_once_download_it_once(
         lock.release()
     for thread, _ in fills:
         thread.join(30)
-    assert [out["result"].outcome for _, out in fills] == ["Succeeded", "Succeeded"]
+    results = [out["result"] for _, out in fills]
+    assert [r.outcome for r in results] == ["Succeeded", "Succeeded"], [r.message for r in results]
     records = [_record(root, name) for name in ("fill-a", "fill-b")]
     assert sorted(r["bytesFetched"] for r in records) == [0, model_bytes]
     assert records[0]["entry"] == records[1]["entry"] and all(r["state"] == "succeeded" for r in records)
