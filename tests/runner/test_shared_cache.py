@@ -248,8 +248,15 @@ def test_two_fills_of_one_model_at_once_download_it_once(
 
 def test_a_permanent_fill_failure_fails_the_tenant_with_the_fills_reason(s3_server, s3_creds, calib_jsonl, tmp_path):
     root = tmp_path / "shared"
+    (root / "fills").mkdir(parents=True)
+    old, recent = root / "fills" / "done-long-ago.json", root / "fills" / "done-lately.json"
+    for record in (old, recent):
+        record.write_text("{}")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
     config = _config(s3_server, "no-such-bucket", root, calib_jsonl, tmp_path / "fill-out", "fill", fill="fill-x")
     fill = run(config)
+    assert not old.exists() and recent.exists()  # a fill deletes records older than a day
     assert fill.exit_code == ExitCode.INVALID_INPUT
     record = _record(root, "fill-x")
     assert (record["state"], record["reason"], record["retryable"]) == ("failed", "InvalidInput", False)
@@ -337,3 +344,12 @@ def test_a_tenant_with_a_hub_dataset_needs_the_texts_the_fill_streamed(
     needed = data.samples_needed(tenant)
     modelcache.write_dataset_ref(root, HuggingFaceDataset.model_validate(hub["huggingFace"]), needed, texts, "a" * 40)
     assert run(tenant).outcome == "Succeeded"
+
+
+def test_fill_and_wait_need_the_fill_records_name(calib_jsonl, tmp_path):
+    for role in ("fill", "wait"):
+        result = run(_config(None, "b", tmp_path / "shared", calib_jsonl, tmp_path / "out", role, fill=None))
+        assert (
+            result.exit_code == ExitCode.INVALID_CONFIG and f"cache role {role} needs model.cacheDir" in result.message
+        )
+        assert not (tmp_path / "shared").exists()
