@@ -11,6 +11,7 @@ Layout under the cache root (the shared cache PVC in a cluster, else ``QJOB_MODE
     refs/<request>.json     the entry the fetch stage resolved a request (source + asked-for revision) to
     datasets/<key>.jsonl    the calibration texts a job needs from a Hub dataset; <key> hashes the dataset, the
                             commit its revision resolved to, config, split, text field and sample count
+    fills/<fill>.json       what the fill Job <fill> of a cross-namespace shared cache is doing (``FillRecord``)
 
 The cache is bounded: before a download the fetch stage evicts least-recently-used entries (by
 mtime, touched on every reuse) that no stage holds and that were not used in the last
@@ -19,6 +20,12 @@ mtime, touched on every reuse) that no stage holds and that were not used in the
 The ``fetch`` stage (no GPU) fills an entry and writes the ref; GPU stages mount the cache
 read-only and read the ref, so they never download and never wait for a download. Dataset texts
 are small (the samples a job uses, not the dataset) and are not evicted.
+
+A cache shared across namespaces (``RunnerModel.cache_role``) is filled only by fill Jobs in its
+own namespace, with the platform's credentials (role ``fill``: today's fetch, plus the fill
+record); a tenant job's fetch stage mounts its namespace's read-only view of it and follows the
+record of its fill Job until the entry is ready (role ``wait``: no download, no write), so a
+tenant's token never fetches into it. Its GPU stages read the refs the fill wrote, as with ``own``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -40,12 +48,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qjob_api.runner import RunnerModel, RunnerS3
+from qjob_api.reasons import Reason
+from qjob_api.runner import NON_RETRYABLE_EXIT_CODES, RunnerModel, RunnerS3
 from qjob_api.v1alpha1 import HuggingFaceDataset
 
 from .artifacts import atomic_write_text
 from .context import RunContext
-from .errors import InvalidInput, TransientError
+from .errors import InvalidConfig, InvalidInput, RunnerError, TransientError, classify
 from .steps import inspect
 from .storage import ObjectStore, RateMeter, join_key, message_only, relative_key
 
@@ -301,13 +310,13 @@ def _folder_bytes(folder: Path) -> int:
 
 
 @contextmanager
-def _watch(folder: Path, total: int, meter: RateMeter, interval: float = 2.0) -> Iterator[None]:
-    """Report a folder's growth while huggingface_hub downloads into it (it has no byte callback)."""
+def _every(interval: float, action: Callable[[], None]) -> Iterator[None]:
+    """Call ``action`` every ``interval`` seconds in a thread while the block runs."""
     stop = threading.Event()
 
     def poll():
         while not stop.wait(interval):
-            meter(min(_folder_bytes(folder) if folder.exists() else 0, total), total)
+            action()
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
@@ -341,7 +350,9 @@ def fetch_hf(ctx: RunContext, root: Path, sink: Sink) -> Path:
             before = _folder_bytes(partial) if partial.exists() else 0
             total = sum(s.size or 0 for s in wanted)
             make_room(root, max(0, total - before), CacheBounds.of(m), sink)
-            with _watch(partial, total, RateMeter(sink, f"downloading {m.hf_repo}@{info.sha[:12]}")):
+            meter = RateMeter(sink, f"downloading {m.hf_repo}@{info.sha[:12]}")
+            # huggingface_hub has no byte callback: report the folder's growth
+            with _every(2.0, lambda: meter(min(_folder_bytes(partial) if partial.exists() else 0, total), total)):
                 download(ctx, local_dir=partial, revision=info.sha)
             checked = verify_files(partial, published_hashes(wanted))
             fetched = _folder_bytes(partial) - before
@@ -441,11 +452,21 @@ def dataset_lookup(ctx: RunContext, needed: int) -> Path:
 
 
 def run(ctx: RunContext) -> None:
-    """The fetch stage's one step: the model (and a Hub calibration dataset's texts) into the
-    shared cache, then the refs GPU stages read."""
+    """The fetch stage's one step, by the cache's role: ``own`` fetches into the namespace's cache,
+    ``fill`` fetches into the cross-namespace cache and keeps the fill record, ``wait`` follows it."""
+    role = ctx.config.model.cache_role
+    if role == "fill":
+        fill(ctx)
+    elif role == "wait":
+        wait_for_fill(ctx)
+    else:
+        fetch(ctx, stage_progress(ctx))
+
+
+def fetch(ctx: RunContext, sink: Sink) -> Path:
+    """The model (and a Hub calibration dataset's texts) into the cache, then the refs GPU stages read."""
     m = ctx.config.model
     root = Path(m.cache_dir)
-    sink = stage_progress(ctx)
     entry = fetch_s3(ctx, root, sink, CacheBounds.of(m)) if m.s3 else fetch_hf(ctx, root, sink)
     ref = root / "refs" / f"{request_ref(m)}.json"
     ref.parent.mkdir(parents=True, exist_ok=True)
@@ -464,12 +485,11 @@ def run(ctx: RunContext) -> None:
     ctx.reporter.update(
         message=f"model ready in the cache: {record['entry']} ({record['bytesFetched']} bytes fetched)", percent=100
     )
+    return entry
 
 
-def lookup(ctx: RunContext) -> Path:
-    """The cache entry the fetch stage recorded for this job's model (GPU stages: read-only)."""
-    m = ctx.config.model
-    root = Path(m.cache_dir)
+def recorded_entry(root: Path, m: RunnerModel) -> Path:
+    """The entry ``refs/<request>.json`` names for this model (what GPU stages read)."""
     ref = root / "refs" / f"{request_ref(m)}.json"
     try:
         entry = root / json.loads(ref.read_text())["entry"]
@@ -482,6 +502,14 @@ def lookup(ctx: RunContext) -> Path:
         raise InvalidInput(
             f"model cache entry {entry} is gone", "it was evicted: delete and re-create the QuantizationJob"
         )
+    return entry
+
+
+def lookup(ctx: RunContext) -> Path:
+    """The cache entry the fetch stage recorded for this job's model (GPU stages: read-only)."""
+    m = ctx.config.model
+    root = Path(m.cache_dir)
+    entry = recorded_entry(root, m)
     ctx.cache_lease = hold(entry)  # eviction skips it while this stage runs
     if not entry.is_dir():  # evicted between the check and the lock
         raise InvalidInput(
@@ -491,3 +519,207 @@ def lookup(ctx: RunContext) -> Path:
     ctx.metrics["modelBytesFetched"] = 0
     ctx.reporter.update(message=f"model from the shared cache: {ctx.metrics['modelCacheEntry']}")
     return entry
+
+
+# ------------------------------------------------- the cross-namespace shared cache: fill and wait
+
+FILLS = "fills"
+#: A fill rewrites its record at least this often, also while it waits for another fill's download.
+FILL_HEARTBEAT_SECONDS = 5.0
+#: How often a waiting fetch stage reads its fill's record.
+FILL_POLL_SECONDS = 2.0
+#: A fill deletes records older than this when it starts (their jobs are long done).
+FILL_RECORD_MAX_AGE = 86400.0
+#: The shared cache's namespace, when the operator tells the waiting stage (named in its fixes).
+SHARED_CACHE_NAMESPACE_ENV = "QJOB_SHARED_CACHE_NAMESPACE"
+_FILL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def fill_record_path(m: RunnerModel) -> Path:
+    """``<cache_dir>/fills/<fill_record>.json``; roles fill and wait need both fields."""
+    if not m.cache_dir or not m.fill_record or not _FILL_NAME.fullmatch(m.fill_record):
+        raise InvalidConfig(
+            f"cache role {m.cache_role} needs model.cacheDir and model.fillRecord (a Job name); got "
+            f"{m.cache_dir!r} and {m.fill_record!r}",
+            "this is an operator bug: the fill Job and the waiting fetch stage get the fill Job's name",
+        )
+    return Path(m.cache_dir) / FILLS / f"{m.fill_record}.json"
+
+
+class FillRecord:
+    """What a fill Job is doing, in ``fills/<name>.json``: rewritten atomically on every progress
+    update and at least every ``FILL_HEARTBEAT_SECONDS``, so a waiter tells a live fill from a dead
+    one by ``updatedAt`` changing.
+
+    ``{"state": "running"|"succeeded"|"failed", "request": <request_ref>, "updatedAt": <ISO UTC>,
+    "message", "percent", "etaSeconds"}``, plus ``entry`` (relative to the cache root) and
+    ``bytesFetched`` on success, ``reason``, ``problem``, ``fix`` and ``retryable`` on failure."""
+
+    def __init__(self, path: Path, request: str):
+        self.path = path
+        self.fields: dict[str, Any] = {"state": "running", "request": request, "percent": 0.0, "etaSeconds": None}
+        self._lock = threading.Lock()  # progress (transfer threads) and heartbeat write the same file
+
+    def write(self, **fields: Any) -> None:
+        with self._lock:
+            self.fields.update(fields, updatedAt=datetime.now(UTC).isoformat())
+            atomic_write_text(self.path, json.dumps(self.fields))
+
+    def update(self, **fields: Any) -> None:
+        """``write``, but a failure is only logged (a waiter then sees a stall): it never fails the
+        download, nor hides the error a failed fill reports."""
+        try:
+            self.write(**fields)
+        except OSError as exc:
+            log.warning("cannot update the fill record %s: %s", self.path, exc)
+
+    def progress(self, message: str, fraction: float, eta: float) -> None:  # a Sink
+        self.update(message=message, percent=round(100 * fraction, 1), etaSeconds=round(eta, 1))
+
+    def beat(self) -> None:
+        self.update()
+
+    def fail(self, error: RunnerError) -> None:
+        self.update(
+            state="failed",
+            message=str(error),
+            reason=str(error.reason),
+            problem=error.problem,
+            fix=error.fix or "",
+            retryable=error.exit_code not in NON_RETRYABLE_EXIT_CODES,
+        )
+
+
+def remove_old_records(folder: Path, max_age: float = FILL_RECORD_MAX_AGE) -> None:
+    now = time.time()
+    for p in folder.iterdir():
+        try:
+            if now - p.stat().st_mtime > max_age:
+                p.unlink()
+        except FileNotFoundError:
+            continue  # another fill removed it first
+
+
+def fill(ctx: RunContext) -> None:
+    """Role ``fill``: the ``own`` fetch into the cross-namespace cache, reported in the fill record
+    (this Job has no QuantizationJob to report to: its reporter only logs)."""
+    m = ctx.config.model
+    path = fill_record_path(m)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_old_records(path.parent)
+    record = FillRecord(path, request_ref(m))
+    record.write(message=f"fill {m.fill_record} started: {m.s3.uri if m.s3 else m.hf_repo}")
+    to_stage = stage_progress(ctx)
+
+    def sink(message: str, fraction: float, eta: float) -> None:
+        to_stage(message, fraction, eta)
+        record.progress(message, fraction, eta)
+
+    try:
+        with _every(FILL_HEARTBEAT_SECONDS, record.beat):
+            entry = fetch(ctx, sink)
+    except BaseException as exc:
+        record.fail(classify(exc))
+        raise
+    fetched = ctx.metrics["modelBytesFetched"]
+    record.write(
+        state="succeeded",
+        message=f"model ready in the shared cache ({fetched} bytes fetched)",
+        percent=100.0,
+        etaSeconds=0.0,
+        entry=entry.relative_to(Path(m.cache_dir)).as_posix(),
+        bytesFetched=fetched,
+    )
+
+
+def _describe_fill(name: str) -> str:
+    namespace = os.environ.get(SHARED_CACHE_NAMESPACE_ENV)
+    where = f"-n {namespace} " if namespace else ""
+    return f"kubectl {where}describe job {name}" + ("" if namespace else " in the shared cache's namespace")
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not written yet (records are replaced atomically, never half-written)
+    return record if isinstance(record, dict) else None
+
+
+def _fill_failed(name: str, record: dict[str, Any]) -> RunnerError:
+    """The fill's permanent failure as this job's: same reason, the filler's problem and fix."""
+    kind = InvalidConfig if record.get("reason") == Reason.INVALID_CONFIG else InvalidInput
+    return kind(
+        f"the shared model cache's fill Job {name} failed: {record.get('problem') or record.get('message')}",
+        f"{record.get('fix') or 'see the fill Job'} (the fill Job reads the model with the shared cache's own "
+        f"credentials, in its own namespace: ask the platform team; {_describe_fill(name)})",
+    )
+
+
+def _fill_stalled(name: str, record: dict[str, Any] | None, seconds: int) -> TransientError:
+    if record is None:
+        problem = f"the shared model cache's fill Job {name} wrote no record ({FILLS}/{name}.json) in {seconds} s"
+    else:
+        last = record.get("problem") if record.get("state") == "failed" else record.get("message")
+        problem = (
+            f"the shared model cache's fill Job {name} has not updated its record for {seconds} s "
+            f"(state {record.get('state')}: {last})"
+        )
+    return TransientError(problem, f"the pod is retried; if it persists, ask the platform team: {_describe_fill(name)}")
+
+
+def follow_fill(ctx: RunContext) -> dict[str, Any]:
+    """Read the fill record every ``FILL_POLL_SECONDS`` until it says succeeded; relay its progress.
+    A stall is measured on this pod's clock since ``updatedAt`` last changed (nodes' clocks differ)."""
+    m = ctx.config.model
+    path, name = fill_record_path(m), m.fill_record
+    request = request_ref(m)
+    record, seen, since = None, None, time.monotonic()
+    while True:
+        record = _read_record(path) or record
+        if record is not None and record.get("updatedAt") != seen:
+            seen, since = record.get("updatedAt"), time.monotonic()
+            if record.get("request") != request:
+                raise InvalidConfig(
+                    f"the shared model cache's fill Job {name} fills another model than this job's",
+                    "this is an operator bug: each job's fill Job gets the job's own model source",
+                )
+            state = record.get("state")
+            if state == "succeeded":
+                return record
+            if state == "failed" and not record.get("retryable"):
+                raise _fill_failed(name, record)
+            if state == "failed":
+                ctx.reporter.update(message=f"the fill Job {name} failed and is retried: {record.get('problem')}")
+            else:
+                ctx.reporter.update(
+                    message=f"shared cache fill {name}: {record.get('message')}",
+                    percent=record.get("percent"),
+                    eta_seconds=record.get("etaSeconds"),
+                )
+        if time.monotonic() - since > m.fill_stall_seconds:
+            raise _fill_stalled(name, record, m.fill_stall_seconds)
+        time.sleep(FILL_POLL_SECONDS)
+
+
+def wait_for_fill(ctx: RunContext) -> None:
+    """Role ``wait`` (the read-only view of the shared cache): nothing is downloaded or written.
+    When the fill succeeded, the refs GPU stages read must be there; the size is read as ``own``."""
+    from .steps import data
+
+    m = ctx.config.model
+    root = Path(m.cache_dir)
+    record = follow_fill(ctx)
+    entry = recorded_entry(root, m)
+    if ctx.config.calibration.dataset.hugging_face:
+        dataset_lookup(ctx, data.samples_needed(ctx.config))  # the fill streamed the texts
+    ctx.model_size = inspect.fetched_size(entry)
+    ctx.metrics["modelCacheEntry"] = entry.relative_to(root).as_posix()
+    ctx.metrics["modelBytesFetched"] = 0  # by this job
+    ctx.metrics["sharedCacheFill"] = m.fill_record
+    ctx.metrics["fillBytesFetched"] = record.get("bytesFetched", 0)
+    ctx.reporter.update(
+        message=f"model ready in the shared cache: {ctx.metrics['modelCacheEntry']} (filled by {m.fill_record}, "
+        f"which fetched {ctx.metrics['fillBytesFetched']} bytes)",
+        percent=100,
+    )

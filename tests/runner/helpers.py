@@ -6,6 +6,19 @@ import os
 from pathlib import Path
 
 from qjob_api.runner import RunnerS3
+from qjob_runner.reporting import Reporter
+
+
+class Recording(Reporter):
+    """Keeps every progress update (the state keeps only the latest)."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.updates: list[dict] = []
+
+    def update(self, **fields) -> None:
+        self.updates.append(fields)
+        super().update(**fields)
 
 
 def runner_config(**overrides) -> dict:

@@ -13,22 +13,9 @@ from qjob_api.runner import ExitCode, RunnerConfig
 from qjob_runner import run
 from qjob_runner.errors import InvalidInput, TransientError
 from qjob_runner.modelcache import CacheBounds, cache_key, fetch_into_cache, hold, make_room, s3_published_hashes
-from qjob_runner.reporting import Reporter
 from qjob_runner.storage import ObjectStore
 
-from .helpers import location, runner_config
-
-
-class Recording(Reporter):
-    """Keeps every progress update (the state keeps only the latest)."""
-
-    def __init__(self, stage: str):
-        super().__init__(stage)
-        self.updates: list[dict] = []
-
-    def update(self, **fields) -> None:
-        self.updates.append(fields)
-        super().update(**fields)
+from .helpers import Recording, location, runner_config
 
 
 def _config(s3_server, bucket, cache, calib, out, stage):
