@@ -35,6 +35,7 @@ from .fetch import (
     fetch_resources,
     fill_job_name,
     prefer_nodes_without_gpus,
+    shared_namespace,
 )
 from .objectstore import S3Use
 from .plan import (
@@ -274,6 +275,8 @@ def _env(
     for use in s3_uses(ref, spec, stage):
         if reads_source or use.role != "model":
             env += use.env()
+    if stage.cache and stage.cache.role == "wait":  # its messages name where the fill Job runs
+        env.append({"name": "QJOB_SHARED_CACHE_NAMESPACE", "value": shared_namespace(config)})
     env += [{"name": k, "value": v} for k, v in sorted(config.runner.env.items())]
     return env
 

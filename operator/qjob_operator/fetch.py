@@ -98,6 +98,11 @@ def cache_use(spec: QuantizationJobSpec, config: OperatorConfig, namespace: str)
     return CacheUse(config.model_cache.claim_name) if config.model_cache.claim_name else None
 
 
+def shared_namespace(config: OperatorConfig) -> str:
+    """Where the shared cache's claim lives and its fill Jobs run."""
+    return config.model_cache.shared.namespace or config.operator_namespace
+
+
 def fill_job_name(namespace: str, name: str, uid: str) -> str:
     """The fill Job of one job's fetch stage (in the shared cache's namespace), also its record's
     name: one per job, so two jobs' records never mix; the cache's lock makes them download once."""

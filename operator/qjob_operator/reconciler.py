@@ -33,7 +33,7 @@ from . import attempts, multipod, reuse, sharedcache
 from .builders import QuantizationJobRef, build_job
 from .config import OperatorConfig
 from .events import build_event
-from .fetch import FETCH_STAGE
+from .fetch import FETCH_STAGE, shared_namespace
 from .guards import (
     OutputTarget,
     controller_uid,
@@ -585,7 +585,7 @@ class Reconciler:
         it could point the namespace's jobs at other data."""
         if namespace in self._views:
             return
-        shared, home = self.config.model_cache.shared, sharedcache.shared_namespace(self.config)
+        shared, home = self.config.model_cache.shared, shared_namespace(self.config)
         claim = await self.kube.read_claim(home, shared.claim_name)
         bound = claim and claim.get("spec", {}).get("volumeName")
         if not bound or (claim.get("status") or {}).get("phase") != "Bound":

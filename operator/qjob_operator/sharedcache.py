@@ -32,6 +32,7 @@ from .fetch import (
     fill_job_name,
     prefer_nodes_without_gpus,
     shared_model,
+    shared_namespace,
 )
 from .plan import MANAGED_BY, NodeRequirement, Stage
 
@@ -40,6 +41,8 @@ LABEL_FILL_FOR_JOB = "qjob.dev/fill-for-job"
 LABEL_VIEW = "qjob.dev/shared-cache-view"
 #: A finished fill Job is gone after this (its record stays in the cache for the waiting stage).
 FILL_TTL_SECONDS = 3600
+#: A fill without the job's own deadline: a day (a 405B model is ~800 GB).
+FILL_DEADLINE_SECONDS = 86400
 #: Volume sources whose ``readOnly`` makes the kubelet mount them read-only whatever a pod asks.
 #: hostPath and local have none: a view of those is read-only only in the pods the operator builds.
 READ_ONLY_SOURCES = (
@@ -47,10 +50,6 @@ READ_ONLY_SOURCES = (
     "flocker", "gcePersistentDisk", "glusterfs", "iscsi", "nfs", "portworxVolume", "quobyte", "rbd",
     "scaleIO", "storageos",
 )  # fmt: skip
-
-
-def shared_namespace(config: OperatorConfig) -> str:
-    return config.model_cache.shared.namespace or config.operator_namespace
 
 
 def fill_job(ref: QuantizationJobRef, spec: QuantizationJobSpec, config: OperatorConfig) -> dict[str, Any]:
@@ -65,7 +64,10 @@ def fill_job(ref: QuantizationJobRef, spec: QuantizationJobSpec, config: Operato
     platform = spec.model_copy(update={"model": model})
     requirement = NodeRequirement(None, (), 0, None, tolerations=tuple(config.runner.tolerations))
     stage = Stage(FETCH_STAGE, requirement, cache=CacheUse(shared.claim_name, "fill"))
-    runner_config = build_runner_config(ref, platform, stage, config).model_copy(update={"reporting": Reporting()})
+    # The pipeline stages its result in the output folder: the pod's scratch, not the job's output.
+    runner_config = build_runner_config(ref, platform, stage, config).model_copy(
+        update={"reporting": Reporting(), "output_dir": f"{CACHE_ROOT}/output", "output_s3": None}
+    )
     env = runner_env(runner_config, platform)
     volumes: list[dict[str, Any]] = [
         {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": shared.claim_name}},
@@ -107,7 +109,8 @@ def fill_job(ref: QuantizationJobRef, spec: QuantizationJobSpec, config: Operato
             "parallelism": 1,
             "podFailurePolicy": failure_policy(FETCH_STAGE),
             "ttlSecondsAfterFinished": FILL_TTL_SECONDS,
-            **({"activeDeadlineSeconds": d} if (d := spec.run_policy.active_deadline_seconds) else {}),
+            # A live but stuck download keeps its record fresh: only a deadline ends it.
+            "activeDeadlineSeconds": spec.run_policy.active_deadline_seconds or FILL_DEADLINE_SECONDS,
             "template": {"metadata": {"labels": {**config.runner.pod_labels, **labels}}, "spec": pod_spec},
         },
     }

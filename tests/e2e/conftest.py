@@ -3,11 +3,14 @@ simulated nodes into local jobrunner processes."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 from qjob_dev.podrunner import PodRunner
+from qjob_dev.qjobs import make_artifacts_pvc
+from qjob_dev.tiny_models import make_tiny_llama, pydoc_paragraphs
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +44,21 @@ def pv_folder(kube_api, namespace: str, claim: str = "artifacts") -> Path:
     folder = Path(pv.spec.host_path.path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture
+def e2e_ns(namespace, kube_api, operator, podrunner):
+    """A namespace with an artifacts PVC holding a tiny Llama and a calibration ConfigMap."""
+    from kubernetes import client
+
+    make_artifacts_pvc(kube_api, namespace)
+    texts = pydoc_paragraphs()
+    client.CoreV1Api(kube_api).create_namespaced_config_map(
+        namespace,
+        {
+            "metadata": {"name": "calibration"},
+            "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in texts[:200])},
+        },
+    )
+    make_tiny_llama(pv_folder(kube_api, namespace) / "models" / "tiny-llama")
+    return namespace

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 from qjob_dev.qjobs import create_qjob, make_artifacts_pvc, phase_is, wait_qjob
-from qjob_dev.tiny_models import make_tiny_llama, pydoc_paragraphs
+from qjob_dev.tiny_models import make_tiny_llama
 
 from .conftest import pv_folder
 
@@ -21,21 +21,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 # kwok leaves these pods alone, and this session's pod runner (tests/e2e/conftest.py) takes them.
 EXTERNAL = {"localcluster.qjob.dev/external": "true", "e2e.qjob.dev/podrunner": "true"}
-
-
-@pytest.fixture
-def e2e_ns(namespace, kube_api, operator, podrunner):
-    make_artifacts_pvc(kube_api, namespace)
-    texts = pydoc_paragraphs()
-    client.CoreV1Api(kube_api).create_namespaced_config_map(
-        namespace,
-        {
-            "metadata": {"name": "calibration"},
-            "data": {"samples.jsonl": "\n".join(json.dumps({"text": t}) for t in texts[:200])},
-        },
-    )
-    make_tiny_llama(pv_folder(kube_api, namespace) / "models" / "tiny-llama")
-    return namespace
 
 
 def spec(**overrides):
