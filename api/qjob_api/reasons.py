@@ -45,6 +45,9 @@ class Reason(StrEnum):
     REUSE_INPUTS_CHANGED = "ReuseInputsChanged"  # the model revision, data or libraries differ
     REUSE_ARTIFACT_MISSING = "ReuseArtifactMissing"  # the earlier job's manifest or files are gone
     REUSE_ARTIFACT_CHANGED = "ReuseArtifactChanged"  # a file no longer matches its sha256
+    # this job's inputs could not be resolved without its fetch stage (a source only the shared
+    # model cache's fill Job may read, an unreachable Hub): the job runs, and fails there if it must
+    REUSE_INPUTS_UNRESOLVED = "ReuseInputsUnresolved"
 
 
 #: The reason for each runner exit code: the runner reports it, the operator reads it back from

@@ -32,7 +32,7 @@ from qjob_api.work import work_key
 from . import storage, work
 from .artifacts import MANIFEST, FileHashes
 from .context import RunContext
-from .errors import InvalidConfig, InvalidInput
+from .errors import InvalidConfig, InvalidInput, RunnerError
 from .registration import artifact_uri
 from .steps import data
 
@@ -251,7 +251,14 @@ def run(ctx: RunContext) -> None:
             "the reuse stage got no work recipe or candidates", "run the operator and the runner of the same version"
         )
     ctx.reporter.update(message="resolving this job's model revision, calibration texts and library versions")
-    ctx.work = resolve_inputs(ctx)
+    try:
+        ctx.work = resolve_inputs(ctx)
+    except RunnerError as exc:
+        # Reuse only saves work: a job whose inputs cannot be resolved here runs its stages,
+        # which read the model as they always do (and fail there, with their reason, if they must).
+        ctx.reuse = ReuseOutcome(reason=Reason.REUSE_INPUTS_UNRESOLVED, message=f"{exc.problem}: the job runs")
+        ctx.reporter.update(message=f"not reused ({ctx.reuse.message})", percent=100)
+        return
     key = work_key(cfg.work_recipe, ctx.work)
     misses: list[tuple[Reason, str]] = []
     for candidate in cfg.reuse.candidates:

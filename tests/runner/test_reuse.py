@@ -280,3 +280,21 @@ def test_engines_are_reused_one_by_one_by_target(job_a, copy_of_a, tiny_llama, c
                      reuse={"candidates": [cand], "engines": [{"architecture": "hopper"}]})
     )  # fmt: skip
     assert result.reuse.reason == "ReuseArtifactChanged" and "rank0.engine" in result.reuse.message
+
+
+def test_a_model_this_stage_may_not_read_is_not_reused_and_the_job_runs(
+    job_a, s3_server, s3_bucket, tiny_llama, calib_jsonl, tmp_path, monkeypatch
+):
+    """A job whose model only the shared cache's fill Job may read (the platform's registry, no
+    credential of the job's): the reuse stage cannot resolve its revision, and says so instead of
+    failing a job that its stages would run."""
+    monkeypatch.setenv("QJOB_S3_MODEL_ACCESS_KEY_ID", "not-the-platforms")
+    monkeypatch.setenv("QJOB_S3_MODEL_SECRET_ACCESS_KEY", "not-the-platforms")
+    registry = location(s3_server, s3_bucket, role="model", prefix="registry/tiny")
+    cand = candidate(job_a[1], "pvc://artifacts/ml/a", outputDir=str(job_a[0]))
+    cfg = reuse_config(tiny_llama, calib_jsonl, tmp_path / "b", "pvc://artifacts/ml/b", [cand])
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": None, "s3": registry})})
+    result = run(cfg)
+    assert result.outcome == "Succeeded", result.message
+    assert result.reuse.reason == "ReuseInputsUnresolved" and "the job runs" in result.reuse.message
+    assert not (tmp_path / "b" / "manifest.json").exists()
