@@ -5,6 +5,9 @@
    boto3 ``upload_file`` of the same files one after the other (boto3's default TransferConfig), in the
    same run, alternating which goes first. Goal: ours / plain >= 0.9.
 2. Bytes a second job and a retry fetch for the same model through the fetch stage. Goal: 0.
+   The same across namespaces through the shared cache (``modelCache.shared``): each job's fill
+   (role fill, the platform's credentials) and its waiting fetch stage (role wait, read-only):
+   the second namespace's fill fetches 0 bytes.
 3. Seconds a GPU pod spends before its first calibration batch (resolve + load + data steps) for a
    model in S3 whose folder holds ``--pad-gib`` of extra bytes: the GPU pod downloading it itself,
    against reading it from the cache the fetch stage filled. Goal: no downloading in the GPU pod.
@@ -104,12 +107,12 @@ def bench_upload(server, folder: Path, size: int, repeats: int) -> dict:
     }
 
 
-def runner_config(stage: str, server, model_prefix: str, cache: Path | None, calib: Path, out: Path):
+def runner_config(stage: str, server, model_prefix: str, cache: Path | None, calib: Path, out: Path, **cache_role):
     from qjob_api.runner import RunnerConfig
 
     model = {"s3": location(server, "model", model_prefix).model_dump(), "task": "causal-lm", "dtype": "float32"}
     if cache is not None:
-        model["cacheDir"] = str(cache)
+        model.update(cacheDir=str(cache), **cache_role)
     return RunnerConfig.model_validate(
         {
             "job": "bench",
@@ -163,7 +166,32 @@ def bench_fetch(server, folder: Path, size: int, work: Path, calib: Path) -> dic
         "seconds": round(time.perf_counter() - t, 2),
     }
     # A retry of a GPU stage after a finished fetch reads the cache: measured in bench_gpu_wait.
-    out["goal"] = "second job 0 bytes; retry only the missing bytes"
+    out["shared_cache"] = bench_shared(server, work, calib)
+    out["goal"] = "second job 0 bytes (also in another namespace); retry only the missing bytes"
+    return out
+
+
+def bench_shared(server, work: Path, calib: Path) -> dict:
+    """One job in each of two namespaces through the shared cache: its fill, then its waiting
+    fetch stage on the same (here: not read-only) folder."""
+    from qjob_runner import run
+
+    shared, out = work / "shared", {}
+    for namespace in ("a", "b"):
+        record = f"fill-{namespace}"
+        t = time.perf_counter()
+        fill = run(runner_config("fetch", server, "models/big", shared, calib, work / f"{record}-o",
+                                 cacheRole="fill", fillRecord=record))  # fmt: skip
+        assert fill.outcome == "Succeeded", fill.message
+        filled = time.perf_counter() - t
+        wait = run(runner_config("fetch", server, "models/big", shared, calib, work / f"wait-{namespace}-o",
+                                 cacheRole="wait", fillRecord=record))  # fmt: skip
+        assert wait.outcome == "Succeeded", wait.message
+        out[f"namespace_{namespace}"] = {
+            "fill_bytes": json.loads((shared / "fills" / f"{record}.json").read_text())["bytesFetched"],
+            "fill_seconds": round(filled, 2),
+            "waiting_fetch_stage_seconds": round(time.perf_counter() - t - filled, 2),
+        }
     return out
 
 
