@@ -278,7 +278,9 @@ class ModelSpec(APIModel):
         description="PersistentVolumeClaim (ReadWriteMany) in this namespace holding the shared model cache. A "
         "fetch stage without GPUs downloads a Hugging Face or S3 model into it once per source and resolved "
         "revision (commit, or object ETags); GPU stages mount it read-only and download nothing. Default: the "
-        "operator's modelCache.claimName; neither set: the quantize pod downloads the model itself.",
+        "operator's cache shared across namespaces when its policy covers this namespace and this model's source "
+        "(fetched with the platform's credentials; never for a model read with your own tokenSecretRef), else "
+        "the operator's modelCache.claimName; none: the quantize pod downloads the model itself.",
     )
     task: ModelTask = Field(
         ModelTask.CAUSAL_LM,
