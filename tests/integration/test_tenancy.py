@@ -10,6 +10,7 @@ import uuid
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
 from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
@@ -28,8 +29,6 @@ from qjob_dev.waits import wait_for
 from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
-
-HOLD = "localcluster.qjob.dev/hold"
 
 
 @pytest.fixture(scope="module")
