@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -65,14 +66,28 @@ def measured_on() -> dict[str, str]:
     }
 
 
+def safetensors_header(size: int) -> bytes:
+    """The length prefix and JSON header of a safetensors file of ``size`` bytes holding one U8 tensor
+    (the fetch stage reads every shard's header)."""
+
+    def header(payload: int) -> bytes:
+        return json.dumps({"weight": {"dtype": "U8", "shape": [payload], "data_offsets": [0, payload]}}).encode()
+
+    width = len(header(size))  # the longest it can be; padded with spaces, which JSON allows
+    payload = size - 8 - width
+    return struct.pack("<Q", width) + header(payload).ljust(width)
+
+
 def write_folder(folder: Path, total: int, files: int) -> int:
-    """Safetensors-sized shards of random bytes plus the small files an HF checkpoint has."""
+    """Safetensors shards (one tensor of random bytes each) plus the small files an HF checkpoint has."""
     folder.mkdir(parents=True)
     block = os.urandom(64 * MiB)
     size = total // files
     for i in range(files):
         with (folder / f"model-{i + 1:05d}-of-{files:05d}.safetensors").open("wb") as f:
-            for off in range(0, size, len(block)):
+            head = safetensors_header(size)
+            f.write(head)
+            for off in range(len(head), size, len(block)):
                 f.write(block[: min(len(block), size - off)])
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "tokenizer.json").write_bytes(os.urandom(2 * MiB))
