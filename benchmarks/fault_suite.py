@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import re
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
-from qjob_dev.bench import RESULTS_DIR, control_plane, write_results
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
 from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
 from qjob_dev.localcluster import RUN_DURATION_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, operator_config
@@ -260,8 +259,7 @@ def main() -> None:
             results["lost_status_fields"] = len(poller.lost)
             results["examples"] = {"duplicates": poller.duplicates()[:10], "lost": poller.lost[:10]}
             results["operator_starts"] = operator.starts
-            print(json.dumps(results, indent=2))
-            write_results(RESULTS, results)
+            report_results(RESULTS, results)
         finally:
             operator.stop()
 

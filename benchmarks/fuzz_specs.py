@@ -17,7 +17,6 @@ Figures are printed and written to benchmarks/results/fuzz_specs.json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from kubernetes import client
 from qjob_dev import spec_fuzz
-from qjob_dev.bench import RESULTS_DIR, control_plane, write_results
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
 from qjob_dev.operator_process import OperatorProcess, operator_config
 from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_job_namespace
 from qjob_operator.config import OperatorConfig
@@ -98,8 +97,7 @@ def main() -> None:
                     "refusals": [o.brief() for o in result.outcomes if not o.accepted][:10],
                 },
             }
-            print(json.dumps({k: v for k, v in figures.items() if k != "examples"}, indent=2))
-            write_results(RESULTS, figures)
+            report_results(RESULTS, figures, not_shown=("examples",))
         finally:
             operator.stop()
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from qjob_dev.bench import RESULTS_DIR, write_results
+from qjob_dev.bench import RESULTS_DIR, report_results
 from qjob_dev.s3server import S3Server
 
 RESULTS = RESULTS_DIR / "model_supply.json"
@@ -296,7 +296,7 @@ def main() -> None:
         print(json.dumps(results["fetch"], indent=2), flush=True)
         results["gpu_wait"] = bench_gpu_wait(server, work, calib, int(args.pad_gib * (1 << 30)))
         print(json.dumps(results["gpu_wait"], indent=2), flush=True)
-        write_results(RESULTS, results)
+        report_results(RESULTS, results, not_shown=("upload", "fetch", "gpu_wait"))  # printed as they came
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kubernetes import client
 from operator_scale import namespace, spec  # this folder is on sys.path when run as a script
-from qjob_dev.bench import RESULTS_DIR, control_plane, write_results
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
 from qjob_dev.operator_process import OPERATOR_NS, OperatorProcess, chart_identity, operator_config
 from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
 from qjob_dev.waits import wait_for
@@ -153,8 +153,7 @@ def main() -> None:
                 "lost_status": lost,
                 "command": "python benchmarks/operator_failover.py " + " ".join(sys.argv[1:]),
             }
-            print(json.dumps(results, indent=2), flush=True)
-            write_results(RESULTS, results)
+            report_results(RESULTS, results)
         finally:
             for replica in replicas:
                 replica.stop()

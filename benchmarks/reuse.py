@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from model_supply import BUCKET, MiB, clear, location, measured_on, s3_scratch, write_folder
-from qjob_dev.bench import RESULTS_DIR, write_results
+from qjob_dev.bench import RESULTS_DIR, report_results
 
 RESULTS = RESULTS_DIR / "reuse.json"
 
@@ -160,8 +160,7 @@ def main() -> None:
                 "s3_to_s3": round(size / MiB / statistics.median(s3), 1),
             },
         }
-        print(json.dumps(results, indent=2), flush=True)
-        write_results(RESULTS, results)
+        report_results(RESULTS, results)
 
 
 if __name__ == "__main__":

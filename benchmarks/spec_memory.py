@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from kubernetes import client
-from qjob_dev.bench import RESULTS_DIR, control_plane, rss_mib, write_results
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results, rss_mib
 from qjob_dev.operator_process import OperatorProcess, operator_config
 from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_job_namespace, qjob_manifest
 from qjob_dev.waits import wait_for
@@ -132,8 +132,7 @@ def main() -> None:
             results["limit_mib"] = LIMIT_MIB
             results["machine"] = {"cores": os.cpu_count()}
             results["command"] = "python benchmarks/spec_memory.py " + " ".join(sys.argv[1:])
-            print(json.dumps(results, indent=2))
-            write_results(RESULTS, results)
+            report_results(RESULTS, results)
         finally:
             operator.stop()
 

@@ -11,7 +11,6 @@ that achieved something. Figures are printed and written to benchmarks/results/t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from qjob_dev.bench import RESULTS_DIR, write_results
+from qjob_dev.bench import RESULTS_DIR, report_results
 from qjob_dev.localcluster import REPO_ROOT as ROOT
 
 RESULTS = RESULTS_DIR / "tenancy_suite.json"
@@ -49,8 +48,7 @@ def main() -> None:
         "held": sum(attempts.values()),
         "cases": sorted(attempts),
     }
-    print(json.dumps({k: v for k, v in figures.items() if k != "cases"}, indent=2))
-    write_results(RESULTS, figures)
+    report_results(RESULTS, figures, not_shown=("cases",))
 
 
 if __name__ == "__main__":

@@ -47,4 +47,3 @@ def ns(namespace, kube_api, operator):
     make_artifacts_pvc(kube_api, namespace)
     make_calibration_configmap(kube_api, namespace)
     return namespace
-

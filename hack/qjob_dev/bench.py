@@ -41,8 +41,10 @@ def rss_mib(pid: int) -> float:
     return kib / 1024 if kib else float("nan")
 
 
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    """The results file of a benchmark (JSON), and a line saying where it is."""
+def report_results(path: Path, results: dict[str, Any], not_shown: tuple[str, ...] = ()) -> None:
+    """Print a benchmark's figures (less the keys ``not_shown``: long lists, parts printed as they
+    came) and write them all to ``path`` as JSON."""
+    print(json.dumps({k: v for k, v in results.items() if k not in not_shown}, indent=2), flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     shown = path.resolve().relative_to(REPO_ROOT) if path.resolve().is_relative_to(REPO_ROOT) else path
