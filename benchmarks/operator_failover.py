@@ -29,6 +29,7 @@ from pathlib import Path
 from kubernetes import client
 from operator_scale import namespace, spec  # this folder is on sys.path when run as a script
 from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
+from qjob_dev.localcluster import RUN_DURATION_ANNOTATION
 from qjob_dev.operator_process import OPERATOR_NS, OperatorProcess, chart_identity, operator_config
 from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
 from qjob_dev.waits import wait_for
@@ -72,7 +73,8 @@ def main() -> None:
             standby = next(r for r in replicas if r is not leader)
 
             job_spec = spec(engines=[{"architecture": "hopper"}])
-            job_spec["scheduling"] = {"podAnnotations": {"localcluster.qjob.dev/run-duration": "2s"}}
+            # added to spec's annotations: without its runner summary a stage ends NoArtifacts
+            job_spec["scheduling"]["podAnnotations"][RUN_DURATION_ANNOTATION] = "2s"
             start = time.time()
 
             def burst() -> None:  # the user keeps creating while the active replica dies
