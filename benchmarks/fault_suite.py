@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import re
 import statistics
@@ -35,40 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
-from kubernetes import config as kconfig
-from qjob_dev import localcluster
-from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
-from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
+from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
+from qjob_dev.localcluster import RUN_DURATION_ANNOTATION
+from qjob_dev.operator_process import OperatorProcess, operator_config
+from qjob_dev.qjobs import GROUP, PLURAL, VERSION, basic_spec, make_job_namespace, qjob_manifest
 from qjob_dev.waits import wait_for
 
-RESULTS = localcluster.REPO_ROOT / "benchmarks" / "results" / "fault_suite.json"
-HOLD = "localcluster.qjob.dev/hold"
-SUMMARY = json.dumps(
-    {
-        "outcome": "Succeeded",
-        "stage": "quantize",
-        "artifacts": [{"kind": "checkpoint", "format": "hf", "uri": "pvc://a/x"}],
-    }
-)
+RESULTS = RESULTS_DIR / "fault_suite.json"
 TERMINAL = {"Succeeded", "Failed"}
 
 
 def spec(run_seconds: float, hold: bool = False) -> dict[str, Any]:
-    annotations = {
-        "localcluster.qjob.dev/termination-message": SUMMARY,
-        "localcluster.qjob.dev/run-duration": f"{run_seconds}s",
-    }
-    if hold:
-        annotations[HOLD] = "true"
-    return {
-        "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
-        "quantization": {"format": "fp8"},
-        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}}, "samples": 64},
-        "engines": [{"architecture": "hopper"}],
-        "output": {"pvc": {"claimName": "artifacts"}},
-        "resources": {"cpu": "1", "memory": "4Gi"},
-        "scheduling": {"podAnnotations": annotations},
-    }
+    """A two-stage job whose pods run ``run_seconds`` and succeed; ``hold``: they stay Running until released."""
+    annotations = {RUN_DURATION_ANNOTATION: f"{run_seconds}s", **({HOLD: "true"} if hold else {})}
+    return basic_spec(scheduling={"podAnnotations": annotations})
 
 
 class Poller(threading.Thread):
@@ -174,121 +154,114 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     workdir = Path(tempfile.mkdtemp(prefix="qjob-fault-"))
-    cluster = localcluster.LocalCluster(workdir / "cluster")
-    cluster.up(timeout=180)
-    operator = None
-    api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
+    print(f"logs: {workdir}", flush=True)  # kept afterwards, whatever the outcome
     results: dict[str, Any] = {"seed": args.seed}
-    try:
+    with control_plane(workdir, keep_logs=True) as (cluster, api):
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        install_crds(cluster)
-        ns = "faults"
-        core.create_namespace({"metadata": {"name": ns}})
-        make_artifacts_pvc(api, ns)
-        make_calibration_configmap(api, ns)
+        ns = make_job_namespace(api, "faults")
         operator = OperatorProcess(kubeconfig=cluster.kubeconfig, workdir=workdir, config=operator_config())
-        operator.start()
-        poller = Poller(api, ns)
-        poller.start()
-
-        # 1. the operator, killed at random points while every job runs (stages of 60 s)
-        names = create_jobs(custom, ns, "kill", args.jobs, run_seconds=60)
-        recoveries, kills_during = [], 0
-        for _ in range(args.kills):
-            time.sleep(rng.uniform(0.2, 4.0))
-            operator.kill()
-            time.sleep(rng.uniform(0.0, 1.0))
-            unfinished = sum((poller.statuses.get(n) or {}).get("phase") not in TERMINAL for n in names)
-            kills_during += unfinished > 0
-            spawned = time.monotonic()
+        try:
             operator.start()
-            # Recovered: every unfinished job reconciled once by the new process.
-            wait_for(lambda u=unfinished: reconciles(operator) >= u, timeout=120, interval=0.1, what="reconciled")
-            recoveries.append(round(time.monotonic() - spawned, 2))
-        after_last = wait_finished(poller, names, timeout=600)
-        results["operator_kill"] = {
-            "jobs": len(names),
-            "kills": args.kills,
-            **outcome(poller, names),
-            "recovery_seconds_median": round(statistics.median(recoveries), 2),
-            "recovery_seconds_max": max(recoveries),
-            "kills_while_jobs_ran": kills_during,
-            "finished_seconds_after_last_kill": after_last,
-        }
+            poller = Poller(api, ns)
+            poller.start()
 
-        # 2 and 3. the apiserver, then etcd, killed while jobs run
-        for component in ("kube-apiserver", "etcd"):
-            names = create_jobs(custom, ns, component.removeprefix("kube-"), 5, run_seconds=4)
-            wait_for(lambda ns_=names: any((poller.statuses.get(n) or {}).get("startTime") for n in ns_), timeout=120)
-            down = cluster.restart(component)
-            back = time.monotonic()
-            results[component] = {
+            # 1. the operator, killed at random points while every job runs (stages of 60 s)
+            names = create_jobs(custom, ns, "kill", args.jobs, run_seconds=60)
+            recoveries, kills_during = [], 0
+            for _ in range(args.kills):
+                time.sleep(rng.uniform(0.2, 4.0))
+                operator.kill()
+                time.sleep(rng.uniform(0.0, 1.0))
+                unfinished = sum((poller.statuses.get(n) or {}).get("phase") not in TERMINAL for n in names)
+                kills_during += unfinished > 0
+                spawned = time.monotonic()
+                operator.start()
+                # Recovered: every unfinished job reconciled once by the new process.
+                wait_for(lambda u=unfinished: reconciles(operator) >= u, timeout=120, interval=0.1, what="reconciled")
+                recoveries.append(round(time.monotonic() - spawned, 2))
+            after_last = wait_finished(poller, names, timeout=600)
+            results["operator_kill"] = {
                 "jobs": len(names),
-                "serving_again_seconds": round(down, 2),
-                "operator_recovery_seconds": poller.recovery_after(back, timeout=180),
-                "finished_seconds_after_restart": wait_finished(poller, names, timeout=600),
+                "kills": args.kills,
                 **outcome(poller, names),
+                "recovery_seconds_median": round(statistics.median(recoveries), 2),
+                "recovery_seconds_max": max(recoveries),
+                "kills_while_jobs_ran": kills_during,
+                "finished_seconds_after_last_kill": after_last,
             }
 
-        # 4. the node under a running stage deleted
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest("node", spec(2, hold=True)))
-        selector = "qjob.dev/stage=quantize,qjob.dev/job-name=node"
+            # 2 and 3. the apiserver, then etcd, killed while jobs run
+            for component in ("kube-apiserver", "etcd"):
+                names = create_jobs(custom, ns, component.removeprefix("kube-"), 5, run_seconds=4)
+                wait_for(
+                    lambda ns_=names: any((poller.statuses.get(n) or {}).get("startTime") for n in ns_), timeout=120
+                )
+                down = cluster.restart(component)
+                back = time.monotonic()
+                results[component] = {
+                    "jobs": len(names),
+                    "serving_again_seconds": round(down, 2),
+                    "operator_recovery_seconds": poller.recovery_after(back, timeout=180),
+                    "finished_seconds_after_restart": wait_finished(poller, names, timeout=600),
+                    **outcome(poller, names),
+                }
 
-        def running_pods():
-            pods = core.list_namespaced_pod(ns, label_selector=selector).items
-            return [p for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+            # 4. the node under a running stage deleted
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, qjob_manifest("node", spec(2, hold=True))
+            )
+            selector = "qjob.dev/stage=quantize,qjob.dev/job-name=node"
 
-        [first] = wait_for(running_pods, timeout=120, what="quantize pod running")
-        deleted_at = time.monotonic()
-        core.delete_node(first.spec.node_name)
-        [second] = wait_for(
-            lambda: [p for p in running_pods() if p.metadata.uid != first.metadata.uid],
-            timeout=300,
-            interval=1,
-            what="a new quantize pod running on another node",
-        )
-        replaced = round(time.monotonic() - deleted_at, 1)
-        for pod in running_pods():
-            core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
-        # the build stage's pod holds too
-        wait_for(
-            lambda: (
-                core.list_namespaced_pod(ns, label_selector="qjob.dev/stage=build-hopper,qjob.dev/job-name=node").items
-            ),
-            timeout=120,
-        )
-        for pod in core.list_namespaced_pod(
-            ns, label_selector="qjob.dev/stage=build-hopper,qjob.dev/job-name=node"
-        ).items:
-            core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
-        finished = wait_finished(poller, ["node"], timeout=300)
-        stages = {s["name"]: s for s in poller.statuses["node"].get("stages") or []}
-        results["node_deleted"] = {
-            "deleted_node": first.spec.node_name,
-            "new_pod_node": second.spec.node_name,
-            "new_pod_running_seconds": replaced,
-            "quantize_attempts": stages.get("quantize", {}).get("attempts"),
-            "finished_seconds_after_release": finished,
-            **outcome(poller, ["node"]),
-        }
+            def running_pods():
+                pods = core.list_namespaced_pod(ns, label_selector=selector).items
+                return [p for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
 
-        time.sleep(3)
-        poller.stop.set()
-        poller.join(timeout=5)
-        results["duplicate_jobs"] = len(poller.duplicates())
-        results["lost_status_fields"] = len(poller.lost)
-        results["examples"] = {"duplicates": poller.duplicates()[:10], "lost": poller.lost[:10]}
-        results["operator_starts"] = operator.starts
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results, indent=2))
-        print(f"written to {RESULTS}")
-    finally:
-        if operator:
+            [first] = wait_for(running_pods, timeout=120, what="quantize pod running")
+            deleted_at = time.monotonic()
+            core.delete_node(first.spec.node_name)
+            [second] = wait_for(
+                lambda: [p for p in running_pods() if p.metadata.uid != first.metadata.uid],
+                timeout=300,
+                interval=1,
+                what="a new quantize pod running on another node",
+            )
+            replaced = round(time.monotonic() - deleted_at, 1)
+            for pod in running_pods():
+                core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
+            # the build stage's pod holds too
+            wait_for(
+                lambda: (
+                    core.list_namespaced_pod(
+                        ns, label_selector="qjob.dev/stage=build-hopper,qjob.dev/job-name=node"
+                    ).items
+                ),
+                timeout=120,
+            )
+            for pod in core.list_namespaced_pod(
+                ns, label_selector="qjob.dev/stage=build-hopper,qjob.dev/job-name=node"
+            ).items:
+                core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {HOLD: "false"}}})
+            finished = wait_finished(poller, ["node"], timeout=300)
+            stages = {s["name"]: s for s in poller.statuses["node"].get("stages") or []}
+            results["node_deleted"] = {
+                "deleted_node": first.spec.node_name,
+                "new_pod_node": second.spec.node_name,
+                "new_pod_running_seconds": replaced,
+                "quantize_attempts": stages.get("quantize", {}).get("attempts"),
+                "finished_seconds_after_release": finished,
+                **outcome(poller, ["node"]),
+            }
+
+            time.sleep(3)
+            poller.stop.set()
+            poller.join(timeout=5)
+            results["duplicate_jobs"] = len(poller.duplicates())
+            results["lost_status_fields"] = len(poller.lost)
+            results["examples"] = {"duplicates": poller.duplicates()[:10], "lost": poller.lost[:10]}
+            results["operator_starts"] = operator.starts
+            report_results(RESULTS, results)
+        finally:
             operator.stop()
-        cluster.down(keep_logs=True)
-        api.close()
-        print(f"logs: {workdir}")
 
 
 if __name__ == "__main__":

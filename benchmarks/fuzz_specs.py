@@ -17,20 +17,19 @@ Figures are printed and written to benchmarks/results/fuzz_specs.json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
 import time
 from pathlib import Path
 
 from kubernetes import client
-from kubernetes import config as kconfig
-from qjob_dev import localcluster, spec_fuzz
-from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
-from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap
+from qjob_dev import spec_fuzz
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
+from qjob_dev.operator_process import OperatorProcess, operator_config
+from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_job_namespace
 from qjob_operator.config import OperatorConfig
 
-RESULTS = localcluster.REPO_ROOT / "benchmarks" / "results" / "fuzz_specs.json"
+RESULTS = RESULTS_DIR / "fuzz_specs.json"
 NAMESPACE = "fuzz"
 
 
@@ -47,76 +46,60 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="qjob-fuzz-"))
-    cluster = None
-    if args.kubeconfig:
-        kubeconfig = Path(args.kubeconfig)
-    else:
-        cluster = localcluster.LocalCluster(workdir / "cluster")
-        cluster.up(timeout=180)
-        kubeconfig = cluster.kubeconfig
-    api = kconfig.new_client_from_config(config_file=str(kubeconfig))
-    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    operator = None
-    try:
-        install_crds(cluster or localcluster.LocalCluster.attach(kubeconfig))
-        ns = f"{NAMESPACE}-{int(time.time())}"
-        core.create_namespace({"metadata": {"name": ns}})
-        make_artifacts_pvc(api, ns)
-        make_calibration_configmap(api, ns)
-        operator = OperatorProcess(kubeconfig=kubeconfig, workdir=workdir, config=operator_config(namespaces=[ns]))
-        operator.start()
-
-        t0 = time.monotonic()
-        result = spec_fuzz.run(api, ns, args.examples, OperatorConfig())
-        probe_s = time.monotonic() - t0
-        accepted = {o.name for o in result.accepted}
-
-        def statuses() -> dict[str, dict]:
-            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-            return {i["metadata"]["name"]: i.get("status") or {} for i in items if i["metadata"]["name"] in accepted}
-
-        deadline = time.monotonic() + args.settle
-        while time.monotonic() < deadline and not all(s.get("reason") for s in statuses().values()):
-            time.sleep(2)
-        errors_before = reconcile_errors(operator)
-        time.sleep(30)  # an error loop keeps failing: errors grow over a quiet window
-        errors_growth = reconcile_errors(operator) - errors_before
-        final = statuses()
-        looping = sorted(
-            n
-            for n, s in final.items()
-            if any(c.get("type") == "Reconciled" and c.get("status") == "False" for c in s.get("conditions") or [])
+    with control_plane(workdir, args.kubeconfig) as (cluster, api):
+        custom = client.CustomObjectsApi(api)
+        ns = make_job_namespace(api, f"{NAMESPACE}-{int(time.time())}")
+        operator = OperatorProcess(
+            kubeconfig=cluster.kubeconfig, workdir=workdir, config=operator_config(namespaces=[ns])
         )
-        without_reason = sorted(n for n, s in final.items() if not s.get("reason"))
-        reasons: dict[str, int] = {}
-        for s in final.values():
-            reasons[s.get("reason") or "none"] = reasons.get(s.get("reason") or "none", 0) + 1
+        try:
+            operator.start()
+            t0 = time.monotonic()
+            result = spec_fuzz.run(api, ns, args.examples, OperatorConfig())
+            probe_s = time.monotonic() - t0
+            accepted = {o.name for o in result.accepted}
 
-        figures = {
-            **result.figures(),
-            "error_loops": len(looping),
-            "reconcile_errors_in_quiet_30s": errors_growth,
-            "accepted_without_reason": len(without_reason),
-            "operator_reasons": dict(sorted(reasons.items())),
-            "probe_seconds": round(probe_s, 1),
-            "examples": {
-                "accepted_unrunnable": [o.brief() for o in result.accepted_unrunnable[:20]],
-                "refusals_naming_no_field": [o.brief() for o in result.refusals_naming_no_field[:20]],
-                "error_loops": looping[:20],
-                "accepted_without_reason": without_reason[:20],
-                "refusals": [o.brief() for o in result.outcomes if not o.accepted][:10],
-            },
-        }
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in figures.items() if k != "examples"}, indent=2))
-        print(f"written to {RESULTS}")
-    finally:
-        if operator:
+            def statuses() -> dict[str, dict]:
+                items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+                return {
+                    i["metadata"]["name"]: i.get("status") or {} for i in items if i["metadata"]["name"] in accepted
+                }
+
+            deadline = time.monotonic() + args.settle
+            while time.monotonic() < deadline and not all(s.get("reason") for s in statuses().values()):
+                time.sleep(2)
+            errors_before = reconcile_errors(operator)
+            time.sleep(30)  # an error loop keeps failing: errors grow over a quiet window
+            errors_growth = reconcile_errors(operator) - errors_before
+            final = statuses()
+            looping = sorted(
+                n
+                for n, s in final.items()
+                if any(c.get("type") == "Reconciled" and c.get("status") == "False" for c in s.get("conditions") or [])
+            )
+            without_reason = sorted(n for n, s in final.items() if not s.get("reason"))
+            reasons: dict[str, int] = {}
+            for s in final.values():
+                reasons[s.get("reason") or "none"] = reasons.get(s.get("reason") or "none", 0) + 1
+
+            figures = {
+                **result.figures(),
+                "error_loops": len(looping),
+                "reconcile_errors_in_quiet_30s": errors_growth,
+                "accepted_without_reason": len(without_reason),
+                "operator_reasons": dict(sorted(reasons.items())),
+                "probe_seconds": round(probe_s, 1),
+                "examples": {
+                    "accepted_unrunnable": [o.brief() for o in result.accepted_unrunnable[:20]],
+                    "refusals_naming_no_field": [o.brief() for o in result.refusals_naming_no_field[:20]],
+                    "error_loops": looping[:20],
+                    "accepted_without_reason": without_reason[:20],
+                    "refusals": [o.brief() for o in result.outcomes if not o.accepted][:10],
+                },
+            }
+            report_results(RESULTS, figures, not_shown=("examples",))
+        finally:
             operator.stop()
-        if cluster:
-            cluster.down()
-        api.close()
 
 
 if __name__ == "__main__":

@@ -20,30 +20,77 @@ Prints the figures and writes them to benchmarks/results/model_supply.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "model_supply.json"
+from qjob_dev.bench import RESULTS_DIR, report_results
+from qjob_dev.s3server import S3Server
+
+RESULTS = RESULTS_DIR / "model_supply.json"
 MiB = 1 << 20
 BUCKET = "bench"
 
 
+@contextlib.contextmanager
+def s3_scratch(workdir: str | None, prefix: str, roles: tuple[str, ...]) -> Iterator[tuple[Path, S3Server]]:
+    """A scratch folder (``workdir``, else a temp dir removed afterwards) and a versitygw server in it
+    holding BUCKET, whose root credentials the runner finds for each of ``roles`` (QJOB_S3_<ROLE>_*)."""
+    work = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    server = S3Server(work / "s3").start()
+    try:
+        for role in roles:
+            os.environ[f"QJOB_S3_{role}_ACCESS_KEY_ID"] = server.access_key
+            os.environ[f"QJOB_S3_{role}_SECRET_ACCESS_KEY"] = server.secret_key
+        server.client().create_bucket(Bucket=BUCKET)
+        yield work, server
+    finally:
+        server.stop()
+        if not workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measured_on() -> dict[str, str]:
+    """Where the figures come from: the S3 server, the machine, the command line."""
+    return {
+        "server": "versitygw v1.8.0 posix backend on 127.0.0.1 (qjob_dev.s3server)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
+        "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+    }
+
+
+def safetensors_header(size: int) -> bytes:
+    """The length prefix and JSON header of a safetensors file of ``size`` bytes holding one U8 tensor
+    (the fetch stage reads every shard's header)."""
+
+    def header(payload: int) -> bytes:
+        return json.dumps({"weight": {"dtype": "U8", "shape": [payload], "data_offsets": [0, payload]}}).encode()
+
+    width = len(header(size))  # the longest it can be; padded with spaces, which JSON allows
+    payload = size - 8 - width
+    return struct.pack("<Q", width) + header(payload).ljust(width)
+
+
 def write_folder(folder: Path, total: int, files: int) -> int:
-    """Safetensors-sized shards of random bytes plus the small files an HF checkpoint has."""
+    """Safetensors shards (one tensor of random bytes each) plus the small files an HF checkpoint has."""
     folder.mkdir(parents=True)
     block = os.urandom(64 * MiB)
     size = total // files
     for i in range(files):
         with (folder / f"model-{i + 1:05d}-of-{files:05d}.safetensors").open("wb") as f:
-            for off in range(0, size, len(block)):
+            head = safetensors_header(size)
+            f.write(head)
+            for off in range(len(head), size, len(block)):
                 f.write(block[: min(len(block), size - off)])
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "tokenizer.json").write_bytes(os.urandom(2 * MiB))
@@ -257,17 +304,9 @@ def main() -> None:
     parser.add_argument("--workdir", help="scratch folder (default: a temp dir, removed afterwards)")
     args = parser.parse_args()
 
-    from qjob_dev.s3server import S3Server
     from qjob_dev.tiny_models import pydoc_paragraphs, write_jsonl
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="qjob-model-supply-"))
-    work.mkdir(parents=True, exist_ok=True)
-    server = S3Server(work / "s3").start()
-    try:
-        for role in ("MODEL", "OUTPUT"):
-            os.environ[f"QJOB_S3_{role}_ACCESS_KEY_ID"] = server.access_key
-            os.environ[f"QJOB_S3_{role}_SECRET_ACCESS_KEY"] = server.secret_key
-        server.client().create_bucket(Bucket=BUCKET)
+    with s3_scratch(args.workdir, "qjob-model-supply-", roles=("MODEL", "OUTPUT")) as (work, server):
         folder = work / "artifact"
         size = write_folder(folder, int(args.gib * (1 << 30)), args.files)
         calib = write_jsonl(work / "calib.jsonl", pydoc_paragraphs()[:64])
@@ -275,11 +314,9 @@ def main() -> None:
         import botocore
 
         results = {
-            "server": "versitygw v1.8.0 posix backend on 127.0.0.1 (qjob_dev.s3server)",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
+            **measured_on(),
             "boto3": boto3.__version__,
             "botocore": botocore.__version__,
-            "command": " ".join(["python", "benchmarks/model_supply.py", *sys.argv[1:]]),
             "upload": bench_upload(server, folder, size, args.repeats),
         }
         print(json.dumps(results["upload"], indent=2), flush=True)
@@ -287,13 +324,7 @@ def main() -> None:
         print(json.dumps(results["fetch"], indent=2), flush=True)
         results["gpu_wait"] = bench_gpu_wait(server, work, calib, int(args.pad_gib * (1 << 30)))
         print(json.dumps(results["gpu_wait"], indent=2), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written to {RESULTS.relative_to(ROOT)}")
-    finally:
-        server.stop()
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        report_results(RESULTS, results, not_shown=("upload", "fetch", "gpu_wait"))  # printed as they came
 
 
 if __name__ == "__main__":

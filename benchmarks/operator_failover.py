@@ -27,16 +27,14 @@ from collections import Counter
 from pathlib import Path
 
 from kubernetes import client
-from kubernetes import config as kconfig
 from operator_scale import namespace, spec  # this folder is on sys.path when run as a script
-from qjob_dev import localcluster
-from qjob_dev.operator_process import OPERATOR_NS, OperatorProcess, chart_identity, install_crds, operator_config
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results
+from qjob_dev.localcluster import RUN_DURATION_ANNOTATION
+from qjob_dev.operator_process import OPERATOR_NS, OperatorProcess, chart_identity, operator_config
 from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
 from qjob_dev.waits import wait_for
 
-ROOT = localcluster.REPO_ROOT
-
-RESULTS = ROOT / "benchmarks" / "results" / "operator_failover.json"
+RESULTS = RESULTS_DIR / "operator_failover.json"
 LEASE, TLS_SECRET = "qjob-operator", "qjob-operator-report-tls"
 
 
@@ -54,117 +52,113 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="qjob-failover-"))
-    cluster = localcluster.LocalCluster(workdir / "cluster", audit=True)
-    cluster.up(timeout=180)
     replicas: list[OperatorProcess] = []
-    try:
-        api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
-        core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
-        install_crds(cluster)
-        kubeconfig, user = chart_identity(cluster, api, workdir)
-        core.create_namespaced_secret(OPERATOR_NS, {"metadata": {"name": TLS_SECRET}})  # the chart's: empty
-        ns = namespace(core, "bench-failover")
-        make_artifacts_pvc(api, ns)
-        make_calibration_configmap(api, ns)
-        for i in range(2):
-            config = operator_config(namespaces=[ns], operatorNamespace=OPERATOR_NS)
-            config["reports"]["tlsSecret"] = TLS_SECRET
-            config["leaderElection"] = {"enabled": True, "leaseName": LEASE}  # the chart's timings
-            (workdir / f"replica-{i}").mkdir()
-            replica = OperatorProcess(kubeconfig=kubeconfig, workdir=workdir / f"replica-{i}", config=config)
-            replica.start()
-            replicas.append(replica)
-        leader = wait_for(lambda: next((r for r in replicas if r.active()), None), timeout=60, what="a leader")
-        standby = next(r for r in replicas if r is not leader)
+    with control_plane(workdir, audit=True) as (cluster, api):
+        try:
+            core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+            kubeconfig, user = chart_identity(cluster, api, workdir)
+            core.create_namespaced_secret(OPERATOR_NS, {"metadata": {"name": TLS_SECRET}})  # the chart's: empty
+            ns = namespace(core, "bench-failover")
+            make_artifacts_pvc(api, ns)
+            make_calibration_configmap(api, ns)
+            for i in range(2):
+                config = operator_config(namespaces=[ns], operatorNamespace=OPERATOR_NS)
+                config["reports"]["tlsSecret"] = TLS_SECRET
+                config["leaderElection"] = {"enabled": True, "leaseName": LEASE}  # the chart's timings
+                (workdir / f"replica-{i}").mkdir()
+                replica = OperatorProcess(kubeconfig=kubeconfig, workdir=workdir / f"replica-{i}", config=config)
+                replica.start()
+                replicas.append(replica)
+            leader = wait_for(lambda: next((r for r in replicas if r.active()), None), timeout=60, what="a leader")
+            standby = next(r for r in replicas if r is not leader)
 
-        job_spec = spec(engines=[{"architecture": "hopper"}])
-        job_spec["scheduling"] = {"podAnnotations": {"localcluster.qjob.dev/run-duration": "2s"}}
-        start = time.time()
+            job_spec = spec(engines=[{"architecture": "hopper"}])
+            # added to spec's annotations: without its runner summary a stage ends NoArtifacts
+            job_spec["scheduling"]["podAnnotations"][RUN_DURATION_ANNOTATION] = "2s"
+            start = time.time()
 
-        def burst() -> None:  # the user keeps creating while the active replica dies
-            for i in range(args.jobs):
-                custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(f"f-{i}", job_spec))
+            def burst() -> None:  # the user keeps creating while the active replica dies
+                for i in range(args.jobs):
+                    custom.create_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL, qjob_manifest(f"f-{i}", job_spec)
+                    )
 
-        creating = threading.Thread(target=burst, daemon=True)
-        creating.start()
-        threshold = max(1, int(args.kill_at * args.jobs))
-        wait_for(
-            lambda: len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items) >= threshold,
-            timeout=600,
-            interval=0.2,
-            what="the burst under way",
-        )
-        before = {
-            o["metadata"]["name"]: o.get("status") or {}
-            for o in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-        }
-        first_jobs_at_kill = len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items)
-        leader.kill()
-        killed = time.monotonic()
-        created_at_kill = len(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"])
-        wait_for(lambda: standby.active(), timeout=120, interval=0.05, what="standby active")
-        takeover = time.monotonic() - killed
-        writes = status_writes(standby)
-        wait_for(lambda: status_writes(standby) > writes, timeout=120, interval=0.05, what="standby reconciling")
-        reconciling = time.monotonic() - killed
+            creating = threading.Thread(target=burst, daemon=True)
+            creating.start()
+            threshold = max(1, int(args.kill_at * args.jobs))
+            wait_for(
+                lambda: len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items) >= threshold,
+                timeout=600,
+                interval=0.2,
+                what="the burst under way",
+            )
+            before = {
+                o["metadata"]["name"]: o.get("status") or {}
+                for o in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            }
+            first_jobs_at_kill = len(batch.list_namespaced_job(ns, label_selector="qjob.dev/stage=quantize").items)
+            leader.kill()
+            killed = time.monotonic()
+            created_at_kill = len(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"])
+            wait_for(lambda: standby.active(), timeout=120, interval=0.05, what="standby active")
+            takeover = time.monotonic() - killed
+            writes = status_writes(standby)
+            wait_for(lambda: status_writes(standby) > writes, timeout=120, interval=0.05, what="standby reconciling")
+            reconciling = time.monotonic() - killed
 
-        def succeeded() -> int:
-            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-            return sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items)
+            def succeeded() -> int:
+                items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+                return sum((o.get("status") or {}).get("phase") == "Succeeded" for o in items)
 
-        creating.join()
-        wait_for(lambda: succeeded() == args.jobs, timeout=1800, interval=2, what="all jobs Succeeded")
-        all_done = time.time() - start
-        time.sleep(3)
-        final = {
-            o["metadata"]["name"]: o.get("status") or {}
-            for o in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-        }
-        jobs_per_stage = Counter(
-            (j.metadata.labels["qjob.dev/job-name"], j.metadata.labels["qjob.dev/stage"])
-            for j in batch.list_namespaced_job(ns).items
-        )
-        conflicts = 0
-        for line in (cluster.dir / "logs" / "audit.log").read_text().splitlines():
-            entry = json.loads(line)
-            ref = entry.get("objectRef") or {}
-            if (entry.get("stage") == "ResponseComplete" and entry["user"]["username"] == user
-                    and entry["verb"] == "create" and ref.get("resource") == "jobs" and ref.get("namespace") == ns
-                    and (entry.get("responseStatus") or {}).get("code") == 409):  # fmt: skip
-                conflicts += 1
-        lost = {
-            "jobs_without_status": sum(1 for s in final.values() if not s.get("phase")),
-            "stages_run_more_than_once": sum(
-                1 for s in final.values() for st in s.get("stages", []) if st.get("attempts", 0) > 1
-            ),  # fmt: skip
-            "start_times_changed": sum(
-                1 for n, s in before.items() if s.get("startTime") and final[n].get("startTime") != s["startTime"]
-            ),
-        }
-        results = {
-            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-            "jobs": args.jobs,
-            "stages_per_job": 2,
-            "lease": {"durationSeconds": 15, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2},
-            "quantization_jobs_created_at_kill": created_at_kill,
-            "first_jobs_at_kill": first_jobs_at_kill,
-            "seconds_kill_to_standby_active": round(takeover, 2),
-            "seconds_kill_to_standby_first_status_write": round(reconciling, 2),
-            "seconds_create_to_all_succeeded": round(all_done, 1),
-            "duplicate_jobs": sum(n - 1 for n in jobs_per_stage.values() if n > 1),
-            "jobs_total": sum(jobs_per_stage.values()),
-            "job_creates_answered_already_exists": conflicts,
-            "lost_status": lost,
-            "command": "python benchmarks/operator_failover.py " + " ".join(sys.argv[1:]),
-        }
-        print(json.dumps(results, indent=2), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written to {RESULTS.relative_to(ROOT)}")
-    finally:
-        for replica in replicas:
-            replica.stop()
-        cluster.down()
+            creating.join()
+            wait_for(lambda: succeeded() == args.jobs, timeout=1800, interval=2, what="all jobs Succeeded")
+            all_done = time.time() - start
+            time.sleep(3)
+            final = {
+                o["metadata"]["name"]: o.get("status") or {}
+                for o in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            }
+            jobs_per_stage = Counter(
+                (j.metadata.labels["qjob.dev/job-name"], j.metadata.labels["qjob.dev/stage"])
+                for j in batch.list_namespaced_job(ns).items
+            )
+            conflicts = 0
+            for line in (cluster.dir / "logs" / "audit.log").read_text().splitlines():
+                entry = json.loads(line)
+                ref = entry.get("objectRef") or {}
+                if (entry.get("stage") == "ResponseComplete" and entry["user"]["username"] == user
+                        and entry["verb"] == "create" and ref.get("resource") == "jobs" and ref.get("namespace") == ns
+                        and (entry.get("responseStatus") or {}).get("code") == 409):  # fmt: skip
+                    conflicts += 1
+            lost = {
+                "jobs_without_status": sum(1 for s in final.values() if not s.get("phase")),
+                "stages_run_more_than_once": sum(
+                    1 for s in final.values() for st in s.get("stages", []) if st.get("attempts", 0) > 1
+                ),  # fmt: skip
+                "start_times_changed": sum(
+                    1 for n, s in before.items() if s.get("startTime") and final[n].get("startTime") != s["startTime"]
+                ),
+            }
+            results = {
+                "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+                "jobs": args.jobs,
+                "stages_per_job": 2,
+                "lease": {"durationSeconds": 15, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2},
+                "quantization_jobs_created_at_kill": created_at_kill,
+                "first_jobs_at_kill": first_jobs_at_kill,
+                "seconds_kill_to_standby_active": round(takeover, 2),
+                "seconds_kill_to_standby_first_status_write": round(reconciling, 2),
+                "seconds_create_to_all_succeeded": round(all_done, 1),
+                "duplicate_jobs": sum(n - 1 for n in jobs_per_stage.values() if n > 1),
+                "jobs_total": sum(jobs_per_stage.values()),
+                "job_creates_answered_already_exists": conflicts,
+                "lost_status": lost,
+                "command": "python benchmarks/operator_failover.py " + " ".join(sys.argv[1:]),
+            }
+            report_results(RESULTS, results)
+        finally:
+            for replica in replicas:
+                replica.stop()
 
 
 if __name__ == "__main__":

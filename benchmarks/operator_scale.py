@@ -48,11 +48,11 @@ from pathlib import Path
 
 import urllib3
 from kubernetes import client
-from kubernetes import config as kconfig
 from qjob_api.v1alpha1 import QuantizationJobSpec
 from qjob_dev import localcluster
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results, rss_mib
 from qjob_dev.localcluster import HOLD_ANNOTATION, TERMINATION_MESSAGE_ANNOTATION
-from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
+from qjob_dev.operator_process import OperatorProcess, chart_identity, operator_config
 from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
@@ -67,9 +67,7 @@ from qjob_operator.builders import QuantizationJobRef, build_job
 from qjob_operator.config import OperatorConfig
 from qjob_operator.plan import plan_stages
 
-ROOT = localcluster.REPO_ROOT
-
-RESULTS = ROOT / "benchmarks" / "results" / "operator_scale.json"
+RESULTS = RESULTS_DIR / "operator_scale.json"
 
 
 def spec(suspend: bool = False, engines: list | None = None, hold: bool = False) -> dict:
@@ -101,13 +99,6 @@ def direct_job(name: str, parsed: QuantizationJobSpec, stage) -> dict:
     for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
         meta["labels"] = {k: v for k, v in meta["labels"].items() if not k.startswith("qjob.dev/")}
     return job
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -424,131 +415,131 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="qjob-bench-"))
-    cluster = localcluster.LocalCluster(workdir / "cluster", audit=True)
-    cluster.up(timeout=180)
     operator = None
-    try:
-        api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
-        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        install_crds(cluster)
-        op_kubeconfig, op_user = chart_identity(cluster, api, workdir)
+    with control_plane(workdir, audit=True) as (cluster, api):
+        try:
+            core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+            op_kubeconfig, op_user = chart_identity(cluster, api, workdir)
 
-        # 0. the user's QuantizationJob creates alone (no operator yet): what admission, schema
-        #    and CEL validation cost; the operator phase cannot be faster than this.
-        alone_ns = namespace(core, "bench-alone")
-        alone_s = post_all(api, f"/apis/{GROUP}/{VERSION}/namespaces/{alone_ns}/{PLURAL}",
-                           [qjob_manifest(f"a-{i}", spec(hold=True)) for i in range(args.jobs)])  # fmt: skip
-        delete_namespace(core, alone_ns)
-        # The chart's defaults (resyncSeconds 30), not the tests' quick resync.
-        operator = OperatorProcess(kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config(resyncSeconds=30))
-        operator.start()
-        print(f"operator pid {operator.proc.pid}, log {operator.log_path}", flush=True)
-        idle_rss = rss_mib(operator.proc.pid)
-        results: dict = {
-            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-            "operator_idle_rss_mib": round(idle_rss, 1),
-        }
-
-        # 1.-2. direct Jobs and QuantizationJobs, alternating, ROUNDS of each
-        parsed = QuantizationJobSpec.model_validate(spec(hold=True))
-        stage = plan_stages(parsed, OperatorConfig())[0]
-        direct_manifests = [direct_job(f"direct-{i}", parsed, stage) for i in range(args.jobs)]
-        qjob_manifests = [qjob_manifest(f"q-{i}", spec(hold=True)) for i in range(args.jobs)]
-        rounds = []
-        for r in range(args.rounds):
-            order = ("direct", "operator") if r % 2 == 0 else ("operator", "direct")
-            phases = {
-                kind: throughput_round(api, core, cluster, operator, kind, f"bench-{kind}-{r}", args.jobs,
-                                       direct_manifests if kind == "direct" else qjob_manifests)
-                for kind in order
-            }  # fmt: skip
-            ratio = phases["direct"]["seconds_to_last_job"] / phases["operator"]["seconds_to_last_job"]
-            rounds.append({"round": r, "order": list(order), **phases, "ratio_operator_to_direct": round(ratio, 3)})
-        if rounds:
-            direct_s = statistics.median(r["direct"]["seconds_to_last_job"] for r in rounds)
-            operator_s = statistics.median(r["operator"]["seconds_to_last_job"] for r in rounds)
-            results["throughput"] = {
-                "jobs": args.jobs,
-                "rounds": args.rounds,
-                "ratio_operator_to_direct": statistics.median(r["ratio_operator_to_direct"] for r in rounds),
-                "ratios": [r["ratio_operator_to_direct"] for r in rounds],
-                "direct_seconds": direct_s,
-                "direct_jobs_per_second": round(args.jobs / direct_s, 1),
-                "operator_seconds_to_all_first_jobs": operator_s,
-                "operator_jobs_per_second": round(args.jobs / operator_s, 1),
-                "quantizationjob_creates_alone_seconds": round(alone_s, 2),
-                "best_possible_ratio": round(direct_s / alone_s, 3),
-                "by_round": rounds,
+            # 0. the user's QuantizationJob creates alone (no operator yet): what admission, schema
+            #    and CEL validation cost; the operator phase cannot be faster than this.
+            alone_ns = namespace(core, "bench-alone")
+            alone_s = post_all(api, f"/apis/{GROUP}/{VERSION}/namespaces/{alone_ns}/{PLURAL}",
+                               [qjob_manifest(f"a-{i}", spec(hold=True)) for i in range(args.jobs)])  # fmt: skip
+            delete_namespace(core, alone_ns)
+            # The chart's defaults (resyncSeconds 30), not the tests' quick resync.
+            operator = OperatorProcess(
+                kubeconfig=op_kubeconfig, workdir=workdir, config=operator_config(resyncSeconds=30)
+            )
+            operator.start()
+            print(f"operator pid {operator.proc.pid}, log {operator.log_path}", flush=True)
+            idle_rss = rss_mib(operator.proc.pid)
+            results: dict = {
+                "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+                "operator_idle_rss_mib": round(idle_rss, 1),
             }
-            print(json.dumps({k: v for k, v in results["throughput"].items() if k != "by_round"}, indent=2), flush=True)
 
-        # 3. API requests per lifecycle: one job alone, then LIFECYCLE jobs competing for GPUs
-        #    (waiting for a node is a user-visible state: it costs status writes and Events).
-        lifecycle_jobs = 0
-        if args.lifecycle:
-            results["api_requests_per_lifecycle"] = [
-                lifecycle(api, custom, core, cluster, op_user, "bench-single", 1),
-                lifecycle(api, custom, core, cluster, op_user, "bench-lifecycle", args.lifecycle),
-            ]
-            lifecycle_jobs = args.lifecycle + 1
-            print(json.dumps(results["api_requests_per_lifecycle"], indent=2), flush=True)
+            # 1.-2. direct Jobs and QuantizationJobs, alternating, ROUNDS of each
+            parsed = QuantizationJobSpec.model_validate(spec(hold=True))
+            stage = plan_stages(parsed, OperatorConfig())[0]
+            direct_manifests = [direct_job(f"direct-{i}", parsed, stage) for i in range(args.jobs)]
+            qjob_manifests = [qjob_manifest(f"q-{i}", spec(hold=True)) for i in range(args.jobs)]
+            rounds = []
+            for r in range(args.rounds):
+                order = ("direct", "operator") if r % 2 == 0 else ("operator", "direct")
+                phases = {
+                    kind: throughput_round(api, core, cluster, operator, kind, f"bench-{kind}-{r}", args.jobs,
+                                           direct_manifests if kind == "direct" else qjob_manifests)
+                    for kind in order
+                }  # fmt: skip
+                ratio = phases["direct"]["seconds_to_last_job"] / phases["operator"]["seconds_to_last_job"]
+                rounds.append({"round": r, "order": list(order), **phases, "ratio_operator_to_direct": round(ratio, 3)})
+            if rounds:
+                direct_s = statistics.median(r["direct"]["seconds_to_last_job"] for r in rounds)
+                operator_s = statistics.median(r["operator"]["seconds_to_last_job"] for r in rounds)
+                results["throughput"] = {
+                    "jobs": args.jobs,
+                    "rounds": args.rounds,
+                    "ratio_operator_to_direct": statistics.median(r["ratio_operator_to_direct"] for r in rounds),
+                    "ratios": [r["ratio_operator_to_direct"] for r in rounds],
+                    "direct_seconds": direct_s,
+                    "direct_jobs_per_second": round(args.jobs / direct_s, 1),
+                    "operator_seconds_to_all_first_jobs": operator_s,
+                    "operator_jobs_per_second": round(args.jobs / operator_s, 1),
+                    "quantizationjob_creates_alone_seconds": round(alone_s, 2),
+                    "best_possible_ratio": round(direct_s / alone_s, 3),
+                    "by_round": rounds,
+                }
+                print(
+                    json.dumps({k: v for k, v in results["throughput"].items() if k != "by_round"}, indent=2),
+                    flush=True,
+                )
 
-        # 4. memory with M QuantizationJobs: JOBS that run to Succeeded (their Jobs and pods stay in
-        #    the indexes), the rest suspended (no pods, but in every index).
-        with_children = args.jobs
-        extra = max(0, args.memory_jobs - with_children - lifecycle_jobs)
-        mem_ns = namespace(core, "bench-memory")
-        make_artifacts_pvc(api, mem_ns)
-        make_calibration_configmap(api, mem_ns)
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{mem_ns}/{PLURAL}"
-        post_all(api, path, [qjob_manifest(f"r-{i}", spec()) for i in range(with_children)])
-        post_all(api, path, [qjob_manifest(f"m-{i}", spec(suspend=True)) for i in range(extra)])
+            # 3. API requests per lifecycle: one job alone, then LIFECYCLE jobs competing for GPUs
+            #    (waiting for a node is a user-visible state: it costs status writes and Events).
+            lifecycle_jobs = 0
+            if args.lifecycle:
+                results["api_requests_per_lifecycle"] = [
+                    lifecycle(api, custom, core, cluster, op_user, "bench-single", 1),
+                    lifecycle(api, custom, core, cluster, op_user, "bench-lifecycle", args.lifecycle),
+                ]
+                lifecycle_jobs = args.lifecycle + 1
+                print(json.dumps(results["api_requests_per_lifecycle"], indent=2), flush=True)
 
-        def settled() -> bool:
-            items = custom.list_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL)["items"]
-            phases = Counter((o.get("status") or {}).get("phase") for o in items)
-            return phases["Suspended"] >= extra and phases["Succeeded"] >= with_children
+            # 4. memory with M QuantizationJobs: JOBS that run to Succeeded (their Jobs and pods stay in
+            #    the indexes), the rest suspended (no pods, but in every index).
+            with_children = args.jobs
+            extra = max(0, args.memory_jobs - with_children - lifecycle_jobs)
+            mem_ns = namespace(core, "bench-memory")
+            make_artifacts_pvc(api, mem_ns)
+            make_calibration_configmap(api, mem_ns)
+            path = f"/apis/{GROUP}/{VERSION}/namespaces/{mem_ns}/{PLURAL}"
+            post_all(api, path, [qjob_manifest(f"r-{i}", spec()) for i in range(with_children)])
+            post_all(api, path, [qjob_manifest(f"m-{i}", spec(suspend=True)) for i in range(extra)])
 
-        wait_for(settled, timeout=1200, interval=5, what="memory jobs observed")
-        time.sleep(5)
-        results["memory"] = {
-            "quantization_jobs": with_children + lifecycle_jobs + extra,
-            "of_which_with_children": with_children + lifecycle_jobs,
-            "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
-            "operator_idle_rss_mib": round(idle_rss, 1),
-            **latency(operator),
-        }
-        print(json.dumps(results["memory"], indent=2), flush=True)
+            def settled() -> bool:
+                items = custom.list_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL)["items"]
+                phases = Counter((o.get("status") or {}).get("phase") for o in items)
+                return phases["Suspended"] >= extra and phases["Succeeded"] >= with_children
 
-        # 5. the same jobs with a large node index (every job's fit re-evaluated as nodes arrive)
-        if args.nodes:
-            t0 = time.monotonic()
-            add_nodes(core, args.nodes)
-            # a job that matches no node yet re-checks on every node change: the costly case
-            unfit = spec(engines=[{"architecture": "blackwell"}])
-            unfit["resources"]["minGpuMemory"] = "500Gi"
-            custom.create_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL, qjob_manifest("unfit", unfit))
-            time.sleep(30)  # node controller taints, watch events, fit re-evaluations settle
-            results["memory_with_nodes"] = {
-                "nodes_added": args.nodes,
-                "seconds_to_add_nodes": round(time.monotonic() - t0 - 30, 1),
-                "quantization_jobs": results["memory"]["quantization_jobs"] + 1,
+            wait_for(settled, timeout=1200, interval=5, what="memory jobs observed")
+            time.sleep(5)
+            results["memory"] = {
+                "quantization_jobs": with_children + lifecycle_jobs + extra,
+                "of_which_with_children": with_children + lifecycle_jobs,
                 "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
+                "operator_idle_rss_mib": round(idle_rss, 1),
                 **latency(operator),
             }
-            print(json.dumps(results["memory_with_nodes"], indent=2), flush=True)
-        results["command"] = "python benchmarks/operator_scale.py " + " ".join(sys.argv[1:])
-        if args.baseline:
-            baseline = json.loads(args.baseline.read_text())
-            results["before_after"] = {"baseline": str(args.baseline), "table": comparison_table(baseline, results)}
-            print(results["before_after"]["table"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written to {args.out}")
-    finally:
-        if operator:
-            operator.stop()
-        cluster.down()
+            print(json.dumps(results["memory"], indent=2), flush=True)
+
+            # 5. the same jobs with a large node index (every job's fit re-evaluated as nodes arrive)
+            if args.nodes:
+                t0 = time.monotonic()
+                add_nodes(core, args.nodes)
+                # a job that matches no node yet re-checks on every node change: the costly case
+                unfit = spec(engines=[{"architecture": "blackwell"}])
+                unfit["resources"]["minGpuMemory"] = "500Gi"
+                custom.create_namespaced_custom_object(GROUP, VERSION, mem_ns, PLURAL, qjob_manifest("unfit", unfit))
+                time.sleep(30)  # node controller taints, watch events, fit re-evaluations settle
+                results["memory_with_nodes"] = {
+                    "nodes_added": args.nodes,
+                    "seconds_to_add_nodes": round(time.monotonic() - t0 - 30, 1),
+                    "quantization_jobs": results["memory"]["quantization_jobs"] + 1,
+                    "operator_rss_mib": round(rss_mib(operator.proc.pid), 1),
+                    **latency(operator),
+                }
+                print(json.dumps(results["memory_with_nodes"], indent=2), flush=True)
+            results["command"] = "python benchmarks/operator_scale.py " + " ".join(sys.argv[1:])
+            if args.baseline:
+                baseline = json.loads(args.baseline.read_text())
+                results["before_after"] = {"baseline": str(args.baseline), "table": comparison_table(baseline, results)}
+                print(results["before_after"]["table"])
+            printed = ("throughput", "api_requests_per_lifecycle", "memory", "memory_with_nodes", "before_after")
+            report_results(args.out, results, not_shown=printed)  # printed as they came
+        finally:
+            if operator:
+                operator.stop()
 
 
 if __name__ == "__main__":

@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from model_supply import BUCKET, MiB, clear, location, write_folder
+from model_supply import BUCKET, MiB, clear, location, measured_on, s3_scratch, write_folder
+from qjob_dev.bench import RESULTS_DIR, report_results
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "reuse.json"
+RESULTS = RESULTS_DIR / "reuse.json"
 
 
 def earlier_output(folder: Path, gib: float, files: int) -> tuple[int, list[dict]]:
@@ -100,20 +96,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from qjob_api.work import work_key
-    from qjob_dev.s3server import S3Server
     from qjob_dev.tiny_models import make_tiny_llama, pydoc_paragraphs, write_jsonl
     from qjob_runner import run
     from qjob_runner.storage import ObjectStore
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="qjob-reuse-"))
-    work.mkdir(parents=True, exist_ok=True)
-    server = S3Server(work / "s3").start()
-    try:
-        for role in ("OUTPUT", "REUSE0"):
-            os.environ[f"QJOB_S3_{role}_ACCESS_KEY_ID"] = server.access_key
-            os.environ[f"QJOB_S3_{role}_SECRET_ACCESS_KEY"] = server.secret_key
+    with s3_scratch(args.workdir, "qjob-reuse-", roles=("OUTPUT", "REUSE0")) as (work, server):
         client = server.client()
-        client.create_bucket(Bucket=BUCKET)
         model = make_tiny_llama(work / "tiny")
         calib = write_jsonl(work / "calib.jsonl", pydoc_paragraphs()[:64])
         a = work / "pvc" / "ml" / "a"
@@ -161,9 +149,7 @@ def main() -> None:
             print(f"reuse S3 -> S3 #{r}: {seconds:.2f} s ({size / MiB / seconds:.0f} MiB/s)", flush=True)
 
         results = {
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work)",
-            "server": "versitygw v1.8.0 posix backend on 127.0.0.1 (qjob_dev.s3server)",
-            "command": " ".join(["python", "benchmarks/reuse.py", *sys.argv[1:]]),
+            **measured_on(),
             "checkpoint_bytes": size,
             "gpu_seconds": 0,
             "pvc_to_pvc_seconds": pvc,
@@ -174,14 +160,7 @@ def main() -> None:
                 "s3_to_s3": round(size / MiB / statistics.median(s3), 1),
             },
         }
-        print(json.dumps(results, indent=2), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"written to {RESULTS.relative_to(ROOT)}")
-    finally:
-        server.stop()
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        report_results(RESULTS, results)
 
 
 if __name__ == "__main__":

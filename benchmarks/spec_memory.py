@@ -22,14 +22,12 @@ import time
 from pathlib import Path
 
 from kubernetes import client
-from kubernetes import config as kconfig
-from qjob_dev import localcluster
-from qjob_dev.operator_process import OperatorProcess, install_crds, operator_config
-from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_artifacts_pvc, make_calibration_configmap, qjob_manifest
+from qjob_dev.bench import RESULTS_DIR, control_plane, report_results, rss_mib
+from qjob_dev.operator_process import OperatorProcess, operator_config
+from qjob_dev.qjobs import GROUP, PLURAL, VERSION, make_job_namespace, qjob_manifest
 from qjob_dev.waits import wait_for
 
-ROOT = localcluster.REPO_ROOT
-RESULTS = ROOT / "benchmarks" / "results" / "spec_memory.json"
+RESULTS = RESULTS_DIR / "spec_memory.json"
 #: The chart's default memory limit of the operator container.
 LIMIT_MIB = 512
 
@@ -71,13 +69,6 @@ def largest_spec() -> dict:
     return spec
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def settled_rss(pid: int, seconds: float = 20) -> float:
     """RSS once it stops growing (sampled every second, highest of the last window)."""
     samples = [rss_mib(pid)]
@@ -95,71 +86,55 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="qjob-spec-memory-"))
-    cluster = None
-    if args.kubeconfig:
-        kubeconfig = Path(args.kubeconfig)
-    else:
-        cluster = localcluster.LocalCluster(workdir / "cluster")
-        cluster.up(timeout=180)
-        kubeconfig = cluster.kubeconfig
-    api = kconfig.new_client_from_config(config_file=str(kubeconfig))
-    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    operator = None
-    try:
-        install_crds(cluster or localcluster.LocalCluster.attach(kubeconfig))
-        namespaces = {kind: f"spec-memory-{kind}-{int(time.time())}" for kind in ("small", "largest")}
-        for ns in namespaces.values():
-            core.create_namespace({"metadata": {"name": ns}})
-            make_artifacts_pvc(api, ns)
-            make_calibration_configmap(api, ns)
+    with control_plane(workdir, args.kubeconfig) as (cluster, api):
+        custom = client.CustomObjectsApi(api)
+        namespaces = {
+            kind: make_job_namespace(api, f"spec-memory-{kind}-{int(time.time())}") for kind in ("small", "largest")
+        }
         operator = OperatorProcess(
-            kubeconfig=kubeconfig, workdir=workdir, config=operator_config(namespaces=list(namespaces.values()))
+            kubeconfig=cluster.kubeconfig, workdir=workdir, config=operator_config(namespaces=list(namespaces.values()))
         )
-        operator.start()
-        pid = operator.proc.pid
-        results: dict = {"jobs": args.jobs, "operator_idle_rss_mib": round(settled_rss(pid, 10), 1)}
-        before = results["operator_idle_rss_mib"]
-        for kind, make in (("small", small_spec), ("largest", largest_spec)):
-            ns, spec = namespaces[kind], make()
-            for i in range(args.jobs):
-                if kind == "largest":  # a folder of its own (a shared one fails all but the first)
-                    path = spec["output"]["pvc"]["path"]
-                    spec["output"]["pvc"]["path"] = path[: -len(str(i))] + str(i)
-                custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, qjob_manifest(f"{kind}-{i}", spec))
-            stored = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, f"{kind}-0")
+        try:
+            operator.start()
+            pid = operator.proc.pid
+            results: dict = {"jobs": args.jobs, "operator_idle_rss_mib": round(settled_rss(pid, 10), 1)}
+            before = results["operator_idle_rss_mib"]
+            for kind, make in (("small", small_spec), ("largest", largest_spec)):
+                ns, spec = namespaces[kind], make()
+                for i in range(args.jobs):
+                    if kind == "largest":  # a folder of its own (a shared one fails all but the first)
+                        path = spec["output"]["pvc"]["path"]
+                        spec["output"]["pvc"]["path"] = path[: -len(str(i))] + str(i)
+                    custom.create_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL, qjob_manifest(f"{kind}-{i}", spec)
+                    )
+                stored = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, f"{kind}-0")
 
-            def reconciled(ns=ns):
+                def reconciled(ns=ns):
+                    items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+                    return sum(bool((i.get("status") or {}).get("phase")) for i in items) == args.jobs
+
+                wait_for(reconciled, timeout=300, interval=2, what=f"{args.jobs} {kind} jobs reconciled")
+                rss = round(settled_rss(pid), 1)
                 items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-                return sum(bool((i.get("status") or {}).get("phase")) for i in items) == args.jobs
-
-            wait_for(reconciled, timeout=300, interval=2, what=f"{args.jobs} {kind} jobs reconciled")
-            rss = round(settled_rss(pid), 1)
-            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-            results[kind] = {
-                "spec_json_bytes": len(json.dumps(stored["spec"], separators=(",", ":"))),
-                "operator_rss_mib": rss,
-                "added_mib_per_job": round((rss - before) / args.jobs, 3),
-                "phases": sorted({(i.get("status") or {}).get("phase") for i in items}),
-            }
-            before = rss
-            print(json.dumps({kind: results[kind]}), flush=True)
-        per_job = results["largest"]["added_mib_per_job"]
-        results["largest_jobs_to_reach_limit"] = (
-            int((LIMIT_MIB - results["operator_idle_rss_mib"]) / per_job) if per_job > 0 else None
-        )
-        results["limit_mib"] = LIMIT_MIB
-        results["machine"] = {"cores": os.cpu_count()}
-        results["command"] = "python benchmarks/spec_memory.py " + " ".join(sys.argv[1:])
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results, indent=2))
-        print(f"written to {RESULTS.relative_to(ROOT)}")
-    finally:
-        if operator:
+                results[kind] = {
+                    "spec_json_bytes": len(json.dumps(stored["spec"], separators=(",", ":"))),
+                    "operator_rss_mib": rss,
+                    "added_mib_per_job": round((rss - before) / args.jobs, 3),
+                    "phases": sorted({(i.get("status") or {}).get("phase") for i in items}),
+                }
+                before = rss
+                print(json.dumps({kind: results[kind]}), flush=True)
+            per_job = results["largest"]["added_mib_per_job"]
+            results["largest_jobs_to_reach_limit"] = (
+                int((LIMIT_MIB - results["operator_idle_rss_mib"]) / per_job) if per_job > 0 else None
+            )
+            results["limit_mib"] = LIMIT_MIB
+            results["machine"] = {"cores": os.cpu_count()}
+            results["command"] = "python benchmarks/spec_memory.py " + " ".join(sys.argv[1:])
+            report_results(RESULTS, results)
+        finally:
             operator.stop()
-        if cluster:
-            cluster.down()
-        api.close()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ that achieved something. Figures are printed and written to benchmarks/results/t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,8 +18,10 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "tenancy_suite.json"
+from qjob_dev.bench import RESULTS_DIR, report_results
+from qjob_dev.localcluster import REPO_ROOT as ROOT
+
+RESULTS = RESULTS_DIR / "tenancy_suite.json"
 SUITE = "tests/integration/test_tenancy.py"
 
 
@@ -47,10 +48,7 @@ def main() -> None:
         "held": sum(attempts.values()),
         "cases": sorted(attempts),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in figures.items() if k != "cases"}, indent=2))
-    print(f"written to {RESULTS}")
+    report_results(RESULTS, figures, not_shown=("cases",))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """pytest plugin: the real operator process (``qjob_dev.operator_process``) against the local
-control plane for the session, and the QuantizationJob spec the integration tests start from."""
+control plane for the session, and the QuantizationJob spec the integration tests start from
+(``basic_spec``, qjob_dev's: the benchmarks start from it too)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, chart_identity, install_crds, operator_config
-from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap, runner_summary
+from qjob_dev.qjobs import basic_spec as basic_spec
+from qjob_dev.qjobs import make_artifacts_pvc, make_calibration_configmap
 
 
 @pytest.fixture(scope="session")
@@ -48,21 +47,3 @@ def ns(namespace, kube_api, operator):
     make_artifacts_pvc(kube_api, namespace)
     make_calibration_configmap(kube_api, namespace)
     return namespace
-
-
-def basic_spec(**overrides: Any) -> dict[str, Any]:
-    """A small job whose simulated runner pods finish like the real runner: exit 0 with a summary
-    naming an artifact (a pod that exits 0 without one fails the job: NoArtifacts)."""
-    spec = {
-        "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
-        "quantization": {"format": "fp8"},
-        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}}, "samples": 64},
-        "engines": [{"architecture": "hopper"}],
-        "output": {"pvc": {"claimName": "artifacts"}},
-        "resources": {"cpu": "1", "memory": "4Gi"},
-    }
-    scheduling = overrides.pop("scheduling", {})
-    annotations = {TERMINATION_MESSAGE_ANNOTATION: runner_summary(), **scheduling.get("podAnnotations", {})}
-    spec["scheduling"] = {**scheduling, "podAnnotations": annotations}
-    spec.update(overrides)
-    return spec

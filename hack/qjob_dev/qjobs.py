@@ -1,5 +1,6 @@
 """QuantizationJobs and their volumes on a cluster, through the official Python client: create,
-read, wait on; a statically provisioned PVC and a calibration ConfigMap."""
+read, wait on; a statically provisioned PVC and a calibration ConfigMap; the small spec tests and
+benchmarks start from."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import yaml
 from qjob_api.v1alpha1 import GROUP, PLURAL, VERSION
 
+from .localcluster import TERMINATION_MESSAGE_ANNOTATION
 from .waits import wait_for
 
 
@@ -110,7 +112,35 @@ def make_calibration_configmap(kube_api, namespace: str, name: str = "calibratio
     return name
 
 
+def make_job_namespace(kube_api, name: str) -> str:
+    """A new namespace holding what ``basic_spec`` refers to: the artifacts PVC and the calibration ConfigMap."""
+    from kubernetes import client
+
+    client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": name}})
+    make_artifacts_pvc(kube_api, name)
+    make_calibration_configmap(kube_api, name)
+    return name
+
+
 def runner_summary(outcome: str = "Succeeded", uri: str = "pvc://artifacts/checkpoint-hf", **extra: Any) -> str:
     """The JSON summary a real runner leaves as its termination message (an artifact when it succeeded)."""
     artifacts = [{"kind": "checkpoint", "format": "hf", "uri": uri}] if outcome == "Succeeded" else []
     return json.dumps({"outcome": outcome, "stage": "quantize", "artifacts": artifacts, **extra})
+
+
+def basic_spec(**overrides: Any) -> dict[str, Any]:
+    """A small job whose simulated runner pods finish like the real runner: exit 0 with a summary
+    naming an artifact (a pod that exits 0 without one fails the job: NoArtifacts)."""
+    spec = {
+        "model": {"huggingFace": {"repo": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}},
+        "quantization": {"format": "fp8"},
+        "calibration": {"dataset": {"configMap": {"name": "calibration", "key": "samples.jsonl"}}, "samples": 64},
+        "engines": [{"architecture": "hopper"}],
+        "output": {"pvc": {"claimName": "artifacts"}},
+        "resources": {"cpu": "1", "memory": "4Gi"},
+    }
+    scheduling = overrides.pop("scheduling", {})
+    annotations = {TERMINATION_MESSAGE_ANNOTATION: runner_summary(), **scheduling.get("podAnnotations", {})}
+    spec["scheduling"] = {**scheduling, "podAnnotations": annotations}
+    spec.update(overrides)
+    return spec

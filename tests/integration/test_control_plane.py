@@ -175,7 +175,7 @@ def test_deleting_job_garbage_collects_pods(kube_api, namespace):
     batch, core = client.BatchV1Api(kube_api), client.CoreV1Api(kube_api)
     batch.create_namespaced_job(
         namespace,
-        gpu_job("held", annotations={"localcluster.qjob.dev/hold": "true"}, parallelism=2),
+        gpu_job("held", annotations={localcluster.HOLD_ANNOTATION: "true"}, parallelism=2),
     )
     sel = "job-name=held"
 

@@ -11,6 +11,8 @@ import time
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.localcluster import FAIL_EXIT_CODE_ANNOTATION as FAIL
+from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
 from qjob_dev.localcluster import TERMINATION_MESSAGE_ANNOTATION
 from qjob_dev.operator_process import OperatorProcess, operator_config
 from qjob_dev.qjobs import (
@@ -28,23 +30,10 @@ from qjob_dev.qjobs import (
 )
 from qjob_dev.waits import wait_for
 
+from tests.integration.test_operator import jobs_of
 from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
-
-HOLD = "localcluster.qjob.dev/hold"
-FAIL = "localcluster.qjob.dev/fail-exit-code"
-
-
-@pytest.fixture
-def ns(namespace, kube_api, operator):
-    make_artifacts_pvc(kube_api, namespace)
-    make_calibration_configmap(kube_api, namespace)
-    return namespace
-
-
-def jobs_of(kube_api, namespace, name):
-    return client.BatchV1Api(kube_api).list_namespaced_job(namespace, label_selector=f"qjob.dev/job-name={name}").items
 
 
 def release(kube_api, namespace, name, stage):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.localcluster import HOLD_ANNOTATION
 from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
     VERSION,
     create_qjob,
     get_qjob,
-    make_artifacts_pvc,
-    make_calibration_configmap,
     wait_qjob,
 )
 from qjob_dev.runner_reports import post_report, report_token, runner_reporting
@@ -29,14 +28,7 @@ from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
 
-HOLD = {"scheduling": {"podAnnotations": {"localcluster.qjob.dev/hold": "true"}}}
-
-
-@pytest.fixture
-def ns(namespace, kube_api, operator):
-    make_artifacts_pvc(kube_api, namespace)
-    make_calibration_configmap(kube_api, namespace)
-    return namespace
+HELD = {"scheduling": {"podAnnotations": {HOLD_ANNOTATION: "true"}}}
 
 
 def running_pod(kube_api, namespace, name, stage="quantize"):
@@ -59,7 +51,7 @@ def stage_url(reporting_url: str, name: str, stage: str) -> str:
 
 
 def test_runner_pod_has_no_api_credential(kube_api, ns, operator):
-    name = create_qjob(kube_api, ns, basic_spec(engines=[], **HOLD))
+    name = create_qjob(kube_api, ns, basic_spec(engines=[], **HELD))
     pod = running_pod(kube_api, ns, name)
     assert pod.spec.automount_service_account_token is False
     projected = [v for v in pod.spec.volumes if v.projected]
@@ -83,8 +75,8 @@ def test_runner_pod_has_no_api_credential(kube_api, ns, operator):
 
 
 def test_a_runner_reports_progress_of_its_own_stage_and_nothing_else(kube_api, ns, operator):
-    mine = create_qjob(kube_api, ns, basic_spec(engines=[{"architecture": "hopper"}], **HOLD))
-    other = create_qjob(kube_api, ns, basic_spec(engines=[], **HOLD))
+    mine = create_qjob(kube_api, ns, basic_spec(engines=[{"architecture": "hopper"}], **HELD))
+    other = create_qjob(kube_api, ns, basic_spec(engines=[], **HELD))
     pod, other_pod = running_pod(kube_api, ns, mine), running_pod(kube_api, ns, other)
     reporting = runner_reporting(kube_api, ns, f"{mine}-quantize")
     url, ca = reporting["url"], reporting["caCert"]
@@ -147,7 +139,7 @@ def test_a_preexisting_service_account_is_never_taken_over(kube_api, ns, operato
     core, rbac = client.CoreV1Api(kube_api), client.RbacAuthorizationV1Api(kube_api)
     name = "taken"
     before = core.create_namespaced_service_account(ns, {"metadata": {"name": f"{name}-runner"}})
-    create_qjob(kube_api, ns, basic_spec(engines=[], **HOLD), name=name)
+    create_qjob(kube_api, ns, basic_spec(engines=[], **HELD), name=name)
     pod = running_pod(kube_api, ns, name)
     assert pod.spec.service_account_name == "default"
     after = core.read_namespaced_service_account(f"{name}-runner", ns)

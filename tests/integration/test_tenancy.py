@@ -10,6 +10,7 @@ import uuid
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from qjob_dev.localcluster import HOLD_ANNOTATION as HOLD
 from qjob_dev.qjobs import (
     GROUP,
     PLURAL,
@@ -17,8 +18,7 @@ from qjob_dev.qjobs import (
     create_qjob,
     custom_api,
     get_qjob,
-    make_artifacts_pvc,
-    make_calibration_configmap,
+    make_job_namespace,
     phase_is,
     qjob_manifest,
     wait_qjob,
@@ -29,20 +29,13 @@ from tests.operator_fixtures import basic_spec
 
 pytestmark = pytest.mark.cluster
 
-HOLD = "localcluster.qjob.dev/hold"
-
 
 @pytest.fixture(scope="module")
 def tenants(kube_api, operator):
     """Namespace A (the attacker edits it) and B (the victim's, with a running job and a Secret),
     set up once: each attempt below creates objects of its own names in A."""
     core = client.CoreV1Api(kube_api)
-    namespace, b = (f"{who}-{uuid.uuid4().hex[:6]}" for who in ("tenant", "victim"))
-    for ns in (namespace, b):
-        core.create_namespace({"metadata": {"name": ns}})
-    for ns in (namespace, b):
-        make_artifacts_pvc(kube_api, ns)
-        make_calibration_configmap(kube_api, ns)
+    namespace, b = (make_job_namespace(kube_api, f"{who}-{uuid.uuid4().hex[:6]}") for who in ("tenant", "victim"))
     core.create_namespaced_secret(b, {"metadata": {"name": "hf-token"}, "stringData": {"token": "b-secret"}})
     victim = create_qjob(kube_api, b, basic_spec(engines=[], scheduling={"podAnnotations": {HOLD: "true"}}))
     wait_qjob(kube_api, b, victim, phase_is("Running"), timeout=60, operator=operator)

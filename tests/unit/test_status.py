@@ -73,6 +73,13 @@ def run(
     return decide(observe(body, stages, jobs or {}, pods or {}, fitted(nodes, config), now), spec, stages, config)
 
 
+def around_pending_deadline(spec_dict, config, quantize_job, quantize_pods):
+    """The decisions for a quantize stage stuck as given: when first seen, and once the pending
+    deadline (600 s by default, from the job's creation a minute before NOW) has passed."""
+    stuck = {"jobs": {"quantize": quantize_job}, "pods": {"quantize": quantize_pods}}
+    return run(spec_dict, config, **stuck), run(spec_dict, config, **stuck, now=NOW + timedelta(minutes=11))
+
+
 def test_new_job_creates_quantize_stage_only(spec_dict, config):
     d = run(spec_dict, config)
     assert [s.name for s in d.create] == ["quantize"]
@@ -142,10 +149,14 @@ def succeeded_pod(stage: str = "quantize", **result) -> dict:
     return pod("Succeeded", terminated={"exitCode": 0, "message": json.dumps(summary)})
 
 
-def test_all_stages_succeeded(spec_dict, config):
+def both_stages_complete(quantize_pod: dict, build_pod: dict) -> dict:
+    """``run``'s jobs and pods once the quantize and build-hopper Jobs completed with these pods."""
     jobs = {"quantize": job("quantize", "Complete"), "build-hopper": job("build-hopper", "Complete")}
-    pods = {"quantize": [succeeded_pod()], "build-hopper": [succeeded_pod("build-hopper")]}
-    d = run(spec_dict, config, jobs=jobs, pods=pods)
+    return {"jobs": jobs, "pods": {"quantize": [quantize_pod], "build-hopper": [build_pod]}}
+
+
+def test_all_stages_succeeded(spec_dict, config):
+    d = run(spec_dict, config, **both_stages_complete(succeeded_pod(), succeeded_pod("build-hopper")))
     assert d.status["phase"] == "Succeeded"
     assert d.status["progress"]["percent"] == 100
     assert {c["type"]: c["status"] for c in d.status["conditions"]}["Complete"] == "True"
@@ -241,16 +252,9 @@ def test_unschedulable_waits_then_fails_after_pending_deadline(spec_dict, config
             }
         ],
     )
-    early = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [unsched]})
+    early, late = around_pending_deadline(spec_dict, config, job("quantize"), [unsched])
     assert early.status["phase"] == "Pending" and early.status["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in early.status["message"]
-    late = run(
-        spec_dict,
-        config,
-        jobs={"quantize": job("quantize")},
-        pods={"quantize": [unsched]},
-        now=NOW + timedelta(hours=1),
-    )
     assert late.status["phase"] == "Failed" and late.status["reason"] == "Unschedulable"
     assert "pendingDeadlineSeconds" in late.status["message"]
     assert late.delete_stage_jobs == ["llama-quantize"]

@@ -3,40 +3,31 @@ stage whose Job is gone, a failure that left pods running, pods that can never b
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from .conftest import NOW
-from .test_status import job, pod, run, succeeded_pod
+from .test_status import around_pending_deadline, both_stages_complete, job, pod, run, succeeded_pod
 
 
 def _both_done(**quantize_result):
-    jobs = {"quantize": job("quantize", "Complete"), "build-hopper": job("build-hopper", "Complete")}
-    pods = {"quantize": [succeeded_pod(**quantize_result)], "build-hopper": [pod("Succeeded")]}
-    return jobs, pods
+    return both_stages_complete(succeeded_pod(**quantize_result), pod("Succeeded"))
 
 
 def test_exit_0_without_artifacts_is_a_failure_with_a_reason(spec_dict, config):
-    jobs = {"quantize": job("quantize", "Complete"), "build-hopper": job("build-hopper", "Complete")}
-    d = run(spec_dict, config, jobs=jobs, pods={"quantize": [pod("Succeeded")], "build-hopper": [pod("Succeeded")]})
+    d = run(spec_dict, config, **both_stages_complete(pod("Succeeded"), pod("Succeeded")))
     assert d.status["phase"] == "Failed" and d.status["reason"] == "NoArtifacts"
     assert "runner.image" in d.status["message"]
 
 
 def test_a_gate_without_a_quality_measurement_is_a_failure(spec_dict, config):
     spec_dict["evaluation"] = {"gate": {"maxPerplexityIncrease": 0.05}}
-    jobs, pods = _both_done()
-    d = run(spec_dict, config, jobs=jobs, pods=pods)
+    d = run(spec_dict, config, **_both_done())
     assert d.status["reason"] == "QualityNotMeasured" and "spec.evaluation.gate" in d.status["message"]
     measured = {"metric": "perplexity", "baseline": 10.0, "quantized": 10.2, "gatePassed": True}
-    jobs, pods = _both_done(quality=measured)
-    assert run(spec_dict, config, jobs=jobs, pods=pods).status["phase"] == "Succeeded"
-    jobs, pods = _both_done(quality={**measured, "gatePassed": False})
-    assert run(spec_dict, config, jobs=jobs, pods=pods).status["reason"] == "QualityGateFailed"
+    assert run(spec_dict, config, **_both_done(quality=measured)).status["phase"] == "Succeeded"
+    failed_gate = {**measured, "gatePassed": False}
+    assert run(spec_dict, config, **_both_done(quality=failed_gate)).status["reason"] == "QualityGateFailed"
 
 
 def test_a_finished_stage_whose_job_is_gone_is_never_rerun(spec_dict, config):
-    jobs, pods = _both_done()
-    first = run(spec_dict, config, jobs={"quantize": jobs["quantize"]}, pods={"quantize": pods["quantize"]})
+    first = run(spec_dict, config, jobs={"quantize": job("quantize", "Complete")}, pods={"quantize": [succeeded_pod()]})
     assert [s.name for s in first.create] == ["build-hopper"]
     # The quantize Job and its pod are deleted (a TTL on child Jobs); the build is running.
     later = run(
@@ -74,26 +65,18 @@ def test_a_job_whose_pods_are_never_created_fails_by_the_pending_deadline(spec_d
     spec_dict["scheduling"] = {"priorityClassName": "missing"}
     quantize = job("quantize")  # active, but the Job controller's pod creates are refused
     quantize["status"] = {}
-    d = run(spec_dict, config, jobs={"quantize": quantize}, pods={"quantize": []})
-    assert d.status["phase"] == "Pending"
-    d = run(spec_dict, config, jobs={"quantize": quantize}, pods={"quantize": []}, now=NOW + timedelta(minutes=11))
-    assert d.status["phase"] == "Failed" and d.status["reason"] == "PodsNotCreated"
-    assert "kubectl describe job llama-quantize" in d.status["message"]
+    early, late = around_pending_deadline(spec_dict, config, quantize, [])
+    assert early.status["phase"] == "Pending"
+    assert late.status["phase"] == "Failed" and late.status["reason"] == "PodsNotCreated"
+    assert "kubectl describe job llama-quantize" in late.status["message"]
 
 
 def test_a_missing_secret_fails_by_the_pending_deadline_naming_it(spec_dict, config):
     waiting = {"reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'}
     stuck = pod("Pending", waiting=waiting)  # the kubelet set startTime, the container never started
-    d = run(spec_dict, config, jobs={"quantize": job("quantize")}, pods={"quantize": [stuck]})
-    assert d.status["reason"] == "ContainerConfigError" and 'secret "hf-token" not found' in d.status["message"]
-    assert d.status["phase"] not in ("Failed", "Succeeded")  # the Secret may still be created
-    late = run(
-        spec_dict,
-        config,
-        jobs={"quantize": job("quantize")},
-        pods={"quantize": [stuck]},
-        now=NOW + timedelta(minutes=11),
-    )
+    early, late = around_pending_deadline(spec_dict, config, job("quantize"), [stuck])
+    assert early.status["reason"] == "ContainerConfigError" and 'secret "hf-token" not found' in early.status["message"]
+    assert early.status["phase"] not in ("Failed", "Succeeded")  # the Secret may still be created
     assert late.status["phase"] == "Failed" and late.status["reason"] == "ContainerConfigError"
     assert "hf-token" in late.status["message"] and "pendingDeadlineSeconds" in late.status["message"]
 
