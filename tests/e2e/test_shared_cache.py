@@ -28,8 +28,15 @@ def _namespace(core, prefix: str) -> str:
     return name
 
 
-def _conditions(status) -> dict[str, dict]:
-    return {c["type"]: c for c in status.get("conditions") or []}
+def _not_reconciled(kube_api, namespace: str, job: dict, operator) -> str:
+    """Creates the job and returns the message of its Reconciled=False condition."""
+    name = create_qjob(kube_api, namespace, job, name="tiny-shared")
+
+    def reconciled(status) -> dict:
+        return next((c for c in status.get("conditions") or [] if c["type"] == "Reconciled"), {})
+
+    obj = wait_qjob(kube_api, namespace, name, lambda s: reconciled(s).get("status") == "False", operator=operator)
+    return reconciled(obj["status"])["message"]
 
 
 def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
@@ -81,37 +88,19 @@ def test_operator_runs_with_a_cache_two_namespaces_share_one_download(
     job = spec(model={"s3": {**registry, "prefix": "registry/tiny"}})
     try:
         # Before the platform created the cache's claim: the job says so and waits (no stage yet).
-        first = create_qjob(kube_api, e2e_ns, job, name="tiny-shared")
-        obj = wait_qjob(
-            kube_api,
-            e2e_ns,
-            first,
-            lambda s: _conditions(s).get("Reconciled", {}).get("status") == "False",
-            timeout=60,
-            operator=op,
-        )
-        message = _conditions(obj["status"])["Reconciled"]["message"]
+        message = _not_reconciled(kube_api, e2e_ns, job, op)
         assert "modelCache.shared.claimName" in message and f"{home}/shared-models" in message, message
         make_artifacts_pvc(kube_api, home, name="shared-models")
 
         results = {}
         for namespace in (e2e_ns, other):  # one after the other: the second finds the first's download
-            name = first if namespace == e2e_ns else create_qjob(kube_api, namespace, job, name="tiny-shared")
+            name = "tiny-shared" if namespace == e2e_ns else create_qjob(kube_api, namespace, job, name="tiny-shared")
             obj = wait_qjob(kube_api, namespace, name, phase_is("Succeeded", "Failed"), timeout=420, operator=op)
             assert obj["status"]["phase"] == "Succeeded", json.dumps(obj["status"], indent=2)
             results[namespace] = obj["status"]
 
         # The squatted claim could point the namespace's jobs at other data: refused, saying so.
-        refused = create_qjob(kube_api, squatted, job, name="tiny-shared")
-        obj = wait_qjob(
-            kube_api,
-            squatted,
-            refused,
-            lambda s: _conditions(s).get("Reconciled", {}).get("status") == "False",
-            timeout=60,
-            operator=op,
-        )
-        assert "is not the shared model cache's view" in _conditions(obj["status"])["Reconciled"]["message"]
+        assert "is not the shared model cache's view" in _not_reconciled(kube_api, squatted, job, op)
         assert not client.BatchV1Api(kube_api).list_namespaced_job(squatted).items
 
         fills = client.BatchV1Api(kube_api).list_namespaced_job(home, label_selector="app.kubernetes.io/name=qjob-fill")
