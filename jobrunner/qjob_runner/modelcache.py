@@ -675,6 +675,7 @@ def follow_fill(ctx: RunContext) -> dict[str, Any]:
     path, name = fill_record_path(m), m.fill_record
     request = request_ref(m)
     record, seen, since = None, None, time.monotonic()
+    ctx.reporter.update(message=f"waiting for the shared model cache's fill Job {name} ({_describe_fill(name)})")
     while True:
         record = _read_record(path) or record
         if record is not None and record.get("updatedAt") != seen:
