@@ -432,19 +432,26 @@ def fetch_dataset(ctx: RunContext, root: Path, sink: Sink) -> Path:
     return entry
 
 
+def _ref_entry(root: Path, request: str, what: str, fix: str) -> Path:
+    """The entry ``refs/<request>.json`` names (whether it still exists is the caller's check)."""
+    ref = root / "refs" / f"{request}.json"
+    try:
+        return root / json.loads(ref.read_text())["entry"]
+    except (OSError, ValueError, KeyError):
+        raise InvalidInput(f"the model cache {root} has no record of this job's {what} ({ref.name})", fix) from None
+
+
 def dataset_lookup(ctx: RunContext, needed: int) -> Path:
     """The texts file the fetch stage recorded for this job's dataset (GPU stages: read-only)."""
     hf = ctx.config.calibration.dataset.hugging_face
     assert hf is not None
     root = Path(ctx.config.model.cache_dir or "")
-    ref = root / "refs" / f"{dataset_request(hf, needed)}.json"
-    try:
-        entry = root / json.loads(ref.read_text())["entry"]
-    except (OSError, ValueError, KeyError):
-        raise InvalidInput(
-            f"the model cache {root} has no record of this job's calibration dataset ({ref.name})",
-            "the fetch stage did not finish: delete and re-create the QuantizationJob",
-        ) from None
+    entry = _ref_entry(
+        root,
+        dataset_request(hf, needed),
+        "calibration dataset",
+        "the fetch stage did not finish: delete and re-create the QuantizationJob",
+    )
     if not entry.is_file():
         raise InvalidInput(f"calibration texts {entry} are gone from the model cache", "re-create the QuantizationJob")
     ctx.metrics["calibrationCacheEntry"] = entry.relative_to(root).as_posix()
@@ -490,14 +497,12 @@ def fetch(ctx: RunContext, sink: Sink) -> Path:
 
 def recorded_entry(root: Path, m: RunnerModel) -> Path:
     """The entry ``refs/<request>.json`` names for this model (what GPU stages read)."""
-    ref = root / "refs" / f"{request_ref(m)}.json"
-    try:
-        entry = root / json.loads(ref.read_text())["entry"]
-    except (OSError, ValueError, KeyError):
-        raise InvalidInput(
-            f"the model cache {root} has no record of this job's model ({ref.name})",
-            "the fetch stage did not finish or the entry was evicted: delete and re-create the QuantizationJob",
-        ) from None
+    entry = _ref_entry(
+        root,
+        request_ref(m),
+        "model",
+        "the fetch stage did not finish or the entry was evicted: delete and re-create the QuantizationJob",
+    )
     if not entry.is_dir():
         raise InvalidInput(
             f"model cache entry {entry} is gone", "it was evicted: delete and re-create the QuantizationJob"

@@ -31,17 +31,23 @@ SPEC = QuantizationJobSpec.model_validate(
 RECIPE = recipe_of(SPEC).to_api()
 
 
-def quantize_config(model: Path, data: Path, out: Path, uri: str) -> RunnerConfig:
+def job_config(job: str, model: Path, data: Path, out: Path, uri: str, **fields) -> RunnerConfig:
+    """The RunnerConfig of one of this file's jobs: the quantize stage unless ``fields`` say otherwise."""
     return RunnerConfig.model_validate(
         runner_config(
-            job="a",
+            job=job,
             model={"path": str(model)},
             calibration={"dataset": {"path": str(data)}},
             outputDir=str(out),
             outputUri=uri,
             workRecipe=RECIPE,
+            **fields,
         )
     )
+
+
+def quantize_config(model: Path, data: Path, out: Path, uri: str) -> RunnerConfig:
+    return job_config("a", model, data, out, uri)
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +73,7 @@ def candidate(result: RunnerResult, output_uri: str, **where) -> dict:
 
 
 def reuse_config(model: Path, data: Path, out: Path, uri: str, candidates: list[dict], **extra) -> RunnerConfig:
-    fields = {"reuse": {"candidates": candidates}, **extra}
-    return RunnerConfig.model_validate(
-        runner_config(
-            job="b",
-            stage="reuse",
-            model={"path": str(model)},
-            calibration={"dataset": {"path": str(data)}},
-            outputDir=str(out),
-            outputUri=uri,
-            workRecipe=RECIPE,
-            **fields,
-        )
-    )
+    return job_config("b", model, data, out, uri, stage="reuse", **{"reuse": {"candidates": candidates}, **extra})
 
 
 @pytest.fixture
